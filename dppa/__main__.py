@@ -1,0 +1,5 @@
+import sys
+
+from dppa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `dppa` CLI, one module each (see dppa/cli.py)."""
