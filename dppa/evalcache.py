@@ -1,0 +1,189 @@
+"""A persistent cache of evaluation scores, so a resumed or repeated search evaluates nothing twice.
+
+A score is keyed by everything that determines it: the content hashes of the deltas (or bands) the candidate is built
+from, the base model's hash, the factors (rounded), the tasks, the split, the example limit, the harness version,
+and a ``recipe`` of any other input that changes the candidate or the score (band densities, DP parameters,
+few-shot count, dtype, ...). Things that do not change a score (batch size, device, worker count) stay out of it.
+
+Storage is one JSON-lines file: one record per line, appended under an exclusive ``flock`` and fsynced, so several
+processes or threads may write at once and a crash can at worst leave a truncated last line, which readers skip
+and the next writer terminates before appending. Readers pick up other writers' records on a miss.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+FACTOR_DECIMALS = 6
+
+
+def harness_version() -> str:
+    """The evaluation harness and its version, part of every key: a new harness may score differently."""
+    try:
+        return f"lm-eval {version('lm_eval')}"
+    except PackageNotFoundError:
+        return "lm-eval (not installed)"
+
+
+def _canonical(value: Any) -> str:
+    # NaN is allowed because harnesses report it (e.g. a stderr over one example); Python's json reads it back.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _round_factor(value: float) -> float:
+    # "+ 0.0" turns -0.0 into 0.0 so both give the same key.
+    return round(float(value), FACTOR_DECIMALS) + 0.0
+
+
+@dataclass(frozen=True)
+class EvalKey:
+    """Everything that determines one evaluation's scores."""
+
+    deltas: tuple[str, ...]
+    base: str
+    factors: tuple[float, ...]
+    tasks: tuple[str, ...]
+    split: str
+    limit: int | None
+    harness: str
+    recipe: str = "{}"  # canonical JSON of the remaining score-determining inputs
+
+    def to_dict(self) -> dict:
+        return {
+            "deltas": list(self.deltas),
+            "base": self.base,
+            "factors": list(self.factors),
+            "tasks": list(self.tasks),
+            "split": self.split,
+            "limit": self.limit,
+            "harness": self.harness,
+            "recipe": json.loads(self.recipe),
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(_canonical(self.to_dict()).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """The fixed part of the keys of one search: everything but the factors."""
+
+    deltas: tuple[str, ...]
+    base: str
+    tasks: tuple[str, ...]
+    split: str
+    limit: int | None = None
+    harness: str = field(default_factory=harness_version)
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+
+    def key(self, factors: Sequence[float]) -> EvalKey:
+        return EvalKey(
+            deltas=tuple(self.deltas),
+            base=self.base,
+            factors=tuple(_round_factor(f) for f in factors),
+            tasks=tuple(sorted(self.tasks)),
+            split=self.split,
+            limit=self.limit,
+            harness=self.harness,
+            recipe=_canonical(dict(self.recipe)),
+        )
+
+
+class EvalCache:
+    """Scores by key in an append-only JSON-lines file; safe for concurrent writers and crashes mid-write."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.skipped_lines = 0  # unreadable lines seen (a crash's truncated write); reported, never fatal
+        self._values: dict[str, Any] = {}
+        self._offset = 0
+        self._lock = threading.Lock()
+        self._refresh()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: EvalKey) -> Any | None:
+        """The stored value for ``key``, or None; on a miss, first reads what other writers appended meanwhile."""
+        digest = key.digest()
+        if digest not in self._values:
+            self._refresh()
+        return self._values.get(digest)
+
+    def put(self, key: EvalKey, value: Any) -> None:
+        """Append ``value`` (any JSON value but None) for ``key``, durably; a later put of the same key wins."""
+        if value is None:
+            raise ValueError("the cache cannot store None: it means a miss")
+        digest = key.digest()
+        line = _canonical({"key": digest, "fields": key.to_dict(), "value": value}).encode() + b"\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                handle.write(_terminator_needed(handle) + line)
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        with self._lock:
+            # Keep what a reader of the file would get (lists, not tuples), so a hit looks the same in every process.
+            self._values[digest] = json.loads(line)["value"]
+
+    def _refresh(self) -> None:
+        """Read complete lines appended since the last read; a line still being written is left for next time."""
+        if not self.path.exists():
+            return
+        with self._lock:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+            end = chunk.rfind(b"\n") + 1
+            for raw in chunk[:end].splitlines():
+                self._take(raw)
+            self._offset += end
+
+    def _take(self, raw: bytes) -> None:
+        try:
+            record = json.loads(raw)
+            self._values[record["key"]] = record["value"]
+        except (ValueError, KeyError, TypeError):
+            self.skipped_lines += 1
+
+
+def _terminator_needed(handle) -> bytes:
+    """A newline if the file's last byte is not one (a writer crashed mid-line), so records never run together."""
+    size = handle.seek(0, os.SEEK_END)
+    if size == 0:
+        return b""
+    handle.seek(size - 1)
+    return b"" if handle.read(1) == b"\n" else b"\n"
+
+
+class CachedEvaluator:
+    """Wraps ``evaluate(factors) -> value`` so each key is evaluated once, ever; counts real evaluations."""
+
+    def __init__(self, evaluate: Callable[[tuple[float, ...]], Any], cache: EvalCache, context: EvalContext):
+        self.evaluate = evaluate
+        self.cache = cache
+        self.context = context
+        self.real_evaluations = 0
+        self.hits = 0
+
+    def __call__(self, factors: Sequence[float]) -> Any:
+        key = self.context.key(factors)
+        value = self.cache.get(key)
+        if value is not None:
+            self.hits += 1
+            return value
+        value = self.evaluate(tuple(factors))
+        self.real_evaluations += 1
+        self.cache.put(key, value)
+        return value
