@@ -1,0 +1,40 @@
+"""`dppa extract`: delta parameters of a fine-tune."""
+
+import argparse
+
+from dppa.commands._options import add_common
+from dppa.delta import extract_delta
+
+ORDER = 10
+
+DESCRIPTION = """\
+Compute delta = FINETUNED - BASE for every tensor (in float32, streamed chunk by chunk) and write it as a
+safetensors folder with the model's tensor names, plus dppa_manifest.json recording both inputs, their content
+hashes and per-tensor statistics (numel, mean |delta|, max |delta|).
+
+If the fine-tune added tokens (embedding / LM-head rows beyond the base's), the delta keeps the base's rows only;
+the manifest lists those tensors under vocab_growth. Any other shape difference is an error.
+
+example:
+  dppa extract models/llama-7b models/llama-7b-math -o data/deltas/math
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("extract", help="delta = finetuned - base, as a safetensors folder",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="base model folder")
+    p.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned model folder (same architecture)")
+    add_common(p)
+    p.add_argument("--dtype", default="source", choices=["source", "float32", "bfloat16", "float16"],
+                   help="storage dtype of the delta (default: the fine-tune's)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle checkpoints (can run code!)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    out = extract_delta(args.base, args.finetuned, args.output, dtype=args.dtype, device=args.device,
+                        overwrite=args.overwrite, progress=not args.quiet, allow_pickle=args.allow_pickle,
+                        max_shard_size=args.max_shard_size)
+    print(out)
+    return 0

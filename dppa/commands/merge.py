@@ -1,0 +1,69 @@
+"""`dppa merge` and `dppa apply`: deltas back into a model."""
+
+import argparse
+
+from dppa.commands._options import add_common, float_list
+from dppa.merge import METHODS, apply_delta, merge_deltas
+
+ORDER = 40
+
+MERGE_DESCRIPTION = """\
+Merge one or more deltas into BASE and write a model folder (base dtype, base config and tokenizer) that
+transformers loads.
+
+methods:
+  task_arithmetic  base + L * sum_m w_m * delta_m
+  ties             trim each unpruned delta to its top --density by magnitude (every tensor; skipped for deltas
+                   already pruned by `dppa prune`/`dppa amplify`), elect a sign per entry from the weighted sum,
+                   take the weighted mean of the nonzero deltas agreeing with it, times L
+
+examples:
+  dppa merge BASE data/amplified/math data/amplified/law -o data/merged/dppa-ties --method ties
+  dppa merge BASE data/deltas/math data/deltas/law -o merged --method ties --density 0.2 --scale 1.0
+"""
+
+APPLY_DESCRIPTION = """\
+Write BASE + L * DELTA as a model folder (for example to evaluate one pruned or amplified fine-tune).
+
+example:
+  dppa apply BASE data/pruned/math-dp20 -o data/models/math-dp20
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("merge", help="merge deltas into the base (task_arithmetic, ties)",
+                              description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="base model folder")
+    p.add_argument("deltas", metavar="DELTA", nargs="+", help="delta folders (extract / prune / amplify outputs)")
+    add_common(p)
+    p.add_argument("--method", choices=METHODS, default="ties", help="merge method (default ties)")
+    p.add_argument("--weights", type=float_list, metavar="W1,W2,..", help="one weight per delta (default all 1)")
+    p.add_argument("--scale", type=float, default=1.0, metavar="L", help="lambda, scales the merged delta (default 1)")
+    p.add_argument("--density", type=float, metavar="D", help="TIES trim density for unpruned deltas")
+    p.add_argument("--allow-pickle", action="store_true", help="accept a *.bin pickle base (can run code!)")
+    p.set_defaults(func=run_merge)
+
+    a = subparsers.add_parser("apply", help="base + delta, as a model folder", description=APPLY_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("base", metavar="BASE", help="base model folder")
+    a.add_argument("delta", metavar="DELTA", help="delta folder")
+    add_common(a)
+    a.add_argument("--scale", type=float, default=1.0, metavar="L", help="scales the delta (default 1)")
+    a.add_argument("--allow-pickle", action="store_true", help="accept a *.bin pickle base (can run code!)")
+    a.set_defaults(func=run_apply)
+
+
+def run_merge(args) -> int:
+    out = merge_deltas(args.base, args.deltas, args.output, method=args.method, weights=args.weights,
+                       scale=args.scale, density=args.density, device=args.device, overwrite=args.overwrite,
+                       progress=not args.quiet, allow_pickle=args.allow_pickle, max_shard_size=args.max_shard_size)
+    print(out)
+    return 0
+
+
+def run_apply(args) -> int:
+    out = apply_delta(args.base, args.delta, args.output, scale=args.scale, device=args.device,
+                      overwrite=args.overwrite, progress=not args.quiet, allow_pickle=args.allow_pickle,
+                      max_shard_size=args.max_shard_size)
+    print(out)
+    return 0

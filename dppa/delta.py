@@ -1,0 +1,135 @@
+"""Delta extraction: delta = finetuned - base, per tensor in float32, streamed chunk by chunk.
+
+Vocabulary growth rule: when a fine-tune's embedding or LM-head matrix has more rows than the base's (tokens were
+added), the delta covers the base's rows only and the added rows are dropped, so every delta has the base's shapes
+and merged models keep the base's vocabulary and tokenizer. The manifest lists each such tensor under
+`vocab_growth`. Any other shape difference is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from dppa.errors import DppaError
+from dppa.io.atomic import atomic_dir, check_output_free
+from dppa.io.manifest import source_record, write_manifest
+from dppa.io.reader import CheckpointReader, open_checkpoint
+from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
+from dppa.runtime import DEFAULT_CHUNK_ELEMS, Progress, resolve_device
+
+VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings|output)\.weight$")
+ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
+             "num_attention_heads", "num_key_value_heads", "head_dim")
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "source":
+        return None
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise DppaError(f"--dtype {name}: unknown dtype; use one of {', '.join(DTYPE_NAMES)} or source") from None
+
+
+def check_same_architecture(base: CheckpointReader, other: CheckpointReader) -> None:
+    if base.config is None or other.config is None:
+        return
+    for key in ARCH_KEYS:
+        a, b = base.config.get(key), other.config.get(key)
+        if a is not None and b is not None and a != b:
+            raise DppaError(
+                f"{other.folder / 'config.json'}: {key} is {b!r} but the base ({base.folder}) has {a!r}; "
+                "a delta needs a model fine-tuned from this base"
+            )
+
+
+def check_finite(chunk: torch.Tensor, reader: CheckpointReader, name: str) -> None:
+    if not bool(torch.isfinite(chunk).all()):
+        raise DppaError(f"{reader.info(name).file}: tensor {name!r} contains NaN or Inf; the checkpoint is corrupt or diverged")
+
+
+def matching_rows(base: CheckpointReader, ft: CheckpointReader, name: str) -> bool:
+    """True when shapes match; False when `ft` grew the vocabulary of `name`; error otherwise."""
+    bshape, fshape = base.shape(name), ft.shape(name)
+    if bshape == fshape:
+        return True
+    if VOCAB_TENSOR.search(name) and len(bshape) == len(fshape) >= 1 and fshape[0] > bshape[0] and fshape[1:] == bshape[1:]:
+        return False
+    raise DppaError(f"{ft.info(name).file}: tensor {name!r} has shape {list(fshape)} but the base has {list(bshape)}; "
+                    "the fine-tune does not match this base")
+
+
+def check_same_tensors(base: CheckpointReader, ft: CheckpointReader) -> None:
+    base_names, ft_names = set(base.names()), set(ft.names())
+    for name in sorted(base_names - ft_names):
+        raise DppaError(f"{ft.folder}: tensor {name!r} of the base is missing; the fine-tune does not match this base")
+    for name in sorted(ft_names - base_names):
+        raise DppaError(f"{ft.folder}: tensor {name!r} is not in the base ({base.folder}); the fine-tune does not match this base")
+
+
+def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
+                  dtype: torch.dtype | str | None = None, device: str = "cpu", overwrite: bool = False,
+                  progress: bool = True, allow_pickle: bool = False, max_shard_size: int | str = "5GB",
+                  chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Path:
+    """Write `finetuned - base` as a delta folder at `out`; returns `out`."""
+    out = Path(out)
+    check_output_free(out, overwrite)
+    dev = resolve_device(device)
+    out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    base_r, ft_r = open_checkpoint(base, allow_pickle), open_checkpoint(finetuned, allow_pickle)
+    check_same_architecture(base_r, ft_r)
+    check_same_tensors(base_r, ft_r)
+    names = base_r.names()
+    grown = {n: [base_r.shape(n)[0], ft_r.shape(n)[0]] for n in names if not matching_rows(base_r, ft_r, n)}
+    plan = [(n, out_dtype or ft_r.dtype(n), base_r.shape(n)) for n in names]
+    base_hash, ft_hash = ContentHasher(), ContentHasher()
+    stats: dict[str, dict] = {}
+    with atomic_dir(out, overwrite) as tmp, Progress(f"extract {Path(finetuned).name}",
+                                                     base_r.total_bytes() + ft_r.total_bytes(), len(names), progress) as bar:
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        for name in names:
+            base_hash.start(name, base_r.dtype(name), base_r.shape(name))
+            ft_hash.start(name, ft_r.dtype(name), ft_r.shape(name))
+            abs_sum, abs_max = 0.0, 0.0
+            for start, base_chunk in base_r.iter_chunks(name, chunk_elems):
+                ft_chunk = ft_r.read_flat(name, start, base_chunk.numel())
+                base_hash.update(tensor_bytes(base_chunk))
+                ft_hash.update(tensor_bytes(ft_chunk))
+                b, f = base_chunk.to(dev, torch.float32), ft_chunk.to(dev, torch.float32)
+                check_finite(b, base_r, name)
+                check_finite(f, ft_r, name)
+                delta = f.sub_(b)
+                magnitude = delta.abs()
+                abs_sum += float(magnitude.sum(dtype=torch.float64))
+                abs_max = max(abs_max, float(magnitude.max())) if magnitude.numel() else abs_max
+                writer.write(name, delta)
+                bar.advance(2 * base_chunk.numel() * base_chunk.element_size())
+            if name in grown:  # rows beyond the base's: hashed as part of the fine-tune, not part of the delta
+                extra_start = base_r.numel(name)
+                for start in range(extra_start, ft_r.numel(name), chunk_elems):
+                    rest = ft_r.read_flat(name, start, min(chunk_elems, ft_r.numel(name) - start))
+                    ft_hash.update(tensor_bytes(rest))
+            numel = base_r.numel(name)
+            stats[name] = {"numel": numel, "mean_abs": abs_sum / numel if numel else 0.0, "max_abs": abs_max}
+            bar.tensor_done()
+        content_hash = writer.close()
+        if base_r.config is not None:
+            (tmp / "config.json").write_text((base_r.folder / "config.json").read_text())
+        write_manifest(tmp, {
+            "kind": "delta",
+            "content_hash": content_hash,
+            "base": source_record(base_r.folder, base_hash.hexdigest()),
+            "finetuned": source_record(ft_r.folder, ft_hash.hexdigest()),
+            "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",
+            "vocab_growth": grown,
+            "pruned": False,
+            "tensors": stats,
+        })
+    return out
+

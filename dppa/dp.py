@@ -1,0 +1,108 @@
+"""Dynamic Pruning (spec section 1): per-layer and per-module densities from how outlier-heavy each one is.
+
+The statistics (outlier percentages) do not depend on the target density, so they are gathered once per delta and
+`module_densities` maps them to densities for any target: rho_j(d) = clamp(d + layer_adj[i] + module_adj[j], 0, 1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dppa.io.reader import CheckpointReader
+from dppa.scope import layer_of
+
+
+@dataclass
+class DPStats:
+    """Outlier statistics of the in-scope modules of one delta."""
+
+    layer: dict[str, int] = field(default_factory=dict)  # module name -> layer index
+    numel: dict[str, int] = field(default_factory=dict)
+    unit_outlier_pct: dict[str, float] = field(default_factory=dict)  # u_j before adjustment
+    layer_outlier_pct: dict[int, float] = field(default_factory=dict)  # r_i before adjustment
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["layer_outlier_pct"] = {str(k): v for k, v in self.layer_outlier_pct.items()}
+        return data
+
+
+def outlier_pct(magnitude: torch.Tensor, threshold: float) -> float:
+    return 100.0 * int(torch.count_nonzero(magnitude > threshold)) / magnitude.numel()
+
+
+def gather_dp_stats(reader: CheckpointReader, scope: re.Pattern, layer_mult: float, unit_mult: float,
+                    device: torch.device, on_tensor=None) -> DPStats:
+    """Two streaming passes over the in-scope tensors: module statistics and layer means, then layer outlier counts."""
+    stats = DPStats()
+    abs_sum: dict[str, float] = {}
+    for name in reader.names():
+        layer = layer_of(scope, name)
+        if layer is None:
+            continue
+        magnitude = reader.get(name).to(device, torch.float32).abs_()
+        n = magnitude.numel()
+        total = float(magnitude.sum(dtype=torch.float64))
+        stats.layer[name], stats.numel[name], abs_sum[name] = layer, n, total
+        stats.unit_outlier_pct[name] = outlier_pct(magnitude, unit_mult * total / n) if n else 0.0
+        if on_tensor:
+            on_tensor(name)
+    layer_sum: dict[int, float] = defaultdict(float)
+    layer_numel: dict[int, int] = defaultdict(int)
+    for name, layer in stats.layer.items():
+        layer_sum[layer] += abs_sum[name]
+        layer_numel[layer] += stats.numel[name]
+    layer_count: dict[int, int] = defaultdict(int)
+    for name, layer in stats.layer.items():
+        threshold = layer_mult * layer_sum[layer] / layer_numel[layer]
+        magnitude = reader.get(name).to(device, torch.float32).abs_()
+        layer_count[layer] += int(torch.count_nonzero(magnitude > threshold))
+        if on_tensor:
+            on_tensor(name)
+    stats.layer_outlier_pct = {i: 100.0 * layer_count[i] / layer_numel[i] for i in sorted(layer_numel)}
+    return stats
+
+
+def _scale_to(values: dict, lamda: float) -> dict:
+    """Scale so that the largest |value| is lamda (left alone when all are zero)."""
+    peak = max((abs(v) for v in values.values()), default=0.0)
+    return {k: v * lamda / peak for k, v in values.items()} if peak > 0 else dict(values)
+
+
+def layer_adjustments(layer_outlier_pct: dict[int, float], lamda: float) -> dict[int, float]:
+    """Step 2: r <- r - mean(r); r <- r * lamda / max|r|."""
+    if not layer_outlier_pct:
+        return {}
+    mean = sum(layer_outlier_pct.values()) / len(layer_outlier_pct)
+    return _scale_to({i: r - mean for i, r in layer_outlier_pct.items()}, lamda)
+
+
+def module_adjustments(unit_outlier_pct: dict[str, float], numel: dict[str, int], lamda: float) -> dict[str, float]:
+    """Step 4: u <- u / mean(u); u <- u - size-weighted mean(u); u <- u * lamda / max|u|.
+
+    When no module has outliers (mean(u) = 0) every adjustment is 0 (ours: the reference divides by zero).
+    """
+    if not unit_outlier_pct:
+        return {}
+    mean = sum(unit_outlier_pct.values()) / len(unit_outlier_pct)
+    if mean == 0:
+        return {j: 0.0 for j in unit_outlier_pct}
+    u = {j: v / mean for j, v in unit_outlier_pct.items()}
+    weighted = sum(u[j] * numel[j] for j in u) / sum(numel[j] for j in u)
+    return _scale_to({j: v - weighted for j, v in u.items()}, lamda)
+
+
+def module_densities(stats: DPStats, density: float, lamda: float) -> dict[str, float]:
+    """Step 5: rho_j = clamp(d + layer_adj[layer(j)] + module_adj[j], 0, 1)."""
+    layer_adj = layer_adjustments(stats.layer_outlier_pct, lamda)
+    module_adj = module_adjustments(stats.unit_outlier_pct, stats.numel, lamda)
+    return {j: min(1.0, max(0.0, density + layer_adj[stats.layer[j]] + module_adj[j])) for j in stats.layer}
+
+
+def layer_densities(stats: DPStats, density: float, lamda: float) -> dict[int, float]:
+    """D_i = d + r_i (step 2), reported in manifests."""
+    return {i: density + r for i, r in layer_adjustments(stats.layer_outlier_pct, lamda).items()}

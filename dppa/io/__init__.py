@@ -1,0 +1,1 @@
+"""Checkpoint I/O: streaming safetensors reading and writing, manifests, atomic output folders."""

@@ -1,0 +1,43 @@
+"""Atomic output folders: write into a temporary sibling, rename into place only when complete.
+
+A crash, an error or Ctrl-C leaves either the previous folder or nothing, never a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from dppa.errors import DppaError
+
+
+def check_output_free(out: Path, overwrite: bool) -> None:
+    """Fail early (before any work) when `out` exists and the user did not ask to replace it."""
+    if out.exists() and not overwrite:
+        raise DppaError(f"{out}: output folder already exists; choose another path or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a fresh temporary folder next to `out`; on success it becomes `out`."""
+    out = Path(out)
+    check_output_free(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        # Move the old folder aside first so that at every instant `out` is either old or new, never missing data.
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

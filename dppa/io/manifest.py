@@ -1,0 +1,39 @@
+"""`dppa_manifest.json`: what an artifact is and where it came from, beside its tensors."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+from dppa import __version__
+from dppa.errors import DppaError
+
+MANIFEST_NAME = "dppa_manifest.json"
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DppaError(f"{path}: invalid JSON ({exc}); the artifact is corrupt, recreate it") from None
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
+    body = {"dppa_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    body.update(manifest)
+    (Path(folder) / MANIFEST_NAME).write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
+
+
+def source_record(folder: Path, content_hash: str) -> dict:
+    """Provenance of an input folder: its path, where it was fetched from (if known) and its content hash."""
+    record = {"path": str(Path(folder).resolve()), "content_hash": content_hash}
+    upstream = read_manifest(folder)
+    for key in ("kind", "hub_id", "revision", "resolved_commit", "source"):
+        if key in upstream:
+            record[key] = upstream[key]
+    return record

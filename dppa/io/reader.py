@@ -1,0 +1,224 @@
+"""Read a Hugging Face model folder tensor by tensor (or chunk by chunk) without loading whole files.
+
+Supports one `model.safetensors`, shards listed in `model.safetensors.index.json`, or any set of `*.safetensors`
+files. Pickle checkpoints (`*.bin`, `*.pt`) are refused unless the caller opts in, since unpickling can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dppa.errors import DppaError
+from dppa.io.safetensors_format import FormatError, itemsize, parse_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+HEADER_PROBE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the first element in `file`
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_PROBE_BYTES)
+        if len(head) >= 8:
+            need = 8 + int.from_bytes(head[:8], "little")
+            if len(head) < need <= size:
+                head += fh.read(need - len(head))
+    try:
+        tensors, metadata, _ = parse_header(head, size)
+    except FormatError as exc:
+        raise DppaError(f"{path}: {exc}") from None
+    return {n: TensorInfo(path, d, s, o) for n, (d, s, o) in tensors.items()}, metadata
+
+
+class CheckpointReader:
+    """Random access to the tensors of a checkpoint folder, one tensor or chunk at a time."""
+
+    def __init__(self, folder: Path, infos: dict[str, TensorInfo]):
+        self.folder = folder
+        self._infos = infos
+        self._handles: dict[Path, int] = {}
+        self.config = _read_json(folder / "config.json")
+
+    # -- metadata ---------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Tensor names in on-disk order, so a full walk reads every file sequentially."""
+        return sorted(self._infos, key=lambda n: (str(self._infos[n].file), self._infos[n].offset))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise DppaError(f"{self.folder}: has no tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    def numel(self, name: str) -> int:
+        return self.info(name).numel
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def read_flat(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Elements [start, start+count) of the flattened tensor, in its stored dtype, in fresh CPU memory."""
+        info = self.info(name)
+        count = info.numel - start if count is None else count
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
+        size = itemsize(info.dtype)
+        buf = torch.empty(count * size, dtype=torch.uint8)
+        self._read_into(info.file, info.offset + start * size, buf)
+        return buf.view(info.dtype)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self.read_flat(name).view(self.info(name).shape)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def iter_chunks(self, name: str, chunk_elems: int):
+        """Yield (start, flat chunk) over the tensor; a chunk is at most `chunk_elems` elements."""
+        numel = self.info(name).numel
+        for start in range(0, numel, max(1, chunk_elems)):
+            yield start, self.read_flat(name, start, min(chunk_elems, numel - start))
+
+    def _read_into(self, path: Path, offset: int, buf: torch.Tensor) -> None:
+        fd = self._handles.get(path)
+        if fd is None:
+            fd = self._handles[path] = os.open(path, os.O_RDONLY)
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise DppaError(f"{path}: unexpected end of file at byte {offset + done}; the file is truncated")
+            done += n
+
+    def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class PickleCheckpointReader(CheckpointReader):
+    """Opt-in reader for `*.bin` checkpoints: loads one shard at a time (weights_only, memory-mapped)."""
+
+    def __init__(self, folder: Path, files: list[Path]):
+        self.folder = folder
+        self.config = _read_json(folder / "config.json")
+        self._handles = {}
+        self._shard_of: dict[str, Path] = {}
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._loaded: tuple[Path, dict] | None = None
+        for f in files:
+            state = self._load(f)
+            for n, t in state.items():
+                self._shard_of[n] = f
+                self._meta[n] = (t.dtype, tuple(t.shape))
+        self._infos = {n: TensorInfo(self._shard_of[n], d, s, 0) for n, (d, s) in self._meta.items()}
+
+    def _load(self, f: Path) -> dict:
+        if self._loaded is None or self._loaded[0] != f:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises several types for corrupt archives
+                raise DppaError(f"{f}: cannot load pickle checkpoint ({exc.__class__.__name__}: {exc})") from None
+            self._loaded = (f, state)
+        return self._loaded[1]
+
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def read_flat(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        info = self.info(name)
+        flat = self._load(info.file)[name].reshape(-1)
+        count = info.numel - start if count is None else count
+        return flat[start : start + count].clone()
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DppaError(f"{path}: invalid JSON ({exc}); fix or re-download it") from None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = (_read_json(index) or {}).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise DppaError(f"{index}: has no 'weight_map'; the index is corrupt")
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise DppaError(f"{missing[0]}: shard listed in {index.name} is missing; re-download the model")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def open_checkpoint(folder: str | os.PathLike, allow_pickle: bool = False) -> CheckpointReader:
+    """Open a model or delta folder for streaming reads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DppaError(f"{folder}: not a folder; give the path of a model folder (config.json + *.safetensors)")
+    files = _safetensors_files(folder)
+    if files:
+        infos: dict[str, TensorInfo] = {}
+        for f in files:
+            file_infos, _ = read_safetensors_header(f)
+            for name, info in file_infos.items():
+                if name in infos:
+                    raise DppaError(f"{f}: tensor {name!r} also appears in {infos[name].file.name}; remove the duplicate")
+                infos[name] = info
+        return CheckpointReader(folder, infos)
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        if not allow_pickle:
+            raise DppaError(
+                f"{pickles[0]}: pickle checkpoints can run code when loaded; convert the model to safetensors "
+                "or pass --allow-pickle if you trust its source"
+            )
+        return PickleCheckpointReader(folder, pickles)
+    raise DppaError(f"{folder}: no *.safetensors weights found; give a Hugging Face model folder")

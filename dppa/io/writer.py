@@ -1,0 +1,166 @@
+"""Write sharded safetensors folders as a stream: tensors (or chunks of them) arrive in a planned order.
+
+The plan (names, dtypes, shapes) is known before the first byte, as every output of this project has the shapes of
+its input, so each shard's header is written first and data follows without buffering a whole shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dppa.io.safetensors_format import build_header, itemsize
+
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
+
+def parse_size(text: str | int) -> int:
+    """'500MB', '5GB', '2GiB' or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read size {text!r}; use e.g. 500MB or 5GB")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+@dataclass
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+class ContentHasher:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, combined in name order.
+
+    Independent of sharding and of the order tensors are streamed in, so the same weights always hash the same.
+    """
+
+    def __init__(self):
+        self._digests: dict[str, str] = {}
+        self._name: str | None = None
+        self._current = None
+
+    def start(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self._finish()
+        self._name, self._current = name, hashlib.sha256(f"{name}|{dtype}|{tuple(shape)}".encode())
+
+    def update(self, raw) -> None:
+        self._current.update(raw)
+
+    def _finish(self) -> None:
+        if self._name is not None:
+            self._digests[self._name] = self._current.hexdigest()
+            self._name = None
+
+    def hexdigest(self) -> str:
+        self._finish()
+        total = hashlib.sha256()
+        for name in sorted(self._digests):
+            total.update(f"{name}={self._digests[name]};".encode())
+        return total.hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Zero-copy view of a CPU tensor's bytes (any dtype, bfloat16 included)."""
+    flat = tensor.detach().reshape(-1).contiguous()
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class ShardedWriter:
+    """Streams tensors into `folder` as safetensors shards with an index, hashing content as it goes."""
+
+    def __init__(self, folder: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.folder = Path(folder)
+        self.entries: list[_Entry] = []
+        shard, used = 0, 0
+        for name, dtype, shape in plan:
+            entry = _Entry(name, dtype, tuple(shape), shard)
+            if used and used + entry.nbytes > max_shard_bytes:
+                shard, used = shard + 1, 0
+                entry.shard = shard
+            used += entry.nbytes
+            self.entries.append(entry)
+        self.num_shards = shard + 1
+        self._pos = 0  # index of the tensor being written
+        self._written = 0  # bytes of it written so far
+        self._file = None
+        self._open_shard = -1
+        self.hasher = ContentHasher()
+        self.bytes_written = 0
+
+    def shard_name(self, shard: int) -> str:
+        if self.num_shards == 1:
+            return "model.safetensors"
+        return f"model-{shard + 1:05d}-of-{self.num_shards:05d}.safetensors"
+
+    @property
+    def expected(self) -> _Entry:
+        return self.entries[self._pos]
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """Append `data` (a whole tensor or the next chunk of it, any shape) to tensor `name`."""
+        if self._pos >= len(self.entries):
+            raise RuntimeError(f"tensor {name!r} is not in the output plan (all tensors already written)")
+        entry = self.entries[self._pos]
+        if name != entry.name:
+            raise RuntimeError(f"expected tensor {entry.name!r} next, got {name!r}")
+        if data.dtype != entry.dtype:
+            data = data.to(entry.dtype)
+        if self._written == 0:
+            self._start_tensor(entry)
+        raw = tensor_bytes(data.cpu())
+        if self._written + len(raw) > entry.nbytes:
+            raise RuntimeError(f"tensor {name!r}: more data than its shape {entry.shape} holds")
+        self._file.write(raw)
+        self.hasher.update(raw)
+        self._written += len(raw)
+        self.bytes_written += len(raw)
+        if self._written == entry.nbytes:
+            self._pos += 1
+            self._written = 0
+
+    def _start_tensor(self, entry: _Entry) -> None:
+        self.hasher.start(entry.name, entry.dtype, entry.shape)
+        if entry.shard != self._open_shard:
+            if self._file:
+                self._file.close()
+            members = [(e.name, e.dtype, e.shape) for e in self.entries if e.shard == entry.shard]
+            self._file = open(self.folder / self.shard_name(entry.shard), "wb")
+            self._file.write(build_header(members))
+            self._open_shard = entry.shard
+
+    def close(self) -> str:
+        """Finish the files; returns the content hash. Raises if any planned tensor was not fully written."""
+        # Zero-size tensors never receive a write call; account for them here.
+        while self._pos < len(self.entries) and self.entries[self._pos].nbytes == 0:
+            self._start_tensor(self.entries[self._pos])
+            self._pos += 1
+        if self._pos != len(self.entries):
+            raise RuntimeError(f"tensor {self.entries[self._pos].name!r} was not (fully) written")
+        if self._file:
+            self._file.close()
+            self._file = None
+        if self.num_shards > 1:
+            index = {
+                "metadata": {"total_size": sum(e.nbytes for e in self.entries)},
+                "weight_map": {e.name: self.shard_name(e.shard) for e in self.entries},
+            }
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return self.hasher.hexdigest()

@@ -1,0 +1,181 @@
+"""Merging deltas into the base (spec section 4): task arithmetic and TIES, streamed chunk by chunk.
+
+Per tensor, TIES's trim threshold of each unpruned delta is found first (one tensor in memory at a time); then the
+tensor is combined in chunks of a few million elements, reading the same range of the base and of every delta, so
+memory does not grow with the number of fine-tunes or the size of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dppa.delta import check_same_architecture
+from dppa.errors import DppaError
+from dppa.io.atomic import atomic_dir, check_output_free
+from dppa.io.manifest import read_manifest, source_record, write_manifest
+from dppa.io.model_files import copy_model_files
+from dppa.io.reader import CheckpointReader, open_checkpoint
+from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
+from dppa.runtime import Progress, resolve_device
+from dppa.select import kth_largest
+from dppa.transform import check_density
+
+METHODS = ("task_arithmetic", "ties")
+MERGE_CHUNK_ELEMS = 1 << 22
+
+
+def ties_trim_count(density: float, numel: int) -> int:
+    """Entries kept by TIES's trim: floor(density * n), as in the TIES reference code and mergekit."""
+    return max(0, min(numel, int(density * numel)))
+
+
+@dataclass
+class TrimThreshold:
+    """Keep |delta| > value, plus the first `ties` entries (by flat index) with |delta| == value."""
+
+    value: float
+    ties: int
+
+    @classmethod
+    def of(cls, magnitude: torch.Tensor, k: int) -> "TrimThreshold":
+        flat = magnitude.reshape(-1)
+        if k >= flat.numel():
+            return cls(-1.0, 0)
+        if k <= 0:
+            return cls(float("inf"), 0)
+        value = kth_largest(flat, k)
+        return cls(float(value), k - int(torch.count_nonzero(flat > value)))
+
+
+class ChunkTrimmer:
+    """Applies a TrimThreshold to consecutive chunks of one tensor, handing out the tie budget in index order."""
+
+    def __init__(self, threshold: TrimThreshold):
+        self.threshold = threshold
+        self.ties_left = threshold.ties
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        magnitude = chunk.abs()
+        keep = magnitude > self.threshold.value
+        if self.ties_left > 0:
+            ties = (magnitude == self.threshold.value).nonzero().reshape(-1)[: self.ties_left]
+            keep[ties] = True
+            self.ties_left -= ties.numel()
+        return chunk * keep
+
+
+def ties_combine(weighted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """TIES on stacked weighted deltas (M x n): elect sign(sum), disjoint weighted mean of agreeing nonzero entries."""
+    elected = torch.sign(weighted.sum(dim=0))
+    agree = torch.sign(weighted) == elected
+    total = (weighted * agree).sum(dim=0)
+    weight_sum = (weights.view(-1, *[1] * (weighted.dim() - 1)) * agree).sum(dim=0)
+    return total / weight_sum.masked_fill_(weight_sum == 0, 1.0)
+
+
+def merge_chunk(base: torch.Tensor, deltas: list[torch.Tensor], weights: torch.Tensor, method: str,
+                scale: float) -> torch.Tensor:
+    """base + scale * combine(deltas) for one chunk (or whole tensor) in float32; deltas already trimmed."""
+    if method == "task_arithmetic":
+        total = torch.zeros_like(base)
+        for w, d in zip(weights.tolist(), deltas):
+            total.add_(d, alpha=w)
+        return base.add_(total, alpha=scale)
+    weighted = torch.stack(deltas) * weights.view(-1, *[1] * base.dim())
+    return base.add_(ties_combine(weighted, weights), alpha=scale)
+
+
+def _open_deltas(base: CheckpointReader, paths: list) -> list[CheckpointReader]:
+    readers = []
+    base_names = set(base.names())
+    for path in paths:
+        reader = open_checkpoint(path)
+        kind = read_manifest(reader.folder).get("kind")
+        if kind == "model":
+            raise DppaError(f"{reader.folder}: is a model, not a delta; run `dppa extract BASE MODEL` to get its delta")
+        check_same_architecture(base, reader)
+        names = set(reader.names())
+        for name in sorted(base_names - names):
+            raise DppaError(f"{reader.folder}: delta has no tensor {name!r} of the base; was it extracted from this base?")
+        for name in sorted(names - base_names):
+            raise DppaError(f"{reader.folder}: tensor {name!r} is not in the base ({base.folder}); was it extracted from this base?")
+        for name in names:
+            if reader.shape(name) != base.shape(name):
+                raise DppaError(f"{reader.info(name).file}: tensor {name!r} has shape {list(reader.shape(name))} "
+                                f"but the base has {list(base.shape(name))}")
+        readers.append(reader)
+    return readers
+
+
+def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, *, method: str = "ties",
+                 weights: list[float] | None = None, scale: float = 1.0, density: float | None = None,
+                 device: str = "cpu", overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
+                 max_shard_size: str = "5GB", chunk_elems: int = MERGE_CHUNK_ELEMS, kind: str = "model") -> Path:
+    """Merge delta folders into `base` and write a model folder at `out`; returns `out`."""
+    if method not in METHODS:
+        raise DppaError(f"--method {method}: unknown merge method; use one of {', '.join(METHODS)}")
+    if not deltas:
+        raise DppaError("give at least one delta folder to merge")
+    weights = [1.0] * len(deltas) if weights is None else list(weights)
+    if len(weights) != len(deltas):
+        raise DppaError(f"--weights: {len(weights)} weights for {len(deltas)} deltas; give one weight per delta")
+    if density is not None:
+        check_density(density)
+        if method != "ties":
+            raise DppaError("--density is TIES's trim; for task arithmetic prune the deltas first (dppa prune)")
+    out = Path(out)
+    check_output_free(out, overwrite)
+    dev = resolve_device(device)
+    base_r = open_checkpoint(base, allow_pickle)
+    readers = _open_deltas(base_r, deltas)
+    trim = [density is not None and density < 1.0 and not read_manifest(r.folder).get("pruned") for r in readers]
+    weight_t = torch.tensor(weights, dtype=torch.float32, device=dev)
+    names = base_r.names()
+    plan = [(n, base_r.dtype(n), base_r.shape(n)) for n in names]
+    total_bytes = base_r.total_bytes() + sum(r.total_bytes() * (1 + t) for r, t in zip(readers, trim))
+    base_hash = ContentHasher()
+    with atomic_dir(out, overwrite) as tmp, Progress(f"merge {method}", total_bytes, len(names), progress) as bar:
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        for name in names:
+            trimmers = []
+            for reader, needs_trim in zip(readers, trim):
+                if needs_trim:
+                    magnitude = reader.get(name).to(dev, torch.float32).abs_()
+                    threshold = TrimThreshold.of(magnitude, ties_trim_count(density, magnitude.numel()))
+                    del magnitude
+                    trimmers.append(ChunkTrimmer(threshold))
+                    bar.advance(reader.info(name).nbytes)
+                else:
+                    trimmers.append(None)
+            base_hash.start(name, base_r.dtype(name), base_r.shape(name))
+            for start, base_chunk in base_r.iter_chunks(name, chunk_elems):
+                base_hash.update(tensor_bytes(base_chunk))
+                count = base_chunk.numel()
+                chunks = []
+                for reader, trimmer in zip(readers, trimmers):
+                    chunk = reader.read_flat(name, start, count).to(dev, torch.float32)
+                    chunks.append(trimmer(chunk) if trimmer else chunk)
+                    bar.advance(count * reader.dtype(name).itemsize)
+                merged = merge_chunk(base_chunk.to(dev, torch.float32), chunks, weight_t, method, scale)
+                writer.write(name, merged)
+                bar.advance(count * base_chunk.element_size())
+            bar.tensor_done()
+        content_hash = writer.close()
+        copy_model_files(base_r.folder, tmp)
+        write_manifest(tmp, {
+            "kind": kind, "content_hash": content_hash, "method": method, "weights": weights, "scale": scale,
+            "density": density, "trimmed": trim,
+            "base": source_record(base_r.folder, base_hash.hexdigest()),
+            "deltas": [source_record(r.folder, read_manifest(r.folder).get("content_hash", "")) for r in readers],
+        })
+    return out
+
+
+def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *, scale: float = 1.0,
+                **kwargs) -> Path:
+    """base + scale * delta, written as a model folder."""
+    return merge_deltas(base, [delta], out, method="task_arithmetic", scale=scale, **kwargs)

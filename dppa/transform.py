@@ -1,0 +1,56 @@
+"""Rewrite a delta folder tensor by tensor: the shared driver of pruning and amplification."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dppa.errors import DppaError
+from dppa.io.atomic import atomic_dir
+from dppa.io.manifest import read_manifest, source_record, write_manifest
+from dppa.io.model_files import copy_model_files
+from dppa.io.reader import CheckpointReader
+from dppa.io.writer import ShardedWriter, parse_size
+from dppa.runtime import Progress
+from dppa.scope import layer_of
+
+# fn(name, delta in float32 on the compute device, layer index or None when out of scope) -> new float32 delta
+TensorFn = Callable[[str, torch.Tensor, "int | None"], torch.Tensor]
+
+
+def check_is_delta(reader: CheckpointReader) -> dict:
+    manifest = read_manifest(reader.folder)
+    if manifest.get("kind") == "model":
+        raise DppaError(f"{reader.folder}: is a merged model, not a delta; run `dppa extract BASE FINETUNED` first")
+    return manifest
+
+
+def check_density(density: float, flag: str = "--density") -> float:
+    if not (0.0 < density <= 1.0):
+        raise DppaError(f"{flag} {density}: must be in (0, 1] (the share of delta entries kept)")
+    return density
+
+
+def transform_delta(reader: CheckpointReader, out: Path, fn: TensorFn, *, scope: re.Pattern, device: torch.device,
+                    manifest: dict, desc: str, overwrite: bool, progress: bool, max_shard_size: str = "5GB") -> Path:
+    """Apply `fn` to every tensor of the delta at `reader` and write the result, same names, shapes and dtypes."""
+    upstream = read_manifest(reader.folder)
+    names = reader.names()
+    plan = [(n, reader.dtype(n), reader.shape(n)) for n in names]
+    with atomic_dir(out, overwrite) as tmp, Progress(desc, reader.total_bytes(), len(names), progress) as bar:
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        for name in names:
+            delta = reader.get(name).to(device, torch.float32)
+            writer.write(name, fn(name, delta, layer_of(scope, name)))
+            bar.advance(reader.info(name).nbytes)
+            bar.tensor_done()
+        content_hash = writer.close()
+        copy_model_files(reader.folder, tmp)
+        record = {key: upstream[key] for key in ("base", "finetuned", "vocab_growth") if key in upstream}
+        write_manifest(tmp, {**manifest, "content_hash": content_hash,
+                             "source_delta": source_record(reader.folder, upstream.get("content_hash", "")),
+                             **record})
+    return out

@@ -1,0 +1,19 @@
+"""Shared fixtures. Tests run offline: no model or dataset hub is reachable."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.synthetic import make_base, make_finetune  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A float32 tiny LLaMA base and two heavy-tailed fine-tunes of it."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    base = make_base(root / "base")
+    return base, make_finetune(base, root / "ft1", seed=1), make_finetune(base, root / "ft2", seed=2)
