@@ -27,8 +27,7 @@ STRATEGIES = ("coordinate", "pattern")
 
 
 def reference_start(n_bands: int = 2) -> Factors:
-    """The reference's start, generalised to K bands: 1.8 on band 1 (the entries kept at the lowest
-    density, the most significant), 0 on the others."""
+    """The reference's start for K bands: 1.8 on band 1 (the most significant entries), 0 on the others."""
     return (1.8,) + (0.0,) * (n_bands - 1)
 
 
@@ -253,9 +252,9 @@ def pattern_search(
 
     From the incumbent, try one move of the current size along each coordinate in both directions, the last
     successful direction first; move to the first point that scores strictly higher. When no move improves, halve
-    the size (integer grid units, so 0.2 -> 0.1, or 0.4 -> 0.2 -> 0.1); stop after a full poll at one grid step finds no gain,
-    which leaves a grid point none of whose 2K neighbours is better. Unlike the reference it can lower a factor, and
-    its large early moves cross a wide range in few calls. Points are clipped to ``bounds`` (one (low, high) pair for
+    the size in grid units (0.2 -> 0.1, or 0.4 -> 0.2 -> 0.1); stop after a full poll at one grid step finds no
+    gain, which leaves a grid point none of whose 2K neighbours is better. Unlike the reference it can lower a
+    factor, and its larger early moves cross a wide range in few calls. Points are clipped to ``bounds`` (one (low, high) pair for
     all factors, or one per factor) and each grid point is evaluated once.
 
     The default start, ``pattern_start()`` = (1.8, 1), is the reference's start with the later bands at the identity
