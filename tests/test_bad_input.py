@@ -1,0 +1,122 @@
+"""Bad input: one line naming the file or tensor, a non-zero exit, and nothing half-written left behind."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dppa.cli import main
+from tests.synthetic import make_base
+
+
+def run_cli(capsys, *args):
+    capsys.readouterr()  # drop what set-up printed
+    code = main([*map(str, args), "-q"])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_clean_failure(code, err, out, *needles):
+    assert code != 0
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert str(needle) in err, err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "temporary folder left behind"
+
+
+@pytest.fixture
+def ft_copy(tiny_models, tmp_path):
+    """A writable copy of a fine-tune, to damage."""
+    _, ft1, _ = tiny_models
+    return shutil.copytree(ft1, tmp_path / "ft")
+
+
+def test_different_architecture(tiny_models, tmp_path, capsys):
+    base, _, _ = tiny_models
+    other = make_base(tmp_path / "other", hidden_size=48, intermediate_size=96)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "extract", base, other, "-o", out)
+    assert_clean_failure(code, err, out, other / "config.json", "hidden_size")
+
+
+def test_missing_tensor(tiny_models, ft_copy, tmp_path, capsys):
+    base, _, _ = tiny_models
+    tensors = load_file(ft_copy / "model.safetensors")
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    save_file(tensors, ft_copy / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "extract", base, ft_copy, "-o", out)
+    assert_clean_failure(code, err, out, "model.layers.1.self_attn.v_proj.weight", ft_copy)
+
+
+def test_truncated_safetensors(tiny_models, ft_copy, tmp_path, capsys):
+    base, _, _ = tiny_models
+    path = ft_copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "extract", base, ft_copy, "-o", out)
+    assert_clean_failure(code, err, out, path, "truncated")
+
+
+def test_corrupt_safetensors_header(tiny_models, ft_copy, tmp_path, capsys):
+    base, _, _ = tiny_models
+    path = ft_copy / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "extract", base, ft_copy, "-o", out)
+    assert_clean_failure(code, err, out, path, "corrupt")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_tensor(tiny_models, ft_copy, tmp_path, capsys, bad):
+    base, _, _ = tiny_models
+    tensors = load_file(ft_copy / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = bad
+    save_file(tensors, ft_copy / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "extract", base, ft_copy, "-o", out)
+    assert_clean_failure(code, err, out, "model.layers.0.mlp.down_proj.weight", "NaN or Inf", ft_copy)
+
+
+@pytest.mark.parametrize("density", ["1.5", "0", "-0.2"])
+def test_density_outside_unit_interval(tiny_models, tmp_path, capsys, density):
+    base, ft1, _ = tiny_models
+    delta = tmp_path / "delta"
+    assert main(["extract", str(base), str(ft1), "-o", str(delta), "-q"]) == 0
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "prune", delta, "-o", out, "--method", "dp", "--density", density)
+    assert_clean_failure(code, err, out, "--density", density)
+    code, err = run_cli(capsys, "merge", base, delta, "-o", out, "--density", density)
+    assert_clean_failure(code, err, out, "--density")
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_models, tmp_path, capsys):
+    base, ft1, _ = tiny_models
+    out = tmp_path / "delta"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    code, err = run_cli(capsys, "extract", base, ft1, "-o", out)
+    assert code != 0 and len(err.splitlines()) == 1 and str(out) in err and "--overwrite" in err
+    assert (out / "precious.txt").read_text() == "user data"
+    assert run_cli(capsys, "extract", base, ft1, "-o", out, "--overwrite")[0] == 0
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tiny_models, tmp_path, capsys):
+    base, ft1, _ = tiny_models
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(ft1 / "config.json", pickled / "config.json")
+    torch.save(load_file(ft1 / "model.safetensors"), pickled / "pytorch_model.bin")
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "extract", base, pickled, "-o", out)
+    assert_clean_failure(code, err, out, "pytorch_model.bin", "--allow-pickle")
+    assert run_cli(capsys, "extract", base, pickled, "-o", out, "--allow-pickle")[0] == 0
+    reference = tmp_path / "reference"
+    assert run_cli(capsys, "extract", base, ft1, "-o", reference)[0] == 0
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()

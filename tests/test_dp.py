@@ -1,0 +1,97 @@
+"""Dynamic Pruning on a toy two-layer "model", checked against densities computed by hand."""
+
+import json
+
+import pytest
+import torch
+
+from dppa.dp import gather_dp_stats, layer_adjustments, module_adjustments, module_densities
+from dppa.io.atomic import atomic_dir
+from dppa.io.reader import open_checkpoint
+from dppa.io.writer import ShardedWriter
+from dppa.prune import prune_delta
+from dppa.scope import compile_scope
+
+SCOPE = r"^layers\.(?P<layer>\d+)\.(a|b)\.weight$"
+
+
+def ones(n, outliers=()):
+    t = torch.ones(n)
+    for i, v in outliers:
+        t[i] = v
+    # alternate signs: pruning and statistics must use magnitudes
+    return t * torch.tensor([1.0, -1.0]).repeat(n // 2 + 1)[:n]
+
+
+TOY = {
+    "layers.0.a.weight": ones(10, [(9, 10.0)]).view(2, 5),
+    "layers.0.b.weight": ones(30).view(3, 10),
+    "layers.1.a.weight": ones(10, [(8, 12.0), (9, 12.0)]).view(2, 5),
+    "layers.1.b.weight": ones(10, [(9, 30.0)]).view(2, 5),
+    "norm.weight": torch.full((4,), 0.5),
+}
+
+
+def write_delta(folder, tensors, manifest=None):
+    with atomic_dir(folder) as tmp:
+        writer = ShardedWriter(tmp, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()])
+        for n, t in tensors.items():
+            writer.write(n, t)
+        writer.close()
+        (tmp / "dppa_manifest.json").write_text(json.dumps(manifest or {"kind": "delta"}))
+    return folder
+
+
+@pytest.fixture
+def toy_delta(tmp_path):
+    return write_delta(tmp_path / "toy", TOY)
+
+
+def test_statistics_by_hand(toy_delta):
+    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), 3.0, 5.0, torch.device("cpu"))
+    # layer 0: mean |A_0| = (19 + 30) / 40 = 1.225, threshold 3.675 -> only the 10 is an outlier: 1 / 40
+    # layer 1: mean |A_1| = (32 + 39) / 20 = 3.55, threshold 10.65 -> 12, 12, 30: 3 / 20
+    assert stats.layer_outlier_pct == pytest.approx({0: 2.5, 1: 15.0})
+    # module means 1.9, 1, 3.2, 3.9 -> thresholds 9.5, 5, 16, 19.5 -> one outlier in 0.a and in 1.b
+    assert stats.unit_outlier_pct == pytest.approx(
+        {"layers.0.a.weight": 10.0, "layers.0.b.weight": 0.0, "layers.1.a.weight": 0.0, "layers.1.b.weight": 10.0})
+    assert "norm.weight" not in stats.layer
+
+
+def test_densities_by_hand(toy_delta):
+    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), 3.0, 5.0, torch.device("cpu"))
+    # r = [2.5, 15] - 8.75 = [-6.25, 6.25] -> scaled to [-0.08, 0.08]
+    assert layer_adjustments(stats.layer_outlier_pct, 0.08) == pytest.approx({0: -0.08, 1: 0.08})
+    # u / mean(u) = [2, 0, 0, 2]; size-weighted mean = (20 + 20) / 60 = 2/3 -> [4/3, -2/3, -2/3, 4/3] -> x 0.08 / (4/3)
+    assert module_adjustments(stats.unit_outlier_pct, stats.numel, 0.08) == pytest.approx(
+        {"layers.0.a.weight": 0.08, "layers.0.b.weight": -0.04, "layers.1.a.weight": -0.04, "layers.1.b.weight": 0.08})
+    rho = module_densities(stats, 0.5, 0.08)
+    assert rho == pytest.approx(
+        {"layers.0.a.weight": 0.5, "layers.0.b.weight": 0.38, "layers.1.a.weight": 0.54, "layers.1.b.weight": 0.66})
+
+
+def test_dp_prune_keeps_hand_computed_counts(toy_delta, tmp_path):
+    out = prune_delta(toy_delta, tmp_path / "pruned", method="dp", density=0.5, scope=SCOPE, progress=False)
+    reader = open_checkpoint(out)
+    kept = {n: int(torch.count_nonzero(reader.get(n))) for n in TOY}
+    # round(0.5 * 10), round(0.38 * 30), round(0.54 * 10), round(0.66 * 10); out of scope untouched
+    assert kept == {"layers.0.a.weight": 5, "layers.0.b.weight": 11, "layers.1.a.weight": 5,
+                    "layers.1.b.weight": 7, "norm.weight": 4}
+    # the outliers are among the kept entries, with their sign and value unchanged
+    assert reader.get("layers.1.b.weight").view(-1)[9] == TOY["layers.1.b.weight"].view(-1)[9]
+    assert torch.equal(reader.get("norm.weight"), TOY["norm.weight"])
+    manifest = json.loads((out / "dppa_manifest.json").read_text())
+    assert manifest["module_density"]["layers.0.b.weight"] == pytest.approx(0.38)
+    assert manifest["layer_density"] == pytest.approx({"0": 0.42, "1": 0.58})
+
+
+def test_no_outliers_anywhere_means_no_adjustment():
+    assert module_adjustments({"a": 0.0, "b": 0.0}, {"a": 4, "b": 4}, 0.08) == {"a": 0.0, "b": 0.0}
+    assert layer_adjustments({0: 1.0, 1: 1.0}, 0.08) == {0: 0.0, 1: 0.0}
+
+
+def test_densities_are_clamped_to_unit_interval(toy_delta):
+    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), 3.0, 5.0, torch.device("cpu"))
+    rho = module_densities(stats, 0.95, 0.08)
+    assert rho["layers.1.b.weight"] == 1.0 and max(rho.values()) <= 1.0
+    assert min(module_densities(stats, 0.05, 0.08).values()) >= 0.0

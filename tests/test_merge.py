@@ -1,0 +1,58 @@
+import hashlib
+
+import pytest
+import torch
+
+from dppa.merge import ChunkTrimmer, TrimThreshold, merge_chunk, ties_combine, ties_trim_count
+from dppa.prune import dare_prune
+from dppa.select import topk_mask
+
+
+def test_ties_sign_election_and_disjoint_mean():
+    deltas = torch.tensor([[1.0, -2.0, 3.0, 0.0], [2.0, 1.0, -4.0, 0.0], [-1.0, 1.0, 2.0, 5.0]])
+    # sums [2, 0, 1, 5] -> signs [+, 0, +, +]; means of agreeing nonzero entries
+    assert ties_combine(deltas, torch.ones(3)).tolist() == [1.5, 0.0, 2.5, 5.0]
+    weights = torch.tensor([1.0, 2.0, 1.0])
+    weighted = deltas * weights[:, None]  # sums [4, 1, -3, 5]
+    assert ties_combine(weighted, weights).tolist() == pytest.approx([5 / 3, 1.0, -4.0, 5.0])
+
+
+def test_ties_merge_scales_and_adds_base():
+    base = torch.tensor([10.0, 10.0])
+    merged = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], torch.ones(2), "ties", 0.5)
+    # position 0: mean(1, 3) = 2 -> 10 + 0.5 * 2; position 1: sum 0 -> no sign -> 0
+    assert merged.tolist() == [11.0, 10.0]
+    ta = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], torch.tensor([1.0, 2.0]),
+                     "task_arithmetic", 0.5)
+    assert ta.tolist() == [13.5, 10.5]
+
+
+def test_chunked_trim_equals_whole_tensor_trim():
+    values = torch.randn(10_000).bfloat16().float()  # many ties at the threshold
+    k = ties_trim_count(0.2, values.numel())
+    assert k == 2000
+    whole = values * topk_mask(values.abs(), k)
+    trimmer = ChunkTrimmer(TrimThreshold.of(values.abs(), k))
+    chunked = torch.cat([trimmer(c) for c in values.split(777)])
+    assert torch.equal(whole, chunked) and int(torch.count_nonzero(chunked)) == k
+
+
+def test_dare_rescales_and_is_reproducible():
+    delta = torch.ones(100_000)
+    pruned = dare_prune(delta, 0.25, seed=7, name="w")
+    kept = pruned[pruned != 0]
+    assert torch.all(kept == 4.0)  # 1 / (1 - p) with p = 0.75
+    assert abs(kept.numel() / delta.numel() - 0.25) < 0.01
+    assert torch.equal(pruned, dare_prune(delta, 0.25, seed=7, name="w"))
+    assert not torch.equal(pruned, dare_prune(delta, 0.25, seed=8, name="w"))
+    assert not torch.equal(pruned, dare_prune(delta, 0.25, seed=7, name="other"))
+
+
+def test_dare_is_identical_bit_for_bit_to_a_recorded_digest():
+    # The draw uses torch's CPU generator seeded from sha256(seed:name), so any machine gives these bytes.
+    pruned = dare_prune(torch.linspace(-1, 1, 4096), 0.3, seed=1234, name="model.layers.0.mlp.up_proj.weight")
+    digest = hashlib.sha256(pruned.numpy().tobytes()).hexdigest()
+    assert digest == DARE_DIGEST
+
+
+DARE_DIGEST = "c9cc844a9875bf7fdb43c1a7725c611a81aba3f6293599609a90e47019c02104"  # torch CPU generator (mt19937)
