@@ -22,7 +22,7 @@ from dppa.errors import DppaError
 from dppa.io.atomic import check_output_free
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.runtime import resolve_device
-from dppa.scope import DEFAULT_SCOPE, compile_scope, layer_of
+from dppa.scope import DEFAULT_SCOPE, compile_scope
 from dppa.select import keep_count, topk_mask
 from dppa.transform import check_density, check_is_delta, transform_delta
 
@@ -84,10 +84,10 @@ class BandPlan:
 
 
 def plan_bands(reader: CheckpointReader, densities: list[float], *, lamda: float = 0.08, layer_mult: float = 3.0,
-               unit_mult: float = 5.0, scope: str = DEFAULT_SCOPE, device: str = "cpu") -> BandPlan:
+               unit_mult: float = 5.0, scope: str = DEFAULT_SCOPE, device: str = "cpu", progress: bool = False) -> BandPlan:
     check_bands(densities)
     regex = compile_scope(scope)
-    stats = gather_dp_stats(reader, regex, layer_mult, unit_mult, resolve_device(device))
+    stats = gather_dp_stats(reader, regex, layer_mult, unit_mult, resolve_device(device), progress=progress)
     if not stats.layer:
         raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture")
     return BandPlan.from_stats(stats, densities, lamda)
@@ -123,7 +123,7 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
     reader = open_checkpoint(delta)
     check_is_delta(reader)
     plan = plan_bands(reader, densities, lamda=lamda, layer_mult=layer_mult, unit_mult=unit_mult, scope=scope,
-                      device=device)
+                      device=device, progress=progress)
     regex = compile_scope(scope)
 
     def amplify(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dppa.io.reader import CheckpointReader
+from dppa.runtime import Progress
 from dppa.scope import layer_of
 
 
@@ -36,21 +37,26 @@ def outlier_pct(magnitude: torch.Tensor, threshold: float) -> float:
 
 
 def gather_dp_stats(reader: CheckpointReader, scope: re.Pattern, layer_mult: float, unit_mult: float,
-                    device: torch.device, on_tensor=None) -> DPStats:
+                    device: torch.device, progress: bool = False) -> DPStats:
     """Two streaming passes over the in-scope tensors: module statistics and layer means, then layer outlier counts."""
+    in_scope = [n for n in reader.names() if layer_of(scope, n) is not None]
+    with Progress("DP statistics", 2 * sum(reader.info(n).nbytes for n in in_scope), 2 * len(in_scope), progress) as bar:
+        return _gather(reader, in_scope, scope, layer_mult, unit_mult, device, bar)
+
+
+def _gather(reader: CheckpointReader, in_scope: list[str], scope: re.Pattern, layer_mult: float, unit_mult: float,
+            device: torch.device, bar: Progress) -> DPStats:
     stats = DPStats()
     abs_sum: dict[str, float] = {}
-    for name in reader.names():
+    for name in in_scope:
         layer = layer_of(scope, name)
-        if layer is None:
-            continue
         magnitude = reader.get(name).to(device, torch.float32).abs_()
         n = magnitude.numel()
         total = float(magnitude.sum(dtype=torch.float64))
         stats.layer[name], stats.numel[name], abs_sum[name] = layer, n, total
         stats.unit_outlier_pct[name] = outlier_pct(magnitude, unit_mult * total / n) if n else 0.0
-        if on_tensor:
-            on_tensor(name)
+        bar.advance(reader.info(name).nbytes)
+        bar.tensor_done()
     layer_sum: dict[int, float] = defaultdict(float)
     layer_numel: dict[int, int] = defaultdict(int)
     for name, layer in stats.layer.items():
@@ -61,8 +67,8 @@ def gather_dp_stats(reader: CheckpointReader, scope: re.Pattern, layer_mult: flo
         threshold = layer_mult * layer_sum[layer] / layer_numel[layer]
         magnitude = reader.get(name).to(device, torch.float32).abs_()
         layer_count[layer] += int(torch.count_nonzero(magnitude > threshold))
-        if on_tensor:
-            on_tensor(name)
+        bar.advance(reader.info(name).nbytes)
+        bar.tensor_done()
     stats.layer_outlier_pct = {i: 100.0 * layer_count[i] / layer_numel[i] for i in sorted(layer_numel)}
     return stats
 

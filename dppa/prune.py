@@ -58,18 +58,22 @@ def prune_delta(delta: str | os.PathLike, out: str | os.PathLike, *, method: str
     if not any(regex.search(n) for n in reader.names()):
         raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture")
     manifest: dict = {"kind": "pruned", "pruned": True, "method": method, "density": density, "scope": scope}
-    if method == "magnitude":
-        fn = lambda name, d, layer: d if layer is None else magnitude_prune(d, density)  # noqa: E731
-    elif method == "dare":
-        manifest["seed"] = seed
-        fn = lambda name, d, layer: d if layer is None else dare_prune(d, density, seed, name)  # noqa: E731
-    else:
-        stats = gather_dp_stats(reader, regex, layer_mult, unit_mult, dev)
-        rho = module_densities(stats, density, lamda)
-        manifest.update(lamda=lamda, layer_mult=layer_mult, unit_mult=unit_mult, module_density=rho,
+    if method == "dp":
+        stats = gather_dp_stats(reader, regex, layer_mult, unit_mult, dev, progress=progress)
+        density_of = module_densities(stats, density, lamda)
+        manifest.update(lamda=lamda, layer_mult=layer_mult, unit_mult=unit_mult, module_density=density_of,
                         layer_density={str(i): v for i, v in layer_densities(stats, density, lamda).items()},
                         dp_stats=stats.to_json())
-        fn = lambda name, d, layer: d if layer is None else magnitude_prune(d, rho[name])  # noqa: E731
-    return transform_delta(reader, out, fn, scope=regex, device=dev, manifest=manifest,
+    elif method == "dare":
+        manifest["seed"] = seed
+
+    def prune(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
+        if layer is None:
+            return values
+        if method == "dare":
+            return dare_prune(values, density, seed, name)
+        return magnitude_prune(values, density_of[name] if method == "dp" else density)
+
+    return transform_delta(reader, out, prune, scope=regex, device=dev, manifest=manifest,
                            desc=f"prune {method} {Path(delta).name}", overwrite=overwrite, progress=progress,
                            max_shard_size=max_shard_size)
