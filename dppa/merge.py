@@ -68,24 +68,35 @@ class ChunkTrimmer:
         return chunk * keep
 
 
-def ties_combine(weighted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """TIES on stacked weighted deltas (M x n): elect sign(sum), disjoint weighted mean of agreeing nonzero entries."""
-    elected = torch.sign(weighted.sum(dim=0))
-    agree = torch.sign(weighted) == elected
-    total = (weighted * agree).sum(dim=0)
-    weight_sum = (weights.view(-1, *[1] * (weighted.dim() - 1)) * agree).sum(dim=0)
-    return total / weight_sum.masked_fill_(weight_sum == 0, 1.0)
+def ties_combine(weighted: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """TIES on weighted deltas: elect sign(sum), then the weighted mean of the nonzero entries agreeing with it.
+
+    Works in place on `weighted` (temporaries of the caller) and never stacks them, so memory stays at a few
+    buffers whatever the number of deltas. An entry agrees when (w_m delta_m) * sign > 0.
+    """
+    elected = torch.zeros_like(weighted[0])
+    for wd in weighted:
+        elected.add_(wd)
+    elected.sign_()
+    total, weight_sum = torch.zeros_like(elected), torch.zeros_like(elected)
+    for wd, w in zip(weighted, weights):
+        agreeing = wd.mul_(elected).clamp_(min=0)  # |entry| where it agrees with the elected sign, else 0
+        total.add_(agreeing)
+        weight_sum.add_(agreeing > 0, alpha=w)
+    return total.mul_(elected).div_(weight_sum.masked_fill_(weight_sum == 0, 1.0))
 
 
-def merge_chunk(base: torch.Tensor, deltas: list[torch.Tensor], weights: torch.Tensor, method: str,
+def merge_chunk(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], method: str,
                 scale: float) -> torch.Tensor:
-    """base + scale * combine(deltas) for one chunk (or whole tensor) in float32; deltas already trimmed."""
+    """base + scale * combine(deltas) for one chunk (or whole tensor) in float32; deltas already trimmed.
+
+    Both `base` and `deltas` are consumed (modified in place).
+    """
     if method == "task_arithmetic":
-        total = torch.zeros_like(base)
-        for w, d in zip(weights.tolist(), deltas):
-            total.add_(d, alpha=w)
-        return base.add_(total, alpha=scale)
-    weighted = torch.stack(deltas) * weights.view(-1, *[1] * base.dim())
+        for w, d in zip(weights, deltas):
+            base.add_(d, alpha=w * scale)
+        return base
+    weighted = [d.mul_(w) for d, w in zip(deltas, weights)]
     return base.add_(ties_combine(weighted, weights), alpha=scale)
 
 
@@ -133,7 +144,6 @@ def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, 
     base_r = open_checkpoint(base, allow_pickle)
     readers = _open_deltas(base_r, deltas)
     trim = [density is not None and density < 1.0 and not read_manifest(r.folder).get("pruned") for r in readers]
-    weight_t = torch.tensor(weights, dtype=torch.float32, device=dev)
     names = base_r.names()
     plan = [(n, base_r.dtype(n), base_r.shape(n)) for n in names]
     total_bytes = base_r.total_bytes() + sum(r.total_bytes() * (1 + t) for r, t in zip(readers, trim))
@@ -160,7 +170,7 @@ def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, 
                     chunk = reader.read_flat(name, start, count).to(dev, torch.float32)
                     chunks.append(trimmer(chunk) if trimmer else chunk)
                     bar.advance(count * reader.dtype(name).itemsize)
-                merged = merge_chunk(base_chunk.to(dev, torch.float32), chunks, weight_t, method, scale)
+                merged = merge_chunk(base_chunk.to(dev, torch.float32), chunks, weights, method, scale)
                 writer.write(name, merged)
                 bar.advance(count * base_chunk.element_size())
             bar.tensor_done()

@@ -11,18 +11,18 @@ from dppa.select import topk_mask
 def test_ties_sign_election_and_disjoint_mean():
     deltas = torch.tensor([[1.0, -2.0, 3.0, 0.0], [2.0, 1.0, -4.0, 0.0], [-1.0, 1.0, 2.0, 5.0]])
     # sums [2, 0, 1, 5] -> signs [+, 0, +, +]; means of agreeing nonzero entries
-    assert ties_combine(deltas, torch.ones(3)).tolist() == [1.5, 0.0, 2.5, 5.0]
-    weights = torch.tensor([1.0, 2.0, 1.0])
-    weighted = deltas * weights[:, None]  # sums [4, 1, -3, 5]
+    assert ties_combine(list(deltas.clone()), [1.0, 1.0, 1.0]).tolist() == [1.5, 0.0, 2.5, 5.0]
+    weights = [1.0, 2.0, 1.0]
+    weighted = [d * w for d, w in zip(deltas, weights)]  # sums [4, 1, -3, 5]
     assert ties_combine(weighted, weights).tolist() == pytest.approx([5 / 3, 1.0, -4.0, 5.0])
 
 
 def test_ties_merge_scales_and_adds_base():
     base = torch.tensor([10.0, 10.0])
-    merged = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], torch.ones(2), "ties", 0.5)
+    merged = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], [1.0, 1.0], "ties", 0.5)
     # position 0: mean(1, 3) = 2 -> 10 + 0.5 * 2; position 1: sum 0 -> no sign -> 0
     assert merged.tolist() == [11.0, 10.0]
-    ta = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], torch.tensor([1.0, 2.0]),
+    ta = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], [1.0, 2.0],
                      "task_arithmetic", 0.5)
     assert ta.tolist() == [13.5, 10.5]
 

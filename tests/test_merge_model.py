@@ -21,7 +21,7 @@ def in_memory_merge(base_dir, ft_dirs, method, density, scale, weights):
             deltas = [(ft[name].float() - b).to(value.dtype).float() for ft in fts]
             if density is not None:
                 deltas = [d * topk_mask(d.abs(), ties_trim_count(density, d.numel())) for d in deltas]
-            merged = merge_chunk(b.clone(), deltas, torch.tensor(weights), method, scale)
+            merged = merge_chunk(b.clone(), deltas, weights, method, scale)
             value.copy_(merged.to(value.dtype))
     return base
 
