@@ -1,0 +1,80 @@
+"""`dppa search`: find DPPA's band factors for one fine-tune on the validation split, write the amplified delta."""
+
+import argparse
+
+from dppa.commands._options import add_dp_options, float_list
+
+ORDER = 35
+
+DESCRIPTION = """\
+Search the per-band amplification factors of one fine-tune's delta (spec section 3), then write the amplified delta
+with the chosen factors, exactly as `dppa amplify --factors ...` would, with the search recorded in its manifest.
+
+Each candidate (base + amplified delta) is built in memory from the DP bands and scored with lm-eval on the
+VALIDATION split; the objective is the geometric mean over --tasks of candidate score / dense fine-tune score.
+Every score is cached (--cache), keyed by the delta and base content hashes, factors, tasks, split, limit, harness
+version and band recipe: rerunning the same search evaluates nothing again.
+
+Strategies: reference (the authors' greedy coordinate ascent, step 0.1, from 1.8,0; the default) and pattern
+(compass search moving factors both ways with shrinking steps; default budget 20 evaluations).
+OUT gets search_trace.json (every candidate, scores, build vs evaluate time) and search_trace.csv (for a plot);
+--trace FILE.csv writes them elsewhere too (FILE.json beside it).
+
+example (demo zoo):
+  dppa extract data/zoo/base data/zoo/arith -o data/deltas/arith
+  dppa search data/zoo/base data/deltas/arith -o data/amplified/arith --tasks zoo_arith \\
+      --reference data/zoo/arith --limit 100
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("search", help="search DPPA's band factors on validation, write the amplified delta",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="base model folder (the delta's base)")
+    p.add_argument("delta", metavar="DELTA", help="unpruned delta folder written by `dppa extract`")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="amplified delta folder to write (atomic)")
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="the fine-tune's own lm-eval tasks, e.g. zoo_arith")
+    p.add_argument("--reference", required=True, metavar="FT_OR_JSON",
+                   help="the dense fine-tune's model folder (evaluated once, cached), or a JSON of its scores on "
+                        "the same split and limit ({task: {metric: value}}, as `dppa eval --output` writes)")
+    p.add_argument("--strategy", default="reference", choices=["reference", "coordinate", "pattern"],
+                   help="reference (= coordinate): the authors' coordinate ascent; pattern: compass search")
+    p.add_argument("--densities", type=float_list, default=[0.1, 0.2], metavar="D1,D2,..",
+                   help="increasing band densities (default 0.1,0.2)")
+    p.add_argument("--combine", choices=["max", "band"], default="max", help="band combination rule (see dppa amplify)")
+    p.add_argument("--split", default="validation", choices=["validation"],
+                   help="split the objective is computed on (validation only: test is for final numbers)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="examples per task (default: all)")
+    p.add_argument("--budget", type=int, default=None, metavar="N",
+                   help="most candidates to evaluate (default: 100 for reference, 20 for pattern)")
+    p.add_argument("--step", type=float, default=0.1, help="factor grid step (default 0.1, the reference's)")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default 32)")
+    p.add_argument("--cache", default=None, metavar="FILE",
+                   help="evaluation cache, JSON lines (default: $DPPA_EVAL_CACHE or ~/.cache/dppa/evalcache.jsonl)")
+    p.add_argument("--trace", default=None, metavar="FILE.csv", help="also write the trace here (and FILE.json)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (default: auto = cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and --trace files) if they exist")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-candidate lines or progress bar")
+    add_dp_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dppa.evaluate import parse_task_list
+    from dppa.search_runner import search_amplification
+
+    report = search_amplification(
+        args.base, args.delta, args.output, tasks=parse_task_list(args.tasks), reference=args.reference,
+        strategy=args.strategy, densities=args.densities, split=args.split, limit=args.limit, budget=args.budget,
+        step=args.step, combine=args.combine, lamda=args.lamda, layer_mult=args.layer_mult,
+        unit_mult=args.unit_mult, scope=args.scope, batch_size=args.batch_size, cache=args.cache,
+        device=args.device, trace=args.trace, overwrite=args.overwrite, progress=not args.quiet,
+        log=(lambda _msg: None) if args.quiet else print,
+    )
+    ratio = report.build_over_evaluate()
+    print(f"factors {list(report.result.best_factors)}  objective {report.result.best_score:.4f}  "
+          f"candidates {report.result.n_evals} ({report.real_evaluations} evaluated, {report.cache_hits} cached)"
+          + (f"  build/evaluate time {ratio:.2%}" if ratio is not None else ""))
+    print(report.output)
+    return 0
