@@ -1,0 +1,72 @@
+"""`dppa run`: the whole pipeline of dvc.yaml on params.yaml, through Prefect, then the results table."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from dppa.errors import DppaError
+
+ORDER = 5
+
+DESCRIPTION = """\
+Run the pipeline: every stage of dvc.yaml that is stale (DVC decides, as `dvc repro` would), as Prefect tasks in
+dependency order, the per-fine-tune branches side by side; then print the results table (also written to
+data/report/scores.md and .csv, with plots in data/report/*.png).
+
+The configuration is PROJECT/params.yaml, checked before any work. Where the stages run is runtime.task_runner:
+  threads               local threads (default; runtime.concurrency of them)
+  local-cluster:N       a Dask LocalCluster of N worker processes on this machine
+  tcp://HOST:8786       an existing Dask scheduler (workers must see the project folder at the same path)
+No Prefect server is needed: a temporary local one records the run unless PREFECT_API_URL names one.
+
+examples:
+  dppa run                         # the demo: builds the zoo if missing, merges it with DPPA, prints the table
+  dppa run -C ~/merges/llama2      # another project folder
+  dvc metrics show; dvc plots show # the same results through DVC
+"""
+
+
+def check_project(root: Path) -> None:
+    for required, hint in (("dvc.yaml", "the stage graph"), ("params.yaml", "the configuration"),
+                           (".dvc", "a DVC repository: run `dvc init`")):
+        if not (root / required).exists():
+            raise DppaError(f"{root / required}: missing ({hint}); run from the project folder or pass -C PROJECT")
+
+
+def run_pipeline(root: Path) -> dict[str, str]:
+    """Check params, then run the pipeline flow with the task runner they choose; returns {stage: outcome}."""
+    from dppa.config import load_params
+
+    params = load_params(root / "params.yaml")
+    from flows.pipeline import pipeline_flow
+    from flows.runtime import prefect_api, set_gpu_limit, task_runner
+
+    with prefect_api():
+        set_gpu_limit(params.runtime.gpu_concurrency)
+        flow = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
+        return flow(str(root))
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(args.project).resolve()
+    check_project(root)
+    started = time.perf_counter()
+    outcome = run_pipeline(root)
+    ran = [stage for stage, result in outcome.items() if result == "ran"]
+    print(f"\n{len(ran)} of {len(outcome)} stages ran ({time.perf_counter() - started:.0f} s): {', '.join(ran) or 'none'}")
+    table = root / "data" / "report" / "scores.md"
+    print(table.read_text() if table.exists() else f"{table}: no report was written")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline (dvc.yaml + params.yaml) through Prefect and print the results",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-C", "--project", default=".", help="project folder with dvc.yaml and params.yaml (default .)")
+    parser.set_defaults(func=run)

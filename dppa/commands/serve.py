@@ -1,0 +1,47 @@
+"""`dppa serve --cron EXPR`: run the pipeline on a schedule (a Prefect deployment served by this process)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ORDER = 6
+
+DESCRIPTION = """\
+Serve the pipeline as a Prefect deployment that runs on a cron schedule, for as long as this command runs
+(stop it with Ctrl-C). Each scheduled run is what `dppa run` does: stale stages only, then the report.
+Runs are recorded by the Prefect API named in PREFECT_API_URL (e.g. a `prefect server start`, to see the
+schedule and history in its UI), else by a temporary local one that lives as long as this process.
+
+examples:
+  dppa serve --cron "0 2 * * *"                 # every night at 02:00 (server time)
+  dppa serve --cron "*/30 * * * *" -C /srv/merge
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from dppa.commands.run import check_project
+    from dppa.config import load_params
+
+    root = Path(args.project).resolve()
+    check_project(root)
+    load_params(root / "params.yaml")  # fail now, not at 2 a.m.
+    from flows.pipeline import scheduled_pipeline
+    from flows.runtime import prefect_api
+
+    with prefect_api():
+        scheduled_pipeline.serve(name=args.name, cron=args.cron, parameters={"root": str(root)})
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the pipeline on a cron schedule (Prefect deployment)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *"')
+    parser.add_argument("--name", default="dppa-scheduled", help="deployment name (default dppa-scheduled)")
+    parser.add_argument("-C", "--project", default=".", help="project folder with dvc.yaml and params.yaml (default .)")
+    parser.set_defaults(func=run)

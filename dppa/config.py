@@ -1,0 +1,398 @@
+"""`params.yaml`, the pipeline's one configuration: a typed model that is checked before any work starts.
+
+Every problem is reported as one line naming the key path, e.g.
+``params.yaml: prune.density: must be in (0, 1], got 1.5``.
+Unknown keys are errors (a typo must not silently fall back to a default).
+
+The same file is read by DVC (`dvc.yaml` interpolates it and tracks the keys each stage uses) and by the stage
+commands (through `load_params`), so there is nothing to keep in sync by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from dppa.errors import DppaError
+from dppa.scope import DEFAULT_SCOPE
+
+ZOO_PREFIX = "zoo:"
+HUB_PREFIX = "hub:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+BASE_NAME = "base"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_density(value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _check_positive(value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+class Source:
+    """Where a model comes from: the demo zoo, a hub repository at a pinned revision, or a local folder."""
+
+    def __init__(self, kind: Literal["zoo", "hub", "local"], ref: str):
+        self.kind, self.ref = kind, ref
+
+    def __repr__(self) -> str:
+        return f"Source({self.kind}, {self.ref})"
+
+
+def parse_source(text: str, revision: str | None, root: Path) -> Source:
+    """`zoo:<domain>` | `hub:<org>/<name>` or `<org>/<name>` (needs a revision) | a local folder (must exist)."""
+    if text.startswith(ZOO_PREFIX):
+        return Source("zoo", text[len(ZOO_PREFIX):])
+    local = Path(text).expanduser()
+    local = local if local.is_absolute() else root / local
+    explicit_hub = text.startswith(HUB_PREFIX)
+    repo_id = text[len(HUB_PREFIX):] if explicit_hub else text
+    if explicit_hub or (HUB_ID.match(text) and not local.exists()):
+        if not HUB_ID.match(repo_id):
+            raise ValueError(f"{text!r} is not a hub id of the form org/name")
+        if not revision:
+            raise ValueError(f"hub model {repo_id!r} needs a pinned revision (a commit sha or tag) in `revision`")
+        return Source("hub", repo_id)
+    if not local.is_dir():
+        raise ValueError(f"no model folder at {local}; give an existing local folder, zoo:<domain> "
+                         "or a hub id org/name with a revision")
+    return Source("local", str(local.resolve()))
+
+
+class PruneOverride(Strict):
+    """Per-fine-tune pruning keys; unset ones come from the global `prune` section."""
+
+    method: Literal["magnitude", "dare", "dp"] | None = None
+    density: float | None = None
+    seed: int | None = None
+
+    _density = field_validator("density")(_check_density)
+
+
+class AmplifyOverride(Strict):
+    factors: list[float] | None = None  # fixed factors for this fine-tune (no search for it)
+
+
+class ModelEntry(Strict):
+    revision: str | None = None  # declared first: checking `source` needs it
+    source: str
+
+    @field_validator("source")
+    @classmethod
+    def _source_resolves(cls, value: str, info: ValidationInfo) -> str:
+        parse_source(value, info.data.get("revision"), _root(info))
+        return value
+
+    def resolve(self, root: Path) -> Source:
+        return parse_source(self.source, self.revision, root)
+
+
+class FinetuneEntry(ModelEntry):
+    tasks: list[str] = Field(min_length=1)
+    prune: PruneOverride = PruneOverride()
+    amplify: AmplifyOverride = AmplifyOverride()
+
+
+class Models(Strict):
+    base: ModelEntry
+    finetunes: dict[str, FinetuneEntry] = Field(min_length=1)
+
+    @field_validator("finetunes")
+    @classmethod
+    def _names(cls, value: dict) -> dict:
+        for name in value:
+            if not NAME.match(name) or name == BASE_NAME:
+                raise ValueError(f"fine-tune name {name!r}: use lower-case letters, digits, - or _ (not 'base'); "
+                                 "it names folders and DVC stages")
+        return value
+
+
+class Zoo(Strict):
+    size: Literal["tiny", "default", "none"] = "default"
+    regime: Literal["heavy", "light"] = "heavy"
+    seed: int = 0
+
+
+class Extract(Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class Prune(Strict):
+    method: Literal["magnitude", "dare", "dp"]
+    density: float
+    seed: int = 0
+    lamda: float = 0.08
+    layer_mult: float = 3.0
+    unit_mult: float = 5.0
+    scope: str = DEFAULT_SCOPE
+
+    _density = field_validator("density")(_check_density)
+    _mults = field_validator("layer_mult", "unit_mult")(_check_positive)
+
+    @field_validator("lamda")
+    @classmethod
+    def _lamda(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
+class Search(Strict):
+    strategy: Literal["coordinate", "pattern"] = "coordinate"
+    budget: int | None = Field(default=None, ge=1)
+    split: Literal["validation"] = "validation"  # the test split is kept for the final numbers
+    limit: int | None = Field(default=None, ge=1)
+
+
+class Amplify(Strict):
+    # Band edges as fractions of the fine-tune's prune density: [0.5, 1.0] at density 0.2 gives the paper's
+    # bands 0.1 / 0.2, and a fine-tune with its own density gets bands scaled to it.
+    bands: list[float] = Field(default=[0.5, 1.0], min_length=1)
+    factors: list[float] | None = None
+    search: Search | None = None
+
+    @field_validator("bands")
+    @classmethod
+    def _bands(cls, value: list[float]) -> list[float]:
+        if any(not 0 < b <= 1 for b in value) or value != sorted(set(value)):
+            raise ValueError(f"must be increasing fractions in (0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _factors_or_search(self):
+        if (self.factors is None) == (self.search is None):
+            raise ValueError("give exactly one of `factors` (fixed) or `search` (tuned on the validation split)")
+        if self.factors is not None and len(self.factors) != len(self.bands):
+            raise ValueError(f"factors: {len(self.factors)} factors for {len(self.bands)} bands; give one per band")
+        return self
+
+
+class Merge(Strict):
+    method: Literal["ties", "task_arithmetic"]
+    scale: float
+    weights: dict[str, float] | None = None
+    density: float | None = None
+    inputs: Literal["amplified", "pruned", "delta"] = "amplified"
+
+    _density = field_validator("density")(_check_density)
+    _scale = field_validator("scale")(_check_positive)
+
+
+class Evaluate(Strict):
+    tasks: list[str] | None = None  # default: every fine-tune's tasks
+    split: Literal["validation", "test"] = "test"
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+
+
+class Runtime(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "threads" | "local-cluster:N" (a Dask LocalCluster of N worker processes) | a Dask scheduler address
+    task_runner: str = "threads"
+    concurrency: int = Field(default=2, ge=1)
+    gpu_concurrency: int = Field(default=1, ge=1)
+
+    @field_validator("task_runner")
+    @classmethod
+    def _runner(cls, value: str) -> str:
+        if value == "threads" or re.match(r"^local-cluster:[1-9]\d*$", value) or re.match(r"^(tcp|tls|inproc|ucx)://", value):
+            return value
+        raise ValueError(f"{value!r}: use threads, local-cluster:N or a Dask scheduler address tcp://host:port")
+
+
+class Params(Strict):
+    models: Models
+    zoo: Zoo = Zoo()
+    extract: Extract = Extract()
+    prune: Prune
+    amplify: Amplify
+    merge: Merge
+    evaluate: Evaluate = Evaluate()
+    runtime: Runtime = Runtime()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = set(self.models.finetunes)
+        if self.merge.weights is not None and set(self.merge.weights) != names:
+            raise ValueError(f"merge.weights: give one weight per fine-tune ({', '.join(sorted(names))}), "
+                             f"got {', '.join(sorted(self.merge.weights))}")
+        for name, entry in self.models.finetunes.items():
+            factors = entry.amplify.factors
+            if factors is not None and len(factors) != len(self.amplify.bands):
+                raise ValueError(f"models.finetunes.{name}.amplify.factors: {len(factors)} factors for "
+                                 f"{len(self.amplify.bands)} bands")
+        uses_zoo = [n for n, e in self.all_models().items() if e.source.startswith(ZOO_PREFIX)]
+        if uses_zoo and self.zoo.size == "none":
+            raise ValueError(f"zoo.size: none, but {', '.join(uses_zoo)} use a zoo: source; set zoo.size")
+        return self
+
+    # -- derived values the stages use --------------------------------------------------------------------------
+
+    def all_models(self) -> dict[str, ModelEntry]:
+        return {BASE_NAME: self.models.base, **self.models.finetunes}
+
+    def finetune(self, name: str) -> FinetuneEntry:
+        if name not in self.models.finetunes:
+            raise DppaError(f"--model {name}: not a fine-tune in params.yaml (models.finetunes has "
+                            f"{', '.join(self.models.finetunes)})")
+        return self.models.finetunes[name]
+
+    def prune_for(self, name: str) -> Prune:
+        """The global `prune` section with this fine-tune's overrides applied."""
+        override = self.finetune(name).prune.model_dump(exclude_none=True)
+        return self.prune.model_copy(update=override)
+
+    def band_densities(self, name: str) -> list[float]:
+        density = self.prune_for(name).density
+        return [round(b * density, 10) for b in self.amplify.bands]
+
+    def fixed_factors(self, name: str) -> list[float] | None:
+        """This fine-tune's fixed factors, or None when they are to be searched."""
+        return self.finetune(name).amplify.factors or self.amplify.factors
+
+    def eval_tasks(self) -> list[str]:
+        if self.evaluate.tasks:
+            return list(self.evaluate.tasks)
+        seen: dict[str, None] = {}
+        for entry in self.models.finetunes.values():
+            seen.update(dict.fromkeys(entry.tasks))
+        return list(seen)
+
+
+def _root(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("root", "."))
+
+
+def _key_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys the section holding the unknown key at `loc` accepts, for the error message."""
+    model, parts = Params, list(loc[:-1])
+    while parts and model is not None:
+        field = model.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return []
+        args = getattr(field.annotation, "__args__", ())
+        if getattr(field.annotation, "__origin__", None) is dict and parts:
+            parts.pop(0)  # a name (fine-tune) key: step into the value type
+            model = _model_in(args[1])
+        else:
+            model = _model_in(field.annotation)
+    return sorted(model.model_fields) if model else []
+
+
+def describe_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        where = _key_path(error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(error["loc"])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            message = f"unknown key{hint}"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            if error["type"] not in ("value_error", "assertion_error") and "input" in error:
+                message += f", got {error['input']!r}"
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict, *, source: str = "params.yaml", root: str | Path = ".") -> Params:
+    try:
+        return Params.model_validate(data, context={"root": Path(root)})
+    except ValidationError as exc:
+        raise DppaError(describe_errors(exc, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and check `path`; relative model paths are relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DppaError(f"{path}: no such params file; run from the project folder or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DppaError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise DppaError(f"{path}: expected a mapping of sections (models, prune, amplify, merge, ...)")
+    return parse_params(data, source=path.name, root=path.resolve().parent)
+
+
+class Layout:
+    """Where each stage's artifacts live under data/ (the same paths `dvc.yaml` declares)."""
+
+    def __init__(self, root: str | Path = "."):
+        self.root = Path(root)
+        self.data = self.root / "data"
+
+    @property
+    def zoo(self) -> Path:
+        return self.data / "models" / "zoo"
+
+    def fetched(self, name: str) -> Path:
+        return self.data / "models" / "fetched" / name
+
+    def delta(self, name: str) -> Path:
+        return self.data / "deltas" / name
+
+    def pruned(self, name: str) -> Path:
+        return self.data / "pruned" / name
+
+    def amplified(self, name: str) -> Path:
+        return self.data / "amplified" / name
+
+    def search_trace(self, name: str) -> Path:
+        return self.data / "plots" / "search" / f"{name}.csv"
+
+    @property
+    def merged(self) -> Path:
+        return self.data / "merged" / "model"
+
+    @property
+    def scores(self) -> Path:
+        return self.data / "metrics" / "scores.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.data / "metrics" / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.data / "report"
+
+    @property
+    def eval_cache(self) -> Path:
+        # Outside every DVC output, so a stage rerun keeps the scores of models that did not change.
+        return self.data / "cache" / "evalcache.jsonl"

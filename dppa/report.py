@@ -1,0 +1,124 @@
+"""The results report: every model's scores as a pandas table (CSV and Markdown), a summary for `dvc metrics`,
+and PNG plots of the scores per model and of each fine-tune's amplification search."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from dppa.io.atomic import atomic_dir
+
+MEAN = "mean"
+NORMALISED_MEAN = "normalised mean"
+
+
+def primary_value(metrics: dict[str, float]) -> float:
+    """The score a task is ranked by: exact_match for zoo tasks, else the first metric the harness reports."""
+    if "exact_match" in metrics:
+        return metrics["exact_match"]
+    return next(v for k, v in metrics.items() if not k.endswith("_stderr"))
+
+
+def scores_table(scores: dict) -> pd.DataFrame:
+    """Rows: models (base, fine-tunes, merged); columns: tasks, their mean, and the mean normalised score.
+
+    The normalised score of a task is the model's score over the dense fine-tune that owns the task
+    (the paper's measure); the normalised mean averages it over the tasks that have an owner with a nonzero score.
+    """
+    tasks = scores["tasks"]
+    owners = {task: ft for ft, ft_tasks in scores["finetunes"].items() for task in ft_tasks}
+    rows = {model: {t: primary_value(m[t]) for t in tasks} for model, m in scores["models"].items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")[tasks]
+    table[MEAN] = table[tasks].mean(axis=1)
+    normalised = pd.DataFrame(index=table.index)
+    for task in tasks:
+        owner = owners.get(task)
+        reference = rows.get(owner, {}).get(task) if owner else None
+        if reference:
+            normalised[task] = table[task] / reference
+    table[NORMALISED_MEAN] = normalised.mean(axis=1) if len(normalised.columns) else math.nan
+    table.index.name = "model"
+    return table
+
+
+def summary(table: pd.DataFrame) -> dict:
+    """{model: {mean, normalised_mean}}: the numbers `dvc metrics show/diff` compare across runs."""
+    return {model: {"mean": _number(row[MEAN]), "normalised_mean": _number(row[NORMALISED_MEAN])}
+            for model, row in table.iterrows()}
+
+
+def _number(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), 6)
+
+
+def read_traces(folder: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """Each fine-tune's search trace (CSV named after it); fine-tunes with fixed factors have an empty trace."""
+    folder = Path(folder)
+    traces = {}
+    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        frame = pd.read_csv(path)
+        if not frame.empty:
+            traces[path.stem] = frame
+    return traces
+
+
+def plot_scores(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in table.columns if c != NORMALISED_MEAN]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(columns)), 4))
+    table[columns].T.plot.bar(ax=ax, rot=0, width=0.8)
+    ax.set_ylabel("score (primary metric)")
+    ax.set_title("scores per model and task")
+    ax.legend(fontsize="small", ncols=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_search(traces: dict[str, pd.DataFrame], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, frame in traces.items():
+        ax.plot(frame["index"], frame["score"], "o", alpha=0.4, label=f"{name}: candidates")
+        ax.plot(frame["index"], frame["best_score"], "-", label=f"{name}: best so far")
+    if not traces:
+        ax.text(0.5, 0.5, "no search: fixed factors from params.yaml", ha="center", va="center")
+    ax.set_xlabel("candidate")
+    ax.set_ylabel("objective (validation, normalised to the dense fine-tune)")
+    ax.set_title("amplification factor search")
+    if traces:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(scores_json: str | os.PathLike, traces: str | os.PathLike, out: str | os.PathLike,
+                 summary_json: str | os.PathLike) -> pd.DataFrame:
+    """Write out/{scores.csv, scores.md, scores.png, search.png} and the summary metrics file; returns the table."""
+    scores = json.loads(Path(scores_json).read_text())
+    table = scores_table(scores)
+    with atomic_dir(out, overwrite=True) as tmp:
+        table.to_csv(tmp / "scores.csv", float_format="%.4f")
+        heading = f"Scores on the {scores['split']} split (limit {scores.get('limit')} examples per task)\n\n"
+        (tmp / "scores.md").write_text(heading + table.to_markdown(floatfmt=".3f") + "\n")
+        plot_scores(table, tmp / "scores.png")
+        plot_search(read_traces(traces), tmp / "search.png")
+    summary_json = Path(summary_json)
+    summary_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = summary_json.with_name(f".{summary_json.name}.tmp")
+    tmp_json.write_text(json.dumps(summary(table), indent=2) + "\n")
+    os.replace(tmp_json, summary_json)
+    return table

@@ -1,0 +1,65 @@
+"""How flows run: the Prefect API they report to, the task runner chosen by params, the GPU concurrency limit.
+
+Prefect's API is embedded: with no PREFECT_API_URL set, one temporary local server is started per pipeline run
+and its address is put in the environment, so that the stage processes DVC starts and the Dask workers report to
+the same API (one place to see every run, one concurrency limit for all of them) instead of each starting its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from dppa.config import Runtime
+from tasks import GPU_TAG
+
+API_URL_ENV = "PREFECT_API_URL"
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Use the configured Prefect API, or start a temporary local one for the duration of the block."""
+    if os.environ.get(API_URL_ENV):
+        yield os.environ[API_URL_ENV]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ[API_URL_ENV] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        os.environ.pop(API_URL_ENV, None)
+        server.stop()
+
+
+def set_gpu_limit(limit: int) -> None:
+    """(Re)create the tag concurrency limit on GPU-tagged tasks. Recreating it at the start of a run also drops
+    slots that a killed run may still hold."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectNotFound):
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=limit)
+
+
+def task_runner(runtime: Runtime):
+    """runtime.task_runner: threads | local-cluster:N | a Dask scheduler address."""
+    spec = runtime.task_runner
+    if spec == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=runtime.concurrency)
+    from prefect_dask import DaskTaskRunner
+
+    if spec.startswith("local-cluster:"):
+        workers = int(spec.split(":", 1)[1])
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1,
+                                              "dashboard_address": None})
+    return DaskTaskRunner(address=spec)

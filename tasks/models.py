@@ -1,0 +1,39 @@
+"""Getting models: the demo zoo, hub snapshots (retried: networks fail), local folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tasks import GPU_TAG
+
+
+@task(tags=[GPU_TAG])
+def build_zoo(out: Path, size: str, regime: str, seed: int) -> Path:
+    from dppa.io.atomic import atomic_dir
+    from dppa.zoo.build import build_zoo as build
+
+    if size == "none":
+        # Nothing uses the zoo: an empty, explicit placeholder keeps the stage graph the same for every params file.
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "UNUSED").write_text("zoo.size is none in params.yaml: no demo models were built\n")
+        return out
+    build(out, size=size, regime=regime, seed=seed, overwrite=True)
+    return out
+
+
+@task(retries=3, retry_delay_seconds=[10, 60, 180])
+def fetch_hub(repo_id: str, revision: str, out: Path) -> Path:
+    from dppa.hub import fetch_hub as fetch
+
+    fetch(repo_id, revision, out)
+    return out
+
+
+@task
+def record_model(kind: str, source: str, folder: Path, out: Path) -> Path:
+    from dppa.hub import record_local
+
+    record_local(kind, source, folder, out)
+    return out
