@@ -1,0 +1,128 @@
+"""params.yaml checking: every mistake is reported before any work, naming the key path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dppa.config import Layout, load_params, parse_params
+from dppa.errors import DppaError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(DppaError) as info:
+        parse_params(data)
+    return str(info.value)
+
+
+def test_shipped_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.merge.method in ("ties", "task_arithmetic")
+    assert set(params.models.finetunes) == {"arith", "facts", "strings"}
+    assert params.zoo.regime == "heavy"
+
+
+def test_density_out_of_range_names_the_key(params):
+    params["prune"]["density"] = 1.5
+    assert error_of(params) == "params.yaml: prune.density: must be in (0, 1], got 1.5"
+
+
+def test_unknown_key_names_the_path_and_the_allowed_keys(params):
+    params["merge"]["sclae"] = 2.0
+    message = error_of(params)
+    assert message.startswith("params.yaml: merge.sclae: unknown key")
+    assert "scale" in message
+
+
+def test_unknown_key_inside_a_finetune(params):
+    params["models"]["finetunes"]["arith"]["prune"] = {"densty": 0.3}
+    message = error_of(params)
+    assert message.startswith("params.yaml: models.finetunes.arith.prune.densty: unknown key")
+    assert "density" in message
+
+
+def test_missing_model_path_names_the_key(params, tmp_path):
+    params["models"]["finetunes"]["facts"]["source"] = str(tmp_path / "no-such-model")
+    message = error_of(params)
+    assert message.startswith("params.yaml: models.finetunes.facts.source: no model folder at")
+    assert "no-such-model" in message
+
+
+def test_required_keys(params):
+    del params["merge"]["method"]
+    del params["prune"]["density"]
+    message = error_of(params)
+    assert "params.yaml: merge.method: required key is missing" in message
+    assert "params.yaml: prune.density: required key is missing" in message
+
+
+def test_hub_model_needs_a_pinned_revision(params):
+    params["models"]["base"] = {"source": "meta-llama/Llama-2-7b-hf"}
+    assert "models.base.source: hub model 'meta-llama/Llama-2-7b-hf' needs a pinned revision" in error_of(params)
+    params["models"]["base"]["revision"] = "01c7f73d771dfac7d292323805ebc428287df4f9"
+    assert parse_params(params).models.base.resolve(Path(".")).kind == "hub"
+
+
+def test_local_model_paths_are_relative_to_the_params_file(params, tmp_path):
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    params["models"]["base"] = {"source": "models/base"}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    source = load_params(path).models.base.resolve(tmp_path)
+    assert (source.kind, source.ref) == ("local", str((tmp_path / "models" / "base").resolve()))
+
+
+def test_fixed_factors_or_search_not_both(params):
+    params["amplify"]["factors"] = [1.8, 1.0]
+    assert "amplify: give exactly one of `factors`" in error_of(params)
+    del params["amplify"]["search"]
+    params["amplify"]["factors"] = [1.8]
+    assert "amplify: factors: 1 factors for 2 bands" in error_of(params)
+
+
+def test_search_refuses_the_test_split(params):
+    params["amplify"]["search"]["split"] = "test"
+    assert error_of(params).startswith("params.yaml: amplify.search.split:")
+
+
+def test_merge_weights_must_name_every_finetune(params):
+    params["merge"]["weights"] = {"arith": 1.0}
+    assert "merge.weights: give one weight per fine-tune" in error_of(params)
+
+
+def test_task_runner_forms(params):
+    for good in ("threads", "local-cluster:2", "tcp://10.0.0.5:8786"):
+        params["runtime"]["task_runner"] = good
+        assert parse_params(params).runtime.task_runner == good
+    params["runtime"]["task_runner"] = "dask"
+    assert error_of(params).startswith("params.yaml: runtime.task_runner: 'dask'")
+
+
+def test_overrides_apply_to_one_finetune_only(params):
+    params["models"]["finetunes"]["facts"]["prune"] = {"density": 0.4}
+    parsed = parse_params(params)
+    assert parsed.prune_for("facts").density == 0.4
+    assert parsed.prune_for("arith").density == params["prune"]["density"]
+    assert parsed.band_densities("facts") == [0.2, 0.4]
+    assert parsed.band_densities("arith") == [0.1, 0.2]
+
+
+def test_eval_tasks_default_to_every_finetunes_tasks(params):
+    assert parse_params(params).eval_tasks() == ["zoo_arith", "zoo_facts", "zoo_strings"]
+
+
+def test_layout_matches_dvc_yaml():
+    """The paths the stage flows write are the outs dvc.yaml declares."""
+    dvc = (ROOT / "dvc.yaml").read_text()
+    layout = Layout(".")
+    for path in (layout.zoo, layout.fetched("${key}"), layout.delta("${key}"), layout.pruned("${key}"),
+                 layout.amplified("${key}"), layout.search_trace("${key}"), layout.merged, layout.scores,
+                 layout.summary, layout.report):
+        assert f"- {path.as_posix()}" in dvc, path
