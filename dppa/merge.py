@@ -8,7 +8,6 @@ memory does not grow with the number of fine-tunes or the size of the model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,12 +19,12 @@ from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
-from dppa.runtime import Progress, resolve_device
-from dppa.select import kth_largest
+from dppa.runtime import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
+from dppa.select import Threshold, find_threshold, key_bits, magnitude_keys
 from dppa.transform import check_density
 
 METHODS = ("task_arithmetic", "ties")
-MERGE_CHUNK_ELEMS = 1 << 22
+THRESHOLD_CHUNK_ELEMS = 1 << 20
 
 
 def ties_trim_count(density: float, numel: int) -> int:
@@ -33,39 +32,13 @@ def ties_trim_count(density: float, numel: int) -> int:
     return max(0, min(numel, int(density * numel)))
 
 
-@dataclass
-class TrimThreshold:
-    """Keep |delta| > value, plus the first `ties` entries (by flat index) with |delta| == value."""
+def trim_threshold(reader: CheckpointReader, name: str, density: float, chunk_elems: int) -> Threshold:
+    """TIES trim threshold of one delta tensor, from histogram passes over chunks read from disk."""
+    numel = reader.numel(name)
 
-    value: float
-    ties: int
-
-    @classmethod
-    def of(cls, magnitude: torch.Tensor, k: int) -> "TrimThreshold":
-        flat = magnitude.reshape(-1)
-        if k >= flat.numel():
-            return cls(-1.0, 0)
-        if k <= 0:
-            return cls(float("inf"), 0)
-        value = kth_largest(flat, k)
-        return cls(float(value), k - int(torch.count_nonzero(flat > value)))
-
-
-class ChunkTrimmer:
-    """Applies a TrimThreshold to consecutive chunks of one tensor, handing out the tie budget in index order."""
-
-    def __init__(self, threshold: TrimThreshold):
-        self.threshold = threshold
-        self.ties_left = threshold.ties
-
-    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
-        magnitude = chunk.abs()
-        keep = magnitude > self.threshold.value
-        if self.ties_left > 0:
-            ties = (magnitude == self.threshold.value).nonzero().reshape(-1)[: self.ties_left]
-            keep[ties] = True
-            self.ties_left -= ties.numel()
-        return chunk * keep
+    def key_chunks():
+        return (magnitude_keys(c) for _, c in reader.iter_chunks(name, chunk_elems))
+    return find_threshold(key_chunks, numel, ties_trim_count(density, numel), key_bits(reader.dtype(name)))
 
 
 def ties_combine(weighted: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -125,7 +98,7 @@ def _open_deltas(base: CheckpointReader, paths: list) -> list[CheckpointReader]:
 def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, *, method: str = "ties",
                  weights: list[float] | None = None, scale: float = 1.0, density: float | None = None,
                  device: str = "cpu", overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-                 max_shard_size: str = "5GB", chunk_elems: int = MERGE_CHUNK_ELEMS, kind: str = "model") -> Path:
+                 max_shard_size: str = "5GB", chunk_elems: int = PARALLEL_CHUNK_ELEMS, kind: str = "model") -> Path:
     """Merge delta folders into `base` and write a model folder at `out`; returns `out`."""
     if method not in METHODS:
         raise DppaError(f"--method {method}: unknown merge method; use one of {', '.join(METHODS)}")
@@ -148,31 +121,33 @@ def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, 
     plan = [(n, base_r.dtype(n), base_r.shape(n)) for n in names]
     total_bytes = base_r.total_bytes() + sum(r.total_bytes() * (1 + t) for r, t in zip(readers, trim))
     base_hash = ContentHasher()
-    with atomic_dir(out, overwrite) as tmp, Progress(f"merge {method}", total_bytes, len(names), progress) as bar:
+    with atomic_dir(out, overwrite) as tmp, Progress(f"merge {method}", total_bytes, len(names), progress) as bar, \
+            chunk_workers() as (pool, workers):
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
         for name in names:
-            trimmers = []
-            for reader, needs_trim in zip(readers, trim):
-                if needs_trim:
-                    magnitude = reader.get(name).to(dev, torch.float32).abs_()
-                    threshold = TrimThreshold.of(magnitude, ties_trim_count(density, magnitude.numel()))
-                    del magnitude
-                    trimmers.append(ChunkTrimmer(threshold))
-                    bar.advance(reader.info(name).nbytes)
-                else:
-                    trimmers.append(None)
+            pending = [pool.submit(trim_threshold, r, name, density, THRESHOLD_CHUNK_ELEMS) if t else None
+                       for r, t in zip(readers, trim)]
+            thresholds = [p.result() if p else None for p in pending]
+            bar.advance(sum(r.info(name).nbytes for r, t in zip(readers, trim) if t))
             base_hash.start(name, base_r.dtype(name), base_r.shape(name))
-            for start, base_chunk in base_r.iter_chunks(name, chunk_elems):
-                base_hash.update(tensor_bytes(base_chunk))
-                count = base_chunk.numel()
-                chunks = []
-                for reader, trimmer in zip(readers, trimmers):
-                    chunk = reader.read_flat(name, start, count).to(dev, torch.float32)
-                    chunks.append(trimmer(chunk) if trimmer else chunk)
-                    bar.advance(count * reader.dtype(name).itemsize)
-                merged = merge_chunk(base_chunk.to(dev, torch.float32), chunks, weights, method, scale)
+
+            def merged_chunk(span: tuple[int, int], name=name, thresholds=thresholds):
+                start, count = span
+                raw_base = base_r.read_flat(name, start, count)
+                deltas = []
+                for reader, threshold in zip(readers, thresholds):
+                    raw = reader.read_flat(name, start, count)
+                    values = raw.to(dev, torch.float32)
+                    if threshold is not None:
+                        values.mul_(threshold.mask(magnitude_keys(raw), start).to(dev))
+                    deltas.append(values)
+                merged = merge_chunk(raw_base.to(dev, torch.float32), deltas, weights, method, scale)
+                return raw_base, merged.to(base_r.dtype(name)).cpu()
+
+            for raw_base, merged in ordered_map(pool, workers, merged_chunk, chunk_ranges(base_r.numel(name), chunk_elems)):
+                base_hash.update(tensor_bytes(raw_base))
                 writer.write(name, merged)
-                bar.advance(count * base_chunk.element_size())
+                bar.advance(raw_base.numel() * (raw_base.element_size() + sum(r.dtype(name).itemsize for r in readers)))
             bar.tensor_done()
         content_hash = writer.close()
         copy_model_files(base_r.folder, tmp)

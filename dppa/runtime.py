@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from tqdm.auto import tqdm
 
@@ -44,3 +49,42 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+PARALLEL_CHUNK_ELEMS = 1 << 18  # 1 MB of float32: a chunk's buffers stay in cache and are reused, not page-faulted
+
+
+def worker_count() -> int:
+    return max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+
+
+@contextlib.contextmanager
+def chunk_workers(workers: int | None = None):
+    """A thread pool for chunk-parallel tensor math, with torch's own intra-op threading off meanwhile.
+
+    Elementwise work on cache-sized chunks runs best one chunk per core: torch's OpenMP regions on such small
+    tensors cost more in synchronisation than they gain, badly so on a busy machine.
+    """
+    workers = workers or worker_count()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dppa-chunk") as pool:
+            yield pool, workers
+    finally:
+        torch.set_num_threads(previous)
+
+
+def ordered_map(pool: ThreadPoolExecutor, workers: int, fn, items):
+    """fn over items on the pool, results in order, at most 2 x workers in flight (bounded memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= 2 * workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def chunk_ranges(numel: int, chunk_elems: int = PARALLEL_CHUNK_ELEMS):
+    return [(start, min(chunk_elems, numel - start)) for start in range(0, numel, chunk_elems)]

@@ -1,18 +1,24 @@
-"""Magnitude thresholds in O(n): exact top-k masks without sorting the tensor.
+"""Magnitude thresholds in O(n) by radix selection: exact top-k without sorting, streamable chunk by chunk.
 
-A random sample brackets the k-th largest value; one counting pass confirms the bracket, and an exact selection
-(`kthvalue`) runs only on the few elements inside it. Ties at the threshold are broken by lowest flat index, so the
-kept set for a smaller k is always a subset of the kept set for a larger k (DP's nested bands rely on it).
+The bit pattern of a float with its sign bit cleared is an integer that orders like the float's magnitude. So the
+k-th largest magnitude is found from histograms of those integers ("keys"): one `bincount` pass for 16-bit dtypes
+(bf16, fp16: 32768 possible magnitudes), two for float32 (high 15 bits, then low 16 bits inside the chosen bin).
+Each pass can run over chunks read from disk, so no full-tensor float32 copy is needed to find a threshold.
+
+Ties at the threshold are broken by lowest flat index, so the kept set for a smaller k is always a subset of the kept
+set for a larger k (DP's nested bands rely on it).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
-SAMPLE_SIZE = 1 << 16
-BRACKET_MIN_NUMEL = 1 << 20
+LOW_BITS = 16
+LOW_MASK = (1 << LOW_BITS) - 1
+CHUNK_ELEMS = 1 << 20  # cache-friendly pieces whose buffers the allocator reuses (no page faults per pass)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -20,41 +26,88 @@ def keep_count(density: float, numel: int) -> int:
     return max(0, min(numel, int(round(density * numel))))
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest element (1-based) of a flat tensor, as a 0-d tensor; 1 <= k <= numel."""
-    n = values.numel()
-    if n < BRACKET_MIN_NUMEL:
-        return torch.kthvalue(values, n - k + 1).values
-    gen = torch.Generator(device="cpu").manual_seed(n)
-    idx = torch.randint(0, n, (SAMPLE_SIZE,), generator=gen).to(values.device)
-    sample = values[idx]
-    frac = k / n
-    # A margin of ~6 standard deviations of the sample quantile keeps the bracket failure rate negligible.
-    margin = 6.0 * math.sqrt(max(frac * (1 - frac), 1.0 / n) / SAMPLE_SIZE) + 2.0 / SAMPLE_SIZE
-    lo_q, hi_q = max(0.0, 1 - frac - margin), min(1.0, 1 - frac + margin)
-    lo, hi = torch.quantile(sample.float(), torch.tensor([lo_q, hi_q], device=values.device)).to(values.dtype)
-    above = int(torch.count_nonzero(values > hi))
-    inside_mask = (values >= lo) & (values <= hi)
-    inside = int(torch.count_nonzero(inside_mask))
-    rank = k - above  # rank of the answer from the top, among the bracketed values
-    if 1 <= rank <= inside:
-        candidates = values[inside_mask]
-        return torch.kthvalue(candidates, inside - rank + 1).values
-    return torch.kthvalue(values, n - k + 1).values  # bracket missed (rare): exact selection on everything
+def key_bits(dtype: torch.dtype) -> int:
+    return 15 if dtype in (torch.bfloat16, torch.float16) else 31
+
+
+def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like |values| (flat); NaN sorts above Inf (inputs are checked finite at extraction)."""
+    flat = values.reshape(-1)
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        return flat.view(torch.int16).to(torch.int32).bitwise_and_(0x7FFF)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    return flat.view(torch.int32).bitwise_and(0x7FFFFFFF)
+
+
+def _bin_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """(bin holding the k-th largest item, items in higher bins, items in that bin)."""
+    from_top = hist.flip(0).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    b = hist.numel() - 1 - pos
+    return b, int(from_top[pos]) - int(hist[b]), int(hist[b])
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep entries whose key is > `key`, plus those equal to it at flat index < `tie_cutoff`."""
+
+    key: int
+    tie_cutoff: int
+
+    def mask(self, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Keep-mask of a chunk of keys beginning at flat index `start`."""
+        keep = keys > self.key
+        end = min(keys.numel(), self.tie_cutoff - start)
+        if end > 0:
+            keep[:end] |= keys[:end] == self.key
+        return keep
+
+
+KEEP_ALL = Threshold(-1, 0)
+KEEP_NONE = Threshold(0x7FFFFFFF, 0)  # no int32 key is larger
+
+
+def find_threshold(key_chunks: Callable[[], Iterable[torch.Tensor]], numel: int, k: int, bits: int) -> Threshold:
+    """Exact threshold keeping the k largest keys; `key_chunks()` yields the keys in order, and may be called up to
+    three times (histogram passes, then a scan to place the cutoff among ties)."""
+    if k >= numel:
+        return KEEP_ALL
+    if k <= 0:
+        return KEEP_NONE
+    if bits <= LOW_BITS:
+        hist = sum(torch.bincount(c, minlength=1 << LOW_BITS) for c in key_chunks())
+        key, above, equal = _bin_of_kth(hist, k)
+    else:
+        high = sum(torch.bincount(c >> LOW_BITS, minlength=1 << (bits - LOW_BITS)) for c in key_chunks())
+        high_bin, above, _ = _bin_of_kth(high, k)
+        low = sum(torch.bincount(c[(c >> LOW_BITS) == high_bin] & LOW_MASK, minlength=1 << LOW_BITS)
+                  for c in key_chunks())
+        low_bin, above_low, equal = _bin_of_kth(low, k - above)
+        key, above = (high_bin << LOW_BITS) | low_bin, above + above_low
+    if k - above == equal:  # every tie is kept: no need to find where the cutoff falls
+        return Threshold(key, numel)
+    return Threshold(key, _tie_cutoff(key_chunks, key, k - above))
+
+
+def _tie_cutoff(key_chunks, key: int, ties_kept: int) -> int:
+    """Flat index just past the `ties_kept`-th entry equal to `key`."""
+    start = 0
+    for chunk in key_chunks():
+        ties = (chunk == key).nonzero().reshape(-1)
+        if ties.numel() >= ties_kept:
+            return start + int(ties[ties_kept - 1]) + 1
+        ties_kept -= ties.numel()
+        start += chunk.numel()
+    raise AssertionError("fewer ties than counted")  # unreachable: the histogram counted them
 
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly k entries with the largest values; ties go to the lowest flat index."""
     flat = magnitude.reshape(-1)
-    n = flat.numel()
-    if k >= n:
-        return torch.ones_like(flat, dtype=torch.bool).view(magnitude.shape)
-    if k <= 0:
-        return torch.zeros_like(flat, dtype=torch.bool).view(magnitude.shape)
-    threshold = kth_largest(flat, k)
-    mask = flat > threshold
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:
-        ties = (flat == threshold).nonzero().reshape(-1)[:missing]
-        mask[ties] = True
+    pieces = flat.split(CHUNK_ELEMS)
+    threshold = find_threshold(lambda: map(magnitude_keys, pieces), flat.numel(), k, key_bits(flat.dtype))
+    mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    for start, piece in zip(range(0, flat.numel(), CHUNK_ELEMS), pieces):
+        mask[start : start + piece.numel()] = threshold.mask(magnitude_keys(piece), start)
     return mask.view(magnitude.shape)

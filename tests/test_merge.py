@@ -3,9 +3,8 @@ import hashlib
 import pytest
 import torch
 
-from dppa.merge import ChunkTrimmer, TrimThreshold, merge_chunk, ties_combine, ties_trim_count
+from dppa.merge import merge_chunk, ties_combine
 from dppa.prune import dare_prune
-from dppa.select import topk_mask
 
 
 def test_ties_sign_election_and_disjoint_mean():
@@ -25,16 +24,6 @@ def test_ties_merge_scales_and_adds_base():
     ta = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], [1.0, 2.0],
                      "task_arithmetic", 0.5)
     assert ta.tolist() == [13.5, 10.5]
-
-
-def test_chunked_trim_equals_whole_tensor_trim():
-    values = torch.randn(10_000).bfloat16().float()  # many ties at the threshold
-    k = ties_trim_count(0.2, values.numel())
-    assert k == 2000
-    whole = values * topk_mask(values.abs(), k)
-    trimmer = ChunkTrimmer(TrimThreshold.of(values.abs(), k))
-    chunked = torch.cat([trimmer(c) for c in values.split(777)])
-    assert torch.equal(whole, chunked) and int(torch.count_nonzero(chunked)) == k
 
 
 def test_dare_rescales_and_is_reproducible():

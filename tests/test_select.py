@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from dppa.select import BRACKET_MIN_NUMEL, keep_count, kth_largest, topk_mask
+from dppa.select import find_threshold, keep_count, key_bits, magnitude_keys, topk_mask
 
 
 def test_topk_mask_keeps_exactly_k_with_ties_to_lowest_index():
@@ -17,14 +18,28 @@ def test_topk_masks_are_nested():
     assert bool((smaller & ~larger).sum() == 0)
 
 
-def test_bracketed_selection_equals_full_kthvalue():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_threshold_equals_the_kth_largest_magnitude(dtype):
     gen = torch.Generator().manual_seed(0)
-    values = torch.randn(BRACKET_MIN_NUMEL * 2, generator=gen).abs()
-    for density in (0.01, 0.2, 0.5, 0.99):
+    values = (torch.randn(300_000, generator=gen) * torch.rand(300_000, generator=gen).pow(4)).to(dtype)
+    magnitude = values.float().abs()
+    for density in (0.001, 0.2, 0.5, 0.99):
         k = keep_count(density, values.numel())
-        expected = torch.kthvalue(values, values.numel() - k + 1).values
-        assert kth_largest(values, k) == expected
-        assert int(topk_mask(values, k).sum()) == k
+        expected = torch.kthvalue(magnitude, values.numel() - k + 1).values
+        mask = topk_mask(values.abs(), k)
+        assert int(mask.sum()) == k
+        assert magnitude[mask].min() == expected
+        assert bool((magnitude[~mask] <= expected).all())
+
+
+def test_chunked_threshold_equals_whole_tensor_threshold():
+    values = torch.randn(100_000).bfloat16()  # many ties at the threshold
+    keys = magnitude_keys(values)
+    whole = find_threshold(lambda: [keys], keys.numel(), 20_000, key_bits(values.dtype))
+    chunked = find_threshold(lambda: keys.split(7_777), keys.numel(), 20_000, key_bits(values.dtype))
+    assert whole == chunked
+    mask = torch.cat([chunked.mask(c, start) for start, c in zip(range(0, 100_000, 7_777), keys.split(7_777))])
+    assert int(mask.sum()) == 20_000 and torch.equal(mask, whole.mask(keys))
 
 
 def test_keep_count_rounds_and_clamps():

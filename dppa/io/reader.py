@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class CheckpointReader:
         self.folder = folder
         self._infos = infos
         self._handles: dict[Path, int] = {}
+        self._lock = threading.Lock()
         self.config = _read_json(folder / "config.json")
 
     # -- metadata ---------------------------------------------------------------------------------------------
@@ -112,7 +114,10 @@ class CheckpointReader:
     def _read_into(self, path: Path, offset: int, buf: torch.Tensor) -> None:
         fd = self._handles.get(path)
         if fd is None:
-            fd = self._handles[path] = os.open(path, os.O_RDONLY)
+            with self._lock:  # chunk workers read in parallel; open each file once
+                fd = self._handles.get(path)
+                if fd is None:
+                    fd = self._handles[path] = os.open(path, os.O_RDONLY)
         view = memoryview(buf.numpy()).cast("B")
         done = 0
         while done < len(view):
@@ -122,7 +127,7 @@ class CheckpointReader:
             done += n
 
     def close(self) -> None:
-        for fd in self._handles.values():
+        for fd in getattr(self, "_handles", {}).values():
             os.close(fd)
         self._handles.clear()
 
