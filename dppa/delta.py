@@ -19,7 +19,7 @@ from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.io.manifest import source_record, write_manifest
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
-from dppa.runtime import DEFAULT_CHUNK_ELEMS, Progress, resolve_device
+from dppa.runtime import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 
 VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings|output)\.weight$")
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -76,7 +76,7 @@ def check_same_tensors(base: CheckpointReader, ft: CheckpointReader) -> None:
 def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
                   dtype: torch.dtype | str | None = None, device: str = "cpu", overwrite: bool = False,
                   progress: bool = True, allow_pickle: bool = False, max_shard_size: int | str = "5GB",
-                  chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Path:
+                  chunk_elems: int = PARALLEL_CHUNK_ELEMS) -> Path:
     """Write `finetuned - base` as a delta folder at `out`; returns `out`."""
     out = Path(out)
     check_output_free(out, overwrite)
@@ -87,33 +87,40 @@ def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: st
     check_same_tensors(base_r, ft_r)
     names = base_r.names()
     grown = {n: [base_r.shape(n)[0], ft_r.shape(n)[0]] for n in names if not matching_rows(base_r, ft_r, n)}
-    plan = [(n, out_dtype or ft_r.dtype(n), base_r.shape(n)) for n in names]
+    plan_dtype = {n: out_dtype or ft_r.dtype(n) for n in names}
+    plan = [(n, plan_dtype[n], base_r.shape(n)) for n in names]
     base_hash, ft_hash = ContentHasher(), ContentHasher()
     stats: dict[str, dict] = {}
-    with atomic_dir(out, overwrite) as tmp, Progress(f"extract {Path(finetuned).name}",
-                                                     base_r.total_bytes() + ft_r.total_bytes(), len(names), progress) as bar:
+    with atomic_dir(out, overwrite) as tmp, chunk_workers() as (pool, workers), \
+            Progress(f"extract {Path(finetuned).name}", base_r.total_bytes() + ft_r.total_bytes(), len(names),
+                     progress) as bar:
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
         for name in names:
             base_hash.start(name, base_r.dtype(name), base_r.shape(name))
             ft_hash.start(name, ft_r.dtype(name), ft_r.shape(name))
-            abs_sum, abs_max = 0.0, 0.0
-            for start, base_chunk in base_r.iter_chunks(name, chunk_elems):
-                ft_chunk = ft_r.read_flat(name, start, base_chunk.numel())
-                base_hash.update(tensor_bytes(base_chunk))
-                ft_hash.update(tensor_bytes(ft_chunk))
-                b, f = base_chunk.to(dev, torch.float32), ft_chunk.to(dev, torch.float32)
+
+            def delta_chunk(span: tuple[int, int], name=name):
+                start, count = span
+                raw_base, raw_ft = base_r.read_flat(name, start, count), ft_r.read_flat(name, start, count)
+                b, f = raw_base.to(dev, torch.float32), raw_ft.to(dev, torch.float32)
                 check_finite(b, base_r, name)
                 check_finite(f, ft_r, name)
                 delta = f.sub_(b)
                 magnitude = delta.abs()
-                abs_sum += float(magnitude.sum(dtype=torch.float64))
-                abs_max = max(abs_max, float(magnitude.max())) if magnitude.numel() else abs_max
+                abs_sum = float(magnitude.sum(dtype=torch.float64))
+                abs_max = float(magnitude.max()) if count else 0.0
+                return raw_base, raw_ft, delta.to(plan_dtype[name]).cpu(), abs_sum, abs_max
+
+            abs_sum, abs_max = 0.0, 0.0
+            for raw_base, raw_ft, delta, chunk_sum, chunk_max in ordered_map(
+                    pool, workers, delta_chunk, chunk_ranges(base_r.numel(name), chunk_elems)):
+                base_hash.update(tensor_bytes(raw_base))
+                ft_hash.update(tensor_bytes(raw_ft))
                 writer.write(name, delta)
-                bar.advance(2 * base_chunk.numel() * base_chunk.element_size())
+                abs_sum, abs_max = abs_sum + chunk_sum, max(abs_max, chunk_max)
+                bar.advance(raw_base.nbytes + raw_ft.nbytes)
             if name in grown:  # rows beyond the base's: hashed as part of the fine-tune, not part of the delta
-                extra_start = base_r.numel(name)
-                for start in range(extra_start, ft_r.numel(name), chunk_elems):
-                    rest = ft_r.read_flat(name, start, min(chunk_elems, ft_r.numel(name) - start))
+                for start, rest in ft_r.iter_chunks(name, chunk_elems, start=base_r.numel(name)):
                     ft_hash.update(tensor_bytes(rest))
             numel = base_r.numel(name)
             stats[name] = {"numel": numel, "mean_abs": abs_sum / numel if numel else 0.0, "max_abs": abs_max}

@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from dppa.errors import DppaError
 
-DEFAULT_CHUNK_ELEMS = 1 << 24  # 16 M elements: 64 MB of float32 per buffer
 
 
 def resolve_device(name: str = "auto") -> torch.device:

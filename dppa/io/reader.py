@@ -105,10 +105,10 @@ class CheckpointReader:
         tensor = self.read_flat(name).view(self.info(name).shape)
         return tensor if dtype is None else tensor.to(dtype)
 
-    def iter_chunks(self, name: str, chunk_elems: int):
-        """Yield (start, flat chunk) over the tensor; a chunk is at most `chunk_elems` elements."""
+    def iter_chunks(self, name: str, chunk_elems: int, start: int = 0):
+        """Yield (start, flat chunk) over the tensor from element `start`; chunks hold at most `chunk_elems`."""
         numel = self.info(name).numel
-        for start in range(0, numel, max(1, chunk_elems)):
+        for start in range(start, numel, max(1, chunk_elems)):
             yield start, self.read_flat(name, start, min(chunk_elems, numel - start))
 
     def _read_into(self, path: Path, offset: int, buf: torch.Tensor) -> None:
