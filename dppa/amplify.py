@@ -128,7 +128,7 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
 
     def amplify(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
         index = None if layer is None else band_index(values, plan.keep_counts[name])
-        return amplify_tensor(values, index, factors, combine)
+        return amplify_tensor(values.float(), index, factors, combine)
 
     manifest = {"kind": "amplified", "pruned": True, "method": "dppa", "densities": list(densities),
                 "factors": list(factors), "band_factors": band_factors(factors, combine), "combine": combine,

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dppa.io.reader import CheckpointReader
-from dppa.runtime import Progress
+from dppa.runtime import Progress, chunk_workers, ordered_map
 from dppa.scope import layer_of
 
 
@@ -46,29 +46,37 @@ def gather_dp_stats(reader: CheckpointReader, scope: re.Pattern, layer_mult: flo
 
 def _gather(reader: CheckpointReader, in_scope: list[str], scope: re.Pattern, layer_mult: float, unit_mult: float,
             device: torch.device, bar: Progress) -> DPStats:
+    def magnitude(name: str) -> torch.Tensor:
+        return reader.get(name).to(device, torch.float32).abs_()
+
+    def module_stats(name: str) -> tuple[int, float, float]:
+        values = magnitude(name)
+        n, total = values.numel(), float(values.sum(dtype=torch.float64))
+        return n, total, outlier_pct(values, unit_mult * total / n) if n else 0.0
+
     stats = DPStats()
     abs_sum: dict[str, float] = {}
-    for name in in_scope:
-        layer = layer_of(scope, name)
-        magnitude = reader.get(name).to(device, torch.float32).abs_()
-        n = magnitude.numel()
-        total = float(magnitude.sum(dtype=torch.float64))
-        stats.layer[name], stats.numel[name], abs_sum[name] = layer, n, total
-        stats.unit_outlier_pct[name] = outlier_pct(magnitude, unit_mult * total / n) if n else 0.0
-        bar.advance(reader.info(name).nbytes)
-        bar.tensor_done()
-    layer_sum: dict[int, float] = defaultdict(float)
-    layer_numel: dict[int, int] = defaultdict(int)
-    for name, layer in stats.layer.items():
-        layer_sum[layer] += abs_sum[name]
-        layer_numel[layer] += stats.numel[name]
-    layer_count: dict[int, int] = defaultdict(int)
-    for name, layer in stats.layer.items():
-        threshold = layer_mult * layer_sum[layer] / layer_numel[layer]
-        magnitude = reader.get(name).to(device, torch.float32).abs_()
-        layer_count[layer] += int(torch.count_nonzero(magnitude > threshold))
-        bar.advance(reader.info(name).nbytes)
-        bar.tensor_done()
+    with chunk_workers() as (pool, workers):
+        for name, (n, total, unit_pct) in zip(in_scope, ordered_map(pool, workers, module_stats, in_scope, workers)):
+            stats.layer[name], stats.numel[name], abs_sum[name] = layer_of(scope, name), n, total
+            stats.unit_outlier_pct[name] = unit_pct
+            bar.advance(reader.info(name).nbytes)
+            bar.tensor_done()
+        layer_sum: dict[int, float] = defaultdict(float)
+        layer_numel: dict[int, int] = defaultdict(int)
+        for name, layer in stats.layer.items():
+            layer_sum[layer] += abs_sum[name]
+            layer_numel[layer] += stats.numel[name]
+
+        def layer_outliers(name: str) -> int:
+            layer = stats.layer[name]
+            return int(torch.count_nonzero(magnitude(name) > layer_mult * layer_sum[layer] / layer_numel[layer]))
+
+        layer_count: dict[int, int] = defaultdict(int)
+        for name, count in zip(in_scope, ordered_map(pool, workers, layer_outliers, in_scope, workers)):
+            layer_count[stats.layer[name]] += count
+            bar.advance(reader.info(name).nbytes)
+            bar.tensor_done()
     stats.layer_outlier_pct = {i: 100.0 * layer_count[i] / layer_numel[i] for i in sorted(layer_numel)}
     return stats
 

@@ -21,7 +21,7 @@ METHODS = ("magnitude", "dare", "dp")
 
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the round(density * n) entries of largest |delta|, zero the rest."""
+    """Keep the round(density * n) entries of largest |delta|, zero the rest (exact in any dtype)."""
     return delta * topk_mask(delta.abs(), keep_count(density, delta.numel()))
 
 
@@ -38,7 +38,7 @@ def dare_prune(delta: torch.Tensor, density: float, seed: int, name: str) -> tor
     """
     gen = torch.Generator(device="cpu").manual_seed(dare_seed(seed, name))
     keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density
-    return delta * keep.to(delta.device) * (1.0 / density)
+    return delta.float() * keep.to(delta.device) * (1.0 / density)
 
 
 def prune_delta(delta: str | os.PathLike, out: str | os.PathLike, *, method: str, density: float, seed: int = 0,

@@ -74,12 +74,12 @@ def chunk_workers(workers: int | None = None):
         torch.set_num_threads(previous)
 
 
-def ordered_map(pool: ThreadPoolExecutor, workers: int, fn, items):
-    """fn over items on the pool, results in order, at most 2 x workers in flight (bounded memory)."""
+def ordered_map(pool: ThreadPoolExecutor, workers: int, fn, items, window: int | None = None):
+    """fn over items on the pool, results in order, at most `window` (default 2 x workers) in flight."""
     pending: deque = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
-        if len(pending) >= 2 * workers:
+        if len(pending) >= (window or 2 * workers):
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()

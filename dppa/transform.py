@@ -14,10 +14,11 @@ from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader
 from dppa.io.writer import ShardedWriter, parse_size
-from dppa.runtime import Progress
+from dppa.runtime import Progress, chunk_workers, ordered_map
 from dppa.scope import layer_of
 
-# fn(name, delta in float32 on the compute device, layer index or None when out of scope) -> new float32 delta
+# fn(name, delta in its stored dtype on the compute device, layer index or None when out of scope) -> new delta
+# (any float dtype; it is written in the stored dtype)
 TensorFn = Callable[[str, torch.Tensor, "int | None"], torch.Tensor]
 
 
@@ -40,11 +41,15 @@ def transform_delta(reader: CheckpointReader, out: Path, fn: TensorFn, *, scope:
     upstream = read_manifest(reader.folder)
     names = reader.names()
     plan = [(n, reader.dtype(n), reader.shape(n)) for n in names]
-    with atomic_dir(out, overwrite) as tmp, Progress(desc, reader.total_bytes(), len(names), progress) as bar:
+    def transform(name: str) -> torch.Tensor:
+        return fn(name, reader.get(name).to(device), layer_of(scope, name)).cpu()
+
+    with atomic_dir(out, overwrite) as tmp, Progress(desc, reader.total_bytes(), len(names), progress) as bar, \
+            chunk_workers() as (pool, workers):
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
-        for name in names:
-            delta = reader.get(name).to(device, torch.float32)
-            writer.write(name, fn(name, delta, layer_of(scope, name)))
+        # one tensor per worker in flight: memory stays at a few copies of the largest tensor
+        for name, result in zip(names, ordered_map(pool, workers, transform, names, window=workers)):
+            writer.write(name, result)
             bar.advance(reader.info(name).nbytes)
             bar.tensor_done()
         content_hash = writer.close()
