@@ -25,5 +25,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The demo pipeline on params.yaml: builds the demo zoo if missing, runs every stale stage of dvc.yaml through
+# Prefect, prints the results table. The stages call `dppa`, so the virtualenv's bin folder goes first on PATH.
+demo: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dppa run
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -32,8 +32,18 @@ def prefect_api():
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
+        _drain_to_api()
         os.environ.pop(API_URL_ENV, None)
         server.stop()
+
+
+def _drain_to_api() -> None:
+    """Send queued logs and events before the server goes away (else: "Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
 
 
 def set_gpu_limit(limit: int) -> None:

@@ -19,6 +19,13 @@ from tasks import deltas, evaluation, models
 SEARCH_TRACE = "search_trace.csv"
 
 
+def clear_leftovers(*outs: Path) -> None:
+    """Remove what a killed earlier run of this stage left beside its outputs (temporary folders)."""
+    for out in outs:
+        for leftover in out.parent.glob(f".{out.name}.tmp-*") if out.parent.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _device(params: Params) -> str:
     return params.runtime.device
 
@@ -31,6 +38,7 @@ def _dp_options(params: Params, name: str) -> dict:
 @flow(name="stage-zoo")
 def zoo_flow(params: Params, root: Path) -> Path:
     layout = Layout(root)
+    clear_leftovers(layout.zoo)
     return models.build_zoo(layout.zoo, params.zoo.size, params.zoo.regime, params.zoo.seed)
 
 
@@ -40,6 +48,7 @@ def fetch_flow(params: Params, root: Path, model: str) -> Path:
     entry = params.all_models()[model]
     source = entry.resolve(root)
     out = layout.fetched(model)
+    clear_leftovers(out)
     if source.kind == "hub":
         return models.fetch_hub(source.ref, entry.revision, out)
     # Paths in records are relative to the project so that data/ stays valid when the project moves.
@@ -54,6 +63,7 @@ def _model(layout: Layout, name: str) -> Path:
 @flow(name="stage-extract")
 def extract_flow(params: Params, root: Path, model: str) -> Path:
     layout = Layout(root)
+    clear_leftovers(layout.delta(model))
     return deltas.extract(_model(layout, BASE_NAME), _model(layout, model), layout.delta(model),
                           params.extract.dtype, _device(params))
 
@@ -62,6 +72,7 @@ def extract_flow(params: Params, root: Path, model: str) -> Path:
 def prune_flow(params: Params, root: Path, model: str) -> Path:
     layout = Layout(root)
     options = params.prune_for(model).model_dump()
+    clear_leftovers(layout.pruned(model))
     return deltas.prune(layout.delta(model), layout.pruned(model), options, _device(params))
 
 
@@ -81,6 +92,7 @@ def _write_trace(layout: Layout, model: str, trace: Path | None) -> None:
 def amplify_flow(params: Params, root: Path, model: str) -> Path:
     layout = Layout(root)
     out = layout.amplified(model)
+    clear_leftovers(out)
     if params.merge.inputs != "amplified":
         # The merge does not use amplified deltas: record that instead of spending a search on them.
         from dppa.io.atomic import atomic_dir
@@ -114,6 +126,7 @@ def merge_flow(params: Params, root: Path) -> Path:
     names = list(params.models.finetunes)
     inputs = [MERGE_INPUTS[params.merge.inputs](layout, n) for n in names]
     weights = [params.merge.weights[n] for n in names] if params.merge.weights else None
+    clear_leftovers(layout.merged)
     return deltas.merge(_model(layout, BASE_NAME), inputs, layout.merged, method=params.merge.method,
                         weights=weights, scale=params.merge.scale, density=params.merge.density,
                         device=_device(params))
@@ -146,6 +159,7 @@ def evaluate_flow(params: Params, root: Path) -> Path:
 @flow(name="stage-report")
 def report_flow(params: Params, root: Path) -> Path:
     layout = Layout(root)
+    clear_leftovers(layout.report)
     return evaluation.report(layout.scores, layout.search_trace("x").parent, layout.report, layout.summary)
 
 

@@ -4,6 +4,7 @@ dvc.lock. DVC releases its repository lock while a stage's command runs, so seve
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,15 @@ from dppa.errors import DppaError
 
 
 def dvc_command() -> list[str]:
-    # The dvc next to this interpreter: a Dask worker's PATH may not have the virtual environment's bin folder.
     return [sys.executable, "-m", "dvc"]
+
+
+def stage_environment() -> dict[str, str]:
+    """The environment with this interpreter's bin folder first on PATH, so that the stage commands (`dppa stage`)
+    resolve to this installation even on a Dask worker or under `make`, whose PATH may lack the virtualenv."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 @task(task_run_name="{stage}")
@@ -23,7 +31,7 @@ def repro_stage(root: Path, stage: str) -> str:
     """Returns "ran" or "up to date"."""
     logger = get_run_logger()
     done = subprocess.run([*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage], cwd=root,
-                          capture_output=True, text=True)
+                          env=stage_environment(), capture_output=True, text=True)
     output = done.stdout + done.stderr
     if done.returncode != 0:
         logger.error(output)

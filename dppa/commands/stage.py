@@ -46,16 +46,15 @@ def run(args: argparse.Namespace) -> int:
         params.finetune(args.model)  # names the valid fine-tunes when it is not one
     root = params_path.resolve().parent
 
-    from flows.runtime import prefect_api, set_gpu_limit
+    from flows.runtime import set_gpu_limit
     from flows.stages import STAGES
 
-    standalone = not os.environ.get("PREFECT_API_URL")
-    with prefect_api():
-        if standalone:
-            set_gpu_limit(params.runtime.gpu_concurrency)
-        stage = STAGES[args.name]
-        kwargs = {"model": args.model} if args.name in PER_MODEL else {}
-        stage(params, root, **kwargs)
+    if not os.environ.get("PREFECT_API_URL"):
+        # Run alone (e.g. by `dvc repro`): Prefect starts its embedded server for this process; under `dppa run`
+        # the pipeline's API (and its GPU limit) is inherited through PREFECT_API_URL.
+        set_gpu_limit(params.runtime.gpu_concurrency)
+    kwargs = {"model": args.model} if args.name in PER_MODEL else {}
+    STAGES[args.name](params, root, **kwargs)
     return 0
 
 

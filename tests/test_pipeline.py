@@ -1,0 +1,187 @@
+"""The orchestrated pipeline on the tiny zoo, with real DVC, real Prefect (embedded API) and a real Dask cluster.
+
+A project is a temporary folder with this repository's dvc.yaml, a small params.yaml (two fine-tunes of the tiny
+zoo given as local folders, fixed factors, a few evaluation examples), a git repository and `dvc init`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.dvc import stage_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNES = ("arith", "facts")
+ALL_STAGES = {"zoo", "fetch_base", *(f"{s}@{ft}" for s in ("fetch", "extract", "prune", "amplify") for ft in FINETUNES),
+              "merge", "evaluate", "report"}
+
+pytestmark = pytest.mark.slow
+
+
+def small_params(zoo: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"] = {
+        "base": {"source": str(zoo / "base")},
+        "finetunes": {ft: {"source": str(zoo / ft), "tasks": [f"zoo_{ft}"]} for ft in FINETUNES},
+    }
+    params["zoo"]["size"] = "none"  # the models come from the session's tiny zoo, as local folders
+    params["amplify"] = {"bands": [0.5, 1.0], "factors": [1.8, 1.0]}
+    params["evaluate"].update(limit=4, batch_size=8)
+    params["runtime"].update(device="cpu", concurrency=2, gpu_concurrency=2)
+    return params
+
+
+def make_project(folder: Path, zoo: Path) -> Path:
+    folder.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", folder / ".dvcignore")
+    (folder / "params.yaml").write_text(yaml.safe_dump(small_params(zoo), sort_keys=False))
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=folder, check=True)
+    return folder
+
+
+def edit_params(project: Path, change) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    change(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=stage_environment(),
+                          capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def out_hashes(project: Path) -> dict[str, str]:
+    """{output path: md5} of every stage output recorded in dvc.lock."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One embedded Prefect API for the module, shared by every stage process through PREFECT_API_URL (as
+    `dppa run` does), so that each stage does not start its own server."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)
+    import flows  # noqa: F401  (its environment defaults)
+    from flows.runtime import prefect_api as api
+
+    with api() as url:
+        yield url
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def built_project(tmp_path_factory, tiny_zoo, prefect_api):
+    """A project after one full `dvc repro` (shared by the tests that only read or rerun it)."""
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_zoo)
+    done = dvc(project, "repro")
+    assert stages_run(done.stdout) == ALL_STAGES
+    return project
+
+
+def test_repro_runs_every_stage_once_then_nothing(built_project):
+    scores = json.loads((built_project / "data/metrics/scores.json").read_text())
+    assert set(scores["models"]) == {"base", *FINETUNES, "merged (amplified, ties)"}
+    assert (built_project / "data/report/scores.md").read_text().count("|") > 10
+    assert (built_project / "data/report/scores.png").stat().st_size > 1000
+    again = dvc(built_project, "repro")
+    assert stages_run(again.stdout) == set()
+    assert "Data and pipelines are up to date" in dvc(built_project, "status").stdout
+
+
+def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project):
+    before = out_hashes(built_project)
+    edit_params(built_project, lambda p: p["merge"].update(scale=0.8))
+    done = dvc(built_project, "repro")
+    assert stages_run(done.stdout) == {"merge", "evaluate", "report"}
+    after = out_hashes(built_project)
+    assert after["data/merged/model"] != before["data/merged/model"]
+    assert {k: v for k, v in after.items() if "merged" not in k and "report" not in k} == \
+           {k: v for k, v in before.items() if "merged" not in k and "report" not in k}
+
+
+def test_changing_one_finetunes_density_reruns_only_its_branch(built_project):
+    edit_params(built_project, lambda p: p["models"]["finetunes"]["facts"].update(prune={"density": 0.3}))
+    done = dvc(built_project, "repro")
+    # fetch@facts reruns (its entry changed) but writes the same record, so extract@facts stays up to date.
+    assert stages_run(done.stdout) == {"fetch@facts", "prune@facts", "amplify@facts", "merge", "evaluate", "report"}
+    manifest = json.loads((built_project / "data/pruned/facts/dppa_manifest.json").read_text())
+    assert manifest["density"] == 0.3
+    assert stages_run(dvc(built_project, "repro").stdout) == set()
+
+
+def test_killed_stage_leaves_nothing_taken_as_done(tmp_path, tiny_zoo, prefect_api):
+    project = make_project(tmp_path / "project", tiny_zoo)
+    log = tmp_path / "repro.log"
+    with log.open("w") as sink:
+        repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_environment(), stdout=sink,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    merged = project / "data/merged/model"
+    writing = []
+    deadline = time.monotonic() + 600
+    while repro.poll() is None and time.monotonic() < deadline and not writing:
+        # The merge writes into a temporary sibling folder, renamed into place when complete: kill it there.
+        writing = list(merged.parent.glob(".model.tmp-*")) if merged.parent.is_dir() else []
+        time.sleep(0.002)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+    assert writing, f"the merge was not caught writing:\n{log.read_text()[-3000:]}"
+    assert not merged.exists(), "a half-written merge is at the final path"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert "extract@arith" in lock and "merge" not in lock and "evaluate" not in lock
+
+    rerun = dvc(project, "repro")
+    assert stages_run(rerun.stdout) == {"merge", "evaluate", "report"}  # finished stages are not redone
+    assert (merged / "dppa_manifest.json").exists()
+    assert not list(merged.parent.glob(".model.tmp-*")), "the killed run's temporary folder survived the rerun"
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+
+
+def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_zoo, prefect_api, capsys):
+    from dppa.commands.run import run_pipeline
+
+    project = make_project(tmp_path / "project", tiny_zoo)
+    timings = {}
+    hashes = {}
+    for runner in ("threads", "local-cluster:2"):
+        edit_params(project, lambda p: p["runtime"].update(task_runner=runner))
+        for produced in ("dvc.lock", "data"):  # start from nothing: every stage runs
+            target = project / produced
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        started = time.perf_counter()
+        outcome = run_pipeline(project)
+        timings[runner] = time.perf_counter() - started
+        assert set(outcome) == ALL_STAGES and set(outcome.values()) == {"ran"}
+        hashes[runner] = out_hashes(project)
+    with capsys.disabled():
+        print(f"\npipeline wall time, 2 fine-tunes: threads {timings['threads']:.1f} s, "
+              f"Dask LocalCluster(2 processes) {timings['local-cluster:2']:.1f} s")
+    assert hashes["threads"] == hashes["local-cluster:2"]
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
