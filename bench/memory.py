@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from runner import BENCH, DPPA, ensure_checkpoint, measure
+from runner import BENCH, DPPA, REPO, bench_env, ensure_checkpoint, measure, snapshot, source_label
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, help="folder with base/, ft1/, ft2/ instead of a generated one")
     p.add_argument("--density", type=float, default=0.2)
+    p.add_argument("--threads", type=int, help="OMP/MKL threads (default: torch's own, all cores)")
+    p.add_argument("--at", metavar="COMMIT", help="run dppa as of this commit (default: the working tree)")
     p.add_argument("--work", type=Path, default=BENCH / "out")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the deltas and outputs")
@@ -67,22 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work / f"mem-{ckpt.name}").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    src = snapshot(args.at, args.work) if args.at else REPO
+    env = bench_env(args.threads, src)
     name, numel = largest_tensor_numel(ckpt / "base")
     budget_mib = (GIB + 4 * 4 * numel) / MIB
     model_bytes = sum(f.stat().st_size for f in (ckpt / "base").glob("*.safetensors"))
     print(f"checkpoint {ckpt}: {model_bytes / 1e9:.2f} GB per model; largest tensor {name} ({numel} elements, "
-          f"{4 * numel / MIB:.0f} MiB in float32); budget 1 GiB + 4 x that = {budget_mib:.0f} MiB")
+          f"{4 * numel / MIB:.0f} MiB in float32); budget 1 GiB + 4 x that = {budget_mib:.0f} MiB; "
+          f"dppa at {source_label(src)}, threads {args.threads or 'default'}")
     print(f"{'step':12} {'wall s':>8} {'cpu s':>8} {'peak RSS MiB':>13} {'budget MiB':>11} {'load':>5}  verdict")
     figures = {}
     for label, cmd in steps(ckpt, work, args.density):
-        run = measure(cmd, work / f"{label.replace(' ', '-')}.log")
+        run = measure(cmd, work / f"{label.replace(' ', '-')}.log", env)
         ok = run.peak_rss_mib <= budget_mib
         figures[label] = dict(vars(run), budget_mib=budget_mib, within=ok, command=" ".join(cmd))
         print(f"{label:12} {run.wall_s:8.1f} {run.cpu_s:8.1f} {run.peak_rss_mib:13.0f} {budget_mib:11.0f} "
               f"{run.load_avg:5.1f}  "
               f"{'within' if ok else 'OVER'}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(ckpt), "largest_tensor": name, "numel": numel,
+        args.json.write_text(json.dumps({"checkpoint": str(ckpt), "dppa_at": source_label(src), "largest_tensor": name,
+                                         "numel": numel, "threads": args.threads,
                                          "steps": figures}, indent=2))
     if not args.keep:
         shutil.rmtree(work)

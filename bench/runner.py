@@ -13,7 +13,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-DPPA = [sys.executable, "-m", "dppa"]  # the repository's package, whether or not it is pip-installed
+# -P: do not put the working directory first on sys.path, so PYTHONPATH (see bench_env) decides which dppa runs
+DPPA = [sys.executable, "-P", "-m", "dppa"]
 
 
 @dataclass
@@ -24,9 +25,41 @@ class Run:
     load_avg: float = 0.0  # 1-minute load average when the run ended: above the core count, times are inflated
 
 
-def bench_env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def snapshot(commit: str, work: Path) -> Path:
+    """The repository's files at `commit`, unpacked under `work`, so figures belong to one known version of the
+    engine even while the working tree changes."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", commit], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    dest = work / f"src-{sha}"
+    if not (dest / "dppa").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "dppa"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest.resolve()
+
+
+def source_label(src: Path) -> str:
+    """Which engine a figure belongs to: a snapshot's commit, or the working tree's HEAD plus local edits."""
+    if src != REPO:
+        return src.name.removeprefix("src-")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "dppa"], capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+uncommitted dppa/ edits" if dirty else "")
+
+
+def bench_env(threads: int | None = None, src: Path = REPO) -> dict[str, str]:
+    """Environment of every measured command; `threads` caps torch's intra-op (OpenMP) threads for all tools alike.
+
+    Why the cap exists: when other work shares the cores, OpenMP threads spin-wait on each other and a 2-thread
+    run can be ten times slower than a 1-thread one, so comparisons on a busy machine are fairer at 1 thread.
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
 
 
 def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:

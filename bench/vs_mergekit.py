@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from runner import BENCH, DPPA, Run, bench_env, combine, ensure_checkpoint, measure, median_run
+from runner import (BENCH, DPPA, REPO, Run, bench_env, combine, ensure_checkpoint, measure, median_run,
+                    snapshot, source_label)
 
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"
@@ -121,6 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, help="OMP/MKL threads for both tools (default: their own, all cores)")
+    p.add_argument("--at", metavar="COMMIT", help="run dppa as of this commit (default: the working tree)")
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--mergekit-dtype", help="mergekit's computation dtype (default: the checkpoint's)")
     p.add_argument("--no-e2e", action="store_true", help="skip the extract+merge end-to-end timing")
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = (args.work / f"vs-{ckpt.name}").resolve()
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    env = bench_env()
+    src = snapshot(args.at, args.work) if args.at else REPO
+    env = bench_env(args.threads, src)
     dppa = DPPA
     mk_dtype = args.mergekit_dtype or DTYPE_NAMES[args.dtype]
     config = run_dir / "mergekit.yml"
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {k: median_run(v) for k, v in results.items() if v}
     mk = summary["mergekit"]
-    print(f"\ncheckpoint {ckpt} ({args.dtype}), {args.runs} runs, TIES density {args.density}, mergekit dtype {mk_dtype}")
+    print(f"\ncheckpoint {ckpt} ({args.dtype}), {args.runs} runs, TIES density {args.density}, "
+          f"mergekit dtype {mk_dtype}, threads {args.threads or 'default'}, dppa at {source_label(src)}")
     print(f"{'':12} {'median wall s':>14} {'median cpu s':>13} {'peak RSS MiB':>12} {'wall x':>8} {'cpu x':>7} "
           f"{'RSS x':>7} {'load':>5}")
     for name, r in summary.items():
@@ -198,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         report_agreement(agreement, args)
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(ckpt), "dtype": args.dtype, "runs": args.runs,
-                                         "mergekit_dtype": mk_dtype,
+                                         "mergekit_dtype": mk_dtype, "threads": args.threads,
+                                         "dppa_at": source_label(src),
                                          "median": {k: vars(v) for k, v in summary.items()},
                                          "all": {k: [vars(r) for r in v] for k, v in results.items()},
                                          "agreement": agreement}, indent=2))
