@@ -63,11 +63,15 @@ def local_fingerprint(folder: Path) -> list[dict]:
             for p in sorted(folder.iterdir()) if p.is_file()]
 
 
-def record_local(kind: str, source: str, folder: Path, out: Path) -> dict:
-    """For zoo and local models nothing is copied: the record names the folder the later stages read."""
+def record_local(kind: str, source: str, folder: Path, out: Path, root: Path | None = None) -> dict:
+    """For zoo and local models nothing is copied: the record names the folder the later stages read, relative to
+    the project `root` when inside it (so that data/ stays valid when the project moves)."""
     if not (folder / "config.json").exists():
         raise DppaError(f"{folder}: not a model folder (no config.json); check the source {source!r} in params.yaml")
-    record = {"kind": kind, "source": source, "path": str(folder)}
+    path = Path(os.path.abspath(folder))
+    if root is not None and path.is_relative_to(Path(os.path.abspath(root))):
+        path = path.relative_to(Path(os.path.abspath(root)))
+    record = {"kind": kind, "source": source, "path": str(path)}
     if kind == "local":
         record["files"] = local_fingerprint(folder)
     with atomic_dir(out, overwrite=True) as tmp:

@@ -23,10 +23,12 @@ def prefect_api():
         yield os.environ[API_URL_ENV]
         return
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     server = SubprocessASGIServer()
-    server.start()
+    # Prefect's settings may have been read before flows/__init__ set the longer start-up time: set it here too.
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
+        server.start()
     os.environ[API_URL_ENV] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):

@@ -51,9 +51,8 @@ def fetch_flow(params: Params, root: Path, model: str) -> Path:
     clear_leftovers(out)
     if source.kind == "hub":
         return models.fetch_hub(source.ref, entry.revision, out)
-    # Paths in records are relative to the project so that data/ stays valid when the project moves.
-    folder = layout.zoo.relative_to(root) / source.ref if source.kind == "zoo" else Path(source.ref)
-    return models.record_model(source.kind, entry.source, folder, out)
+    folder = layout.zoo / source.ref if source.kind == "zoo" else Path(source.ref)
+    return models.record_model(source.kind, entry.source, folder, out, root)
 
 
 def _model(layout: Layout, name: str) -> Path:

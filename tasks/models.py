@@ -32,8 +32,8 @@ def fetch_hub(repo_id: str, revision: str, out: Path) -> Path:
 
 
 @task
-def record_model(kind: str, source: str, folder: Path, out: Path) -> Path:
+def record_model(kind: str, source: str, folder: Path, out: Path, root: Path) -> Path:
     from dppa.hub import record_local
 
-    record_local(kind, source, folder, out)
+    record_local(kind, source, folder, out, root)
     return out
