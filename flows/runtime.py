@@ -48,6 +48,48 @@ def _drain_to_api() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
+@contextlib.contextmanager
+def prefect_server(timeout_s: float = 180):
+    """A full local Prefect server (scheduler included: the embedded one does not create scheduled runs) for the
+    duration of the block, unless PREFECT_API_URL names one already. Its UI is at the printed address."""
+    if os.environ.get(API_URL_ENV):
+        yield os.environ[API_URL_ENV]
+        return
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server did not start on port {port}")
+            time.sleep(1)
+        os.environ[API_URL_ENV] = url
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop(API_URL_ENV, None)
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def set_gpu_limit(limit: int) -> None:
     """(Re)create the tag concurrency limit on GPU-tagged tasks. Recreating it at the start of a run also drops
     slots that a killed run may still hold."""

@@ -10,8 +10,9 @@ ORDER = 6
 DESCRIPTION = """\
 Serve the pipeline as a Prefect deployment that runs on a cron schedule, for as long as this command runs
 (stop it with Ctrl-C). Each scheduled run is what `dppa run` does: stale stages only, then the report.
-Runs are recorded by the Prefect API named in PREFECT_API_URL (e.g. a `prefect server start`, to see the
-schedule and history in its UI), else by a temporary local one that lives as long as this process.
+Runs are recorded by the Prefect server named in PREFECT_API_URL, else by a local Prefect server started for
+as long as this command runs (its UI address is printed; the embedded API that `dppa run` uses has no
+scheduler, so `serve` starts a full one).
 
 examples:
   dppa serve --cron "0 2 * * *"                 # every night at 02:00 (server time)
@@ -27,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     check_project(root)
     load_params(root / "params.yaml")  # fail now, not at 2 a.m.
     from flows.pipeline import scheduled_pipeline
-    from flows.runtime import prefect_api
+    from flows.runtime import prefect_server
 
-    with prefect_api():
+    with prefect_server():
         scheduled_pipeline.serve(name=args.name, cron=args.cron, parameters={"root": str(root)})
     return 0
 
