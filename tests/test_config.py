@@ -1,5 +1,6 @@
 """params.yaml checking: every mistake is reported before any work, naming the key path."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,17 @@ def test_layout_matches_dvc_yaml():
                  layout.amplified("${key}"), layout.search_trace("${key}"), layout.merged, layout.scores,
                  layout.summary, layout.report):
         assert f"- {path.as_posix()}" in dvc, path
+
+
+@pytest.mark.parametrize("command", [["run"], ["stage", "prune", "--model", "arith"]])
+def test_commands_refuse_bad_params_before_any_work(tmp_path, params, capsys, command):
+    from dppa.cli import main
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / ".dvc").mkdir()
+    params["prune"]["density"] = 1.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    location = ["-C", str(tmp_path)] if command == ["run"] else ["--params", str(tmp_path / "params.yaml")]
+    assert main([*command, *location]) == 2
+    assert "params.yaml: prune.density: must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
