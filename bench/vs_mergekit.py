@@ -111,7 +111,7 @@ def compare(ours: Path, theirs: Path, rtol: float) -> dict:
         if bad / a.numel() > worst["share"]:
             worst = {"name": name, "share": bad / a.numel()}
     return {"elements": total, "differing": differing, "share_differing": differing / total,
-            "share_bit_identical": exact / total, "max_abs_diff": max_abs, "worst_tensor": worst}
+            "not_bit_identical": total - exact, "max_abs_diff": max_abs, "worst_tensor": worst}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_agreement(agreement: dict, args: argparse.Namespace) -> None:
     print(f"agreement: {agreement['share_differing']:.4%} of {agreement['elements']} elements differ by more than "
-          f"{args.rtol:g} relative ({agreement['differing']}); {agreement['share_bit_identical']:.4%} bit-identical; "
+          f"{args.rtol:g} relative ({agreement['differing']}); {agreement['not_bit_identical']} not bit-identical; "
           f"max |diff| {agreement['max_abs_diff']:.3g}; worst tensor {agreement['worst_tensor']['name']} "
           f"({agreement['worst_tensor']['share']:.4%})")
     if args.dtype == "fp32":
