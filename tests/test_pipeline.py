@@ -71,6 +71,13 @@ def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def assert_reran(output: str, expected: set[str]) -> None:
+    """Exactly `expected` ran, except that `report` may be skipped: DVC reruns it only when the scores or traces
+    it reads changed, and the tiny models' scores often do not move."""
+    ran = stages_run(output)
+    assert expected - {"report"} <= ran <= expected, f"ran {sorted(ran)}, expected {sorted(expected)}"
+
+
 def out_hashes(project: Path) -> dict[str, str]:
     """{output path: md5} of every stage output recorded in dvc.lock."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
@@ -120,7 +127,7 @@ def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project):
     before = out_hashes(built_project)
     edit_params(built_project, lambda p: p["merge"].update(scale=0.8))
     done = dvc(built_project, "repro")
-    assert stages_run(done.stdout) == {"merge", "evaluate", "report"}
+    assert_reran(done.stdout, {"merge", "evaluate", "report"})
     after = out_hashes(built_project)
     assert after["data/merged/model"] != before["data/merged/model"]
     upstream = ("data/models/", "data/deltas/", "data/pruned/", "data/amplified/", "data/plots/")
@@ -132,7 +139,7 @@ def test_changing_one_finetunes_density_reruns_only_its_branch(built_project):
     edit_params(built_project, lambda p: p["models"]["finetunes"]["facts"].update(prune={"density": 0.3}))
     done = dvc(built_project, "repro")
     # fetch@facts reruns (its entry changed) but writes the same record, so extract@facts stays up to date.
-    assert stages_run(done.stdout) == {"fetch@facts", "prune@facts", "amplify@facts", "merge", "evaluate", "report"}
+    assert_reran(done.stdout, {"fetch@facts", "prune@facts", "amplify@facts", "merge", "evaluate", "report"})
     manifest = json.loads((built_project / "data/pruned/facts/dppa_manifest.json").read_text())
     assert manifest["density"] == 0.3
     assert stages_run(dvc(built_project, "repro").stdout) == set()
@@ -162,7 +169,7 @@ def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path):
     assert "merge" in dvc(project, "status").stdout
 
     rerun = dvc(project, "repro")
-    assert stages_run(rerun.stdout) == {"merge", "evaluate", "report"}  # finished stages are not redone
+    assert_reran(rerun.stdout, {"merge", "evaluate", "report"})  # finished stages are not redone
     assert (merged / "dppa_manifest.json").exists()
     assert not list(merged.parent.glob(".model.tmp-*")), "the killed run's temporary folder survived the rerun"
     assert "Data and pipelines are up to date" in dvc(project, "status").stdout
