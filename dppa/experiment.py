@@ -71,6 +71,8 @@ class Search(Strict):
     strategy: Literal["coordinate", "reference", "pattern"] = "coordinate"
     limit: int | None = Field(100, gt=0)
     budget: int | None = Field(None, gt=0)
+    # more strategies, each run per fine-tune with the budget the main strategy used there (an extra table column)
+    compare: list[Literal["coordinate", "pattern"]] = []
 
 
 class Dppa(Strict):
@@ -286,11 +288,17 @@ class RegimeRun:
             lambda out: prune_delta(delta, out, method=method, density=density, seed=seed, overwrite=True,
                                     progress=False))
 
-    def amplified(self, domain: str) -> Path:
+    def amplified(self, domain: str, compare: str | None = None) -> Path:
+        """DPPA with the main search strategy, or with strategy ``compare`` at the budget the main one used."""
         delta = self.delta(domain)
         search = self.config.dppa.search
-        settings = SearchSettings((task_of(domain),), search.strategy, tuple(self.config.dppa.densities),
-                                  "validation", search.limit, search.budget)
+        if compare is None:
+            method, strategy, budget, name = "dppa", search.strategy, search.budget, domain
+        else:
+            main = self.searches.get(f"dppa/{domain}") or read_manifest(self.amplified(domain))["search"]
+            method, strategy, budget, name = f"dppa:{compare}", compare, main["n_candidates"], f"{domain}_{compare}"
+        settings = SearchSettings((task_of(domain),), strategy, tuple(self.config.dppa.densities), "validation",
+                                  search.limit, budget)
         ft = self.zoo / domain
         fingerprint = settings.fingerprint(self.hashes[delta], self.base_hash, self.hashes[ft])
 
@@ -298,20 +306,23 @@ class RegimeRun:
             search_amplification(self.base, delta, out, tasks=settings.tasks, reference=ft,
                                  strategy=settings.strategy, densities=settings.densities, limit=settings.limit,
                                  budget=settings.budget, cache=self.cache_path, device=str(self.device),
-                                 trace=self.work / "plots" / f"search_{domain}.csv", overwrite=True, progress=False,
+                                 trace=self.work / "plots" / f"search_{name}.csv", overwrite=True, progress=False,
                                  log=lambda m: self.log(f"    {m}"))
 
-        folder = self._ensure(self.work / "amplified" / domain, {"kind": "amplified", "search.fingerprint": fingerprint},
+        folder = self._ensure(self.work / "amplified" / name, {"kind": "amplified", "search.fingerprint": fingerprint},
                               build)
-        self.searches[domain] = read_manifest(folder)["search"]
+        self.searches[f"{method}/{domain}"] = read_manifest(folder)["search"]
         return folder
+
+    def dppa_methods(self) -> list[str]:
+        return ["dppa"] + [f"dppa:{s}" for s in self.config.dppa.search.compare]
 
     def merge_inputs(self, kind: str) -> list[Path]:
         density = self.config.merge.density
         if kind == "dense":
             return [self.delta(d) for d in self.config.domains]
         if kind == "dppa":
-            return [self.amplified(d) for d in self.config.domains]
+            return [self.amplified(d) for d in self.config.domains]  # the main search strategy's
         return [self.pruned(d, kind, density) for d in self.config.domains]
 
     def merged(self, combo: str) -> Path:
@@ -334,7 +345,9 @@ class RegimeRun:
         domains, prune = self.config.domains, self.config.prune
         self.log(f"[{self.name}] artifacts")
         pruned = {(d, m, x): self.pruned(d, m, x) for d in domains for m in prune.methods for x in prune.densities}
-        amplified = {d: self.amplified(d) for d in domains}
+        amplified = {(d, "dppa"): self.amplified(d) for d in domains}
+        compare = self.config.dppa.search.compare
+        amplified.update({(d, f"dppa:{s}"): self.amplified(d, s) for d in domains for s in compare})
         merged = {c: self.merged(c) for c in self.config.merge.combos}
         self.log(f"[{self.name}] test scores (limit {self.config.evaluate.limit})")
         scorer = Scorer(VariantModel(self.base, self.device), EvalCache(self.cache_path), self.base_hash,
@@ -354,10 +367,11 @@ class RegimeRun:
                     folder = pruned[(d, m, x)]
                     score = scorer.score(folder, self.hashes[folder], own, is_delta=True)[task_of(d)]
                     rows.append(self._row(d, m, x, score, dense[d]))
-            folder = amplified[d]
-            score = scorer.score(folder, self.hashes[folder], own, is_delta=True)[task_of(d)]
-            rows.append(self._row(d, "dppa", max(self.config.dppa.densities), score, dense[d],
-                                  factors=self.searches[d]["best_factors"]))
+            for method in self.dppa_methods():
+                folder = amplified[(d, method)]
+                score = scorer.score(folder, self.hashes[folder], own, is_delta=True)[task_of(d)]
+                rows.append(self._row(d, method, max(self.config.dppa.densities), score, dense[d],
+                                      factors=self.searches[f"{method}/{d}"]["best_factors"]))
         merge_rows = [self._merge_row(d, "base", base_scores[task_of(d)], dense[d]) for d in domains]
         for combo, folder in merged.items():
             scores = scorer.score(folder, self.hashes[folder], all_tasks, is_delta=False)
@@ -392,12 +406,19 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def method_label(method: str) -> str:
+    """"dp" -> "DP"; "dppa:pattern" -> "DPPA (pattern)"."""
+    name, _, strategy = method.partition(":")
+    return METHOD_LABEL[name] + (f" ({strategy})" if strategy else "")
+
+
 def finetune_table(rows: list[dict], config: ExperimentConfig) -> str:
     """Normalised test score (accuracy / the dense fine-tune's) of each pruning of each fine-tune, and the mean."""
+    dppa = ["dppa"] + [f"dppa:{s}" for s in config.dppa.search.compare]
     columns = [(m, x) for m in config.prune.methods for x in config.prune.densities]
-    columns.append(("dppa", max(config.dppa.densities)))
-    header = ["fine-tune", "dense accuracy", "base"] + [f"{METHOD_LABEL[m]} {x:g}" for m, x in columns] + \
-             ["DPPA factors"]
+    columns += [(m, max(config.dppa.densities)) for m in dppa]
+    header = ["fine-tune", "dense accuracy", "base"] + [f"{method_label(m)} {x:g}" for m, x in columns] + \
+             [f"{method_label(m)} factors" for m in dppa]
     cell = {(r["finetune"], r["method"], r["density"]): r for r in rows}
     body, per_column = [], {c: [] for c in [("base", None)] + columns}
     for d in config.domains:
@@ -406,8 +427,8 @@ def finetune_table(rows: list[dict], config: ExperimentConfig) -> str:
             value = cell[(d, *c)]["normalised"]
             per_column[c].append(value)
             line.append(_fmt(value))
-        body.append(line + [cell[(d, "dppa", max(config.dppa.densities))]["factors"]])
-    body.append(["**mean**", ""] + [f"**{_fmt(_mean(v))}**" for v in per_column.values()] + [""])
+        body.append(line + [cell[(d, m, max(config.dppa.densities))]["factors"] for m in dppa])
+    body.append(["**mean**", ""] + [f"**{_fmt(_mean(v))}**" for v in per_column.values()] + [""] * len(dppa))
     return markdown_table(header, body)
 
 
@@ -436,7 +457,8 @@ def write_results(config: ExperimentConfig, results: dict[str, tuple[list[dict],
     sections = [f"# Experiment results\n\n{_settings_line(config, summary)}\n"]
     for name, (rows, merge_rows) in results.items():
         ft_md = finetune_table(rows, config)
-        merged_norm, merged_acc = merge_table(merge_rows, config, "normalised"), merge_table(merge_rows, config, "accuracy")
+        merged_norm = merge_table(merge_rows, config, "normalised")
+        merged_acc = merge_table(merge_rows, config, "accuracy")
         write_text_atomic(out / f"{name}_finetunes.md", ft_md)
         write_text_atomic(out / f"{name}_finetunes.csv", rows_to_csv(rows))
         write_text_atomic(out / f"{name}_merges.md", merged_norm + "\n" + merged_acc)
@@ -451,11 +473,13 @@ def write_results(config: ExperimentConfig, results: dict[str, tuple[list[dict],
 
 def _settings_line(config: ExperimentConfig, summary: dict) -> str:
     search = config.dppa.search
+    compared = "".join(f"; DPPA ({c}): factors searched with `{c}` at the same number of candidates"
+                       for c in search.compare)
     return (f"Test split, {config.evaluate.limit or 'all'} examples per task; exact match; normalised = accuracy / "
             f"the dense fine-tune's accuracy on its own task. DPPA bands {config.dppa.densities}, factors searched "
-            f"with `{search.strategy}` on the validation split ({search.limit or 'all'} examples per candidate). "
-            f"Merge scale {config.merge.scale}; DARE/DP merge inputs at density {config.merge.density:g}. "
-            f"Wall time {summary['wall_s']:.0f} s.")
+            f"with `{search.strategy}` on the validation split ({search.limit or 'all'} examples per candidate)"
+            f"{compared}. Merge scale {config.merge.scale}; DARE/DP merge inputs at density "
+            f"{config.merge.density:g}. Wall time {summary['wall_s']:.0f} s.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

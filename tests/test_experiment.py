@@ -17,7 +17,7 @@ def _config(tiny_zoo, tmp_path, **changes):
         "regimes": {"heavy": {"zoo": tiny_zoo, "size": "tiny"}},
         "evaluate": {"limit": 4, "batch_size": 8},
         "prune": {"methods": ["dare", "dp"], "densities": [0.2]},
-        "dppa": {"search": {"limit": 4, "budget": 2}},
+        "dppa": {"search": {"limit": 4, "budget": 2, "compare": ["pattern"]}},
         "merge": {"combos": ["dense+ties", "dppa+ties"]},
     }
     data.update(changes)
@@ -31,15 +31,19 @@ def test_tables_then_a_rerun_reuses_everything(tiny_zoo, tmp_path):
     text = results.read_text()
     assert "DPPA + TIES" in text and "DP 0.2" in text and "Wall time" in text
     rows = list(csv.DictReader((tmp_path / "results" / "heavy_finetunes.csv").open()))
-    # per fine-tune: base, dense, 2 methods x 1 density, DPPA
-    assert [(r["finetune"], r["method"]) for r in rows][:5] == [
-        ("facts", "base"), ("facts", "dense"), ("facts", "dare"), ("facts", "dp"), ("facts", "dppa")]
-    assert len(rows) == 10 and all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    # per fine-tune: base, dense, 2 methods x 1 density, DPPA with the reference search and with pattern search
+    assert [(r["finetune"], r["method"]) for r in rows][:6] == [("facts", "base"), ("facts", "dense"),
+                                                              ("facts", "dare"), ("facts", "dp"), ("facts", "dppa"),
+                                                              ("facts", "dppa:pattern")]
+    assert len(rows) == 12 and all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert "DPPA (pattern) 0.2" in text
     merges = list(csv.DictReader((tmp_path / "results" / "heavy_merges.csv").open()))
     assert {(r["merge"], r["domain"]) for r in merges} == {
         (m, d) for m in ("base", "dense+ties", "dppa+ties") for d in ("facts", "strings")}
     first = json.loads((tmp_path / "results" / "summary.json").read_text())["regimes"]["heavy"]
-    assert first["test_evaluations"] == 1 + 2 + 2 * 3 + 2  # base, dense x2, (dare, dp, dppa) x2, merges x2
+    assert first["test_evaluations"] == 1 + 2 + 2 * 4 + 2  # base, dense x2, (dare, dp, 2 x dppa) x2, merges x2
+    searches = first["searches"]
+    assert searches["dppa:pattern/facts"]["n_candidates"] <= searches["dppa/facts"]["n_candidates"]
 
     built = []
     run_experiment(config, log=built.append)
