@@ -26,16 +26,23 @@ def stage_environment() -> dict[str, str]:
     return env
 
 
+def is_progress_bar(line: str) -> bool:
+    return "it/s]" in line or "B/s]" in line or "%|" in line
+
+
 @task(task_run_name="{stage}")
 def repro_stage(root: Path, stage: str) -> str:
-    """Returns "ran" or "up to date"."""
+    """Returns "ran" or "up to date". The stage's output is logged as it comes (progress bars left out)."""
     logger = get_run_logger()
-    done = subprocess.run([*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage], cwd=root,
-                          env=stage_environment(), capture_output=True, text=True)
-    output = done.stdout + done.stderr
-    if done.returncode != 0:
-        logger.error(output)
-        raise DppaError(f"stage {stage} failed (dvc repro exit {done.returncode}); see the log above")
-    ran = f"Running stage '{stage}'" in output
-    logger.info(output.strip()[-4000:] if ran else f"{stage}: up to date")
+    command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage]
+    ran = False
+    with subprocess.Popen(command, cwd=root, env=stage_environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            line = line.rstrip()
+            ran = ran or line.startswith(f"Running stage '{stage}'")
+            if line and not is_progress_bar(line):
+                logger.info(line)
+    if process.returncode != 0:
+        raise DppaError(f"stage {stage} failed (dvc repro exit {process.returncode}); see its log above")
     return "ran" if ran else "up to date"
