@@ -17,3 +17,13 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     base = make_base(root / "base")
     return base, make_finetune(base, root / "ft1", seed=1), make_finetune(base, root / "ft2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The demo zoo at --size tiny (base + one fine-tune per domain), built once per test session."""
+    from dppa.zoo.build import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    build_zoo(out, size="tiny", regime="heavy", seed=0, log=lambda _msg: None)
+    return out

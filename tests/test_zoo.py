@@ -1,0 +1,108 @@
+"""The demo zoo: its domains, tokenizer, determinism and the model folders it writes."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dppa.cli import main
+from dppa.errors import DppaError
+from dppa.zoo.build import build_zoo, read_manifest
+from dppa.zoo.domains import DOMAINS, FACT_TABLE, SPLITS, domain_splits
+from dppa.zoo.training import encode_examples, lr_at
+
+
+@pytest.mark.parametrize("domain", list(DOMAINS))
+def test_splits_are_disjoint_and_answers_right(domain):
+    splits = domain_splits(domain)
+    prompts = {s: {e.prompt for e in splits[s]} for s in SPLITS}
+    assert all(len(prompts[s]) == len(splits[s]) > 0 for s in SPLITS)
+    assert not (prompts["train"] & prompts["validation"] or prompts["train"] & prompts["test"])
+    assert not prompts["validation"] & prompts["test"]
+    for example in splits["test"][:50]:
+        assert example.completion.strip() == example.answer
+        if domain == "arith":
+            a, b = example.prompt.removesuffix("=").split("+")
+            assert int(example.answer) == int(a) + int(b)
+        elif domain == "strings":
+            letters = example.prompt.removeprefix("reverse ").removesuffix(" =").split()
+            assert example.answer.split() == letters[::-1]
+        else:
+            names = example.prompt.removeprefix("colour of ").removesuffix(" =").split()
+            assert example.answer.split() == [FACT_TABLE[n] for n in names]
+
+
+def test_splits_are_a_fixed_benchmark():
+    assert domain_splits("arith")["test"][:3] == domain_splits("arith")["test"][:3]
+    assert domain_splits("facts")["validation"][0] != domain_splits("facts")["test"][0]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 100, 1.0) for s in range(100)]
+    assert lrs[0] < lrs[4] == pytest.approx(1.0)
+    assert lrs[-1] < 0.2 and min(lrs) >= 0.1 - 1e-9
+
+
+def test_zoo_layout_and_models_load_offline(tiny_zoo):
+    manifest = read_manifest(tiny_zoo)
+    assert set(manifest["domains"]) == set(DOMAINS)
+    tok = AutoTokenizer.from_pretrained(tiny_zoo / "base")
+    base = AutoModelForCausalLM.from_pretrained(tiny_zoo / "base")
+    assert base.config.model_type == "llama"
+    for domain in DOMAINS:
+        folder = tiny_zoo / domain
+        assert (folder / "model.safetensors").is_file()
+        assert (folder / "tokenizer.json").read_bytes() == (tiny_zoo / "base" / "tokenizer.json").read_bytes()
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+        assert len(changed) == len(list(model.parameters()))  # full fine-tuning moved every tensor
+        assert manifest["domains"][domain]["relative_delta"] > 0
+    # Digits are single tokens and a prompt tokenizes as a prefix of its training text.
+    assert tok.tokenize("123+456=") == ["1", "2", "3", "+", "4", "5", "6", "="]
+    encoded = encode_examples(tok, domain_splits("facts")["train"][:5])
+    assert all(0 < prompt_len < len(ids) for ids, prompt_len in encoded)
+
+
+def _file_hashes(folder):
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_build_is_deterministic(tiny_zoo, tmp_path):
+    again = tmp_path / "again"
+    build_zoo(again, size="tiny", regime="heavy", seed=0, log=lambda _msg: None)
+    assert _file_hashes(again) == _file_hashes(tiny_zoo)
+
+
+@pytest.mark.slow
+def test_light_regime_drifts_less_than_heavy(tiny_zoo, tmp_path, capsys):
+    assert main(["zoo", str(tmp_path / "light"), "--size", "tiny", "--regime", "light"]) == 0
+    assert "mean|delta|/mean|base|" in capsys.readouterr().out
+    light, heavy = read_manifest(tmp_path / "light"), read_manifest(tiny_zoo)
+    for domain in DOMAINS:
+        assert heavy["domains"][domain]["relative_delta"] > 5 * light["domains"][domain]["relative_delta"]
+
+
+def test_existing_output_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    with pytest.raises(DppaError, match="--overwrite"):
+        build_zoo(out, size="tiny")
+    assert main(["zoo", str(out), "--size", "tiny"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user file"
+
+
+def test_unknown_size_is_a_user_error(tmp_path):
+    with pytest.raises(DppaError, match="size"):
+        build_zoo(tmp_path / "zoo", size="huge")
+
+
+def test_manifest_is_json_with_regime(tiny_zoo):
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    assert manifest["regime"]["name"] == "heavy" and manifest["size"] == "tiny"
