@@ -34,8 +34,8 @@ from dppa.io.manifest import read_manifest
 from dppa.io.reader import open_checkpoint
 from dppa.merge import merge_deltas
 from dppa.prune import prune_delta
-from dppa.search_runner import (SearchSettings, checkpoint_hash, load_model, primary_scores, rows_to_csv,
-                                search_amplification, task_data_versions, write_text_atomic)
+from dppa.search_runner import (SearchSettings, checkpoint_hash, load_model, primary_scores, recorded_hash,
+                                rows_to_csv, search_amplification, task_data_versions, write_text_atomic)
 
 PRUNE_METHODS = ("magnitude", "dare", "dp")
 MERGE_COMBOS = ("dense+task_arithmetic", "dense+ties", "dare+task_arithmetic", "dare+ties", "dp+ties",
@@ -300,7 +300,9 @@ class RegimeRun:
         settings = SearchSettings((task_of(domain),), strategy, tuple(self.config.dppa.densities), "validation",
                                   search.limit, budget)
         ft = self.zoo / domain
-        fingerprint = settings.fingerprint(self.hashes[delta], self.base_hash, self.hashes[ft])
+        # The fine-tune's hash as the search itself takes it (from the delta's manifest when it names this folder).
+        ft_hash = recorded_hash(ft, read_manifest(delta).get("finetuned"))
+        fingerprint = settings.fingerprint(self.hashes[delta], self.base_hash, ft_hash)
 
         def build(out: Path) -> None:
             search_amplification(self.base, delta, out, tasks=settings.tasks, reference=ft,
