@@ -17,10 +17,15 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
     import networkx as nx
     from dvc.repo import Repo
 
+    def address(stage) -> str:
+        # DVC's own `addressing` is relative to the working folder, which need not be the project.
+        dvcfile = Path(stage.dvcfile.path).resolve()
+        return stage.name if dvcfile == root / "dvc.yaml" else f"{dvcfile.relative_to(root)}:{stage.name}"
+
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = list(reversed(list(nx.topological_sort(graph))))
-        return {stage.addressing: [up.addressing for up in graph.successors(stage)] for stage in order}
+        return {address(stage): [address(up) for up in graph.successors(stage)] for stage in order}
 
 
 @flow(name="dppa-pipeline")
