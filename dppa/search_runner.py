@@ -88,7 +88,7 @@ def primary_scores(scores: Scores) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """What the search is asked for; everything here but ``budget`` and ``batch_size`` can change a score or a path."""
+    """What the search is asked for; everything here but ``batch_size`` can change its result."""
 
     tasks: tuple[str, ...]
     strategy: str = "coordinate"
