@@ -24,6 +24,11 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        # The pipeline is the project's dvc.yaml (and whatever it depends on), not every dvc.yaml in the
+        # repository: experiments may keep their own stage files in subfolders.
+        mine = {s for s in graph if Path(s.dvcfile.path).resolve() == root / "dvc.yaml"}
+        wanted = mine.union(*(nx.descendants(graph, s) for s in mine))
+        graph = graph.subgraph(wanted)
         order = list(reversed(list(nx.topological_sort(graph))))
         return {address(stage): [address(up) for up in graph.successors(stage)] for stage in order}
 
