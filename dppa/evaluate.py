@@ -73,12 +73,15 @@ def _select_split(name: str, task, split: str) -> None:
 
 
 def metrics_from_results(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from the harness's results; `,none` (no filter) is dropped from metric names."""
+    """{task: {metric: value}} from the harness's results; `,none` (no filter) is dropped from metric names.
+
+    Metrics are the harness's "metric,filter" keys; bookkeeping (alias, sample_len) and stderrs are left out.
+    """
     table: dict[str, dict[str, float]] = {}
     for task, values in results["results"].items():
         metrics = {}
         for key, value in values.items():
-            if key == "alias" or "_stderr," in key or not isinstance(value, (int, float)):
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
                 continue
             metrics[key.removesuffix(",none")] = float(value)
         table[task] = metrics

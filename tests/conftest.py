@@ -25,5 +25,5 @@ def tiny_zoo(tmp_path_factory):
     from dppa.zoo.build import build_zoo
 
     out = tmp_path_factory.mktemp("zoo") / "tiny"
-    build_zoo(out, size="tiny", regime="heavy", seed=0, log=lambda _msg: None)
+    build_zoo(out, size="tiny", regime="heavy", seed=0, workers=2, log=lambda _msg: None)  # the parallel path
     return out

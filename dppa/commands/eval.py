@@ -67,7 +67,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("model", help="model folder (HF format) or hub model name")
     parser.add_argument("--tasks", required=True, help="comma-separated task names, e.g. zoo_arith,zoo_facts")
-    parser.add_argument("--split", default="test", choices=["validation", "test"], help="split to score (default: test)")
+    parser.add_argument(
+        "--split", default="test", choices=["validation", "test"], help="split to score (default: test)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each task only")
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size (default: 32)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda:0 (default: cuda if available)")

@@ -50,7 +50,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("out", help="output folder (refused if it exists, unless --overwrite)")
     parser.add_argument("--size", default="default", choices=["tiny", "default"], help="model size (default: default)")
-    parser.add_argument("--regime", default="heavy", choices=["heavy", "light"], help="fine-tuning regime (default: heavy)")
+    parser.add_argument(
+        "--regime", default="heavy", choices=["heavy", "light"], help="fine-tuning regime (default: heavy)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
     parser.add_argument(
         "--workers", type=int, default=None, help="processes fine-tuning domains in parallel (default: one per core)"

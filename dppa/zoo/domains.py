@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 DATA_SEED = 20240305
 EVAL_SPLIT_SIZE = 500  # validation and test each; callers pass --limit for quicker runs

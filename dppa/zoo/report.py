@@ -37,12 +37,12 @@ def markdown_scores(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_deltas(table: dict[str, dict[str, float]], heavy: dict, light: dict | None) -> str:
-    header = "| fine-tune | own task | margin over base (points) | heavy mean\\|delta\\|/mean\\|base\\| |"
+def markdown_deltas(table: dict[str, dict[str, float]], zoo: dict, light: dict | None) -> str:
+    columns = ["fine-tune", "own task", "margin over base (points)", "mean\\|delta\\|/mean\\|base\\|"]
     if light:
-        header += " light mean\\|delta\\|/mean\\|base\\| | heavy / light |"
-    lines = [header, "|---" * (header.count("|") - 1) + "|"]
-    for domain, stats in heavy["domains"].items():
+        columns += ["same, light regime", "ratio"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for domain, stats in zoo["domains"].items():
         task = stats["task"]
         margin = 100 * (table[domain][task] - table["base"][task])
         row = f"| {domain} | {task} | {margin:+.1f} | {stats['relative_delta']:.4f} |"

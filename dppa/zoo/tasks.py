@@ -22,7 +22,7 @@ from dppa.zoo.domains import DOMAINS, domain_splits
 TASK_PREFIX = "zoo_"
 ZOO_TAG = "zoo"  # names all zoo tasks at once
 EVAL_SPLITS = ("validation", "test")
-MAX_GEN_TOKS = 24  # longest answer ("black brown blue", "e d c b a", 4 digits) plus slack
+MAX_GEN_TOKS = 12  # longest answer is 5 tokens plus the newline; a model that never stops costs this much
 TASKS_DIR_ENV = "DPPA_TASKS_DIR"
 COMPLETE_MARKER = ".complete"
 
@@ -71,9 +71,12 @@ def _task_data() -> dict[tuple[str, str], bytes]:
 
 
 def data_fingerprint() -> str:
+    """Hash of the task data and configs: a change to either gets a fresh task folder."""
     digest = hashlib.sha256()
     for (domain, split), data in sorted(_task_data().items()):
         digest.update(f"{domain}/{split}\n".encode() + data)
+    for domain in DOMAINS:
+        digest.update(json.dumps(task_config(domain, Path("/")), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
