@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 DATA_SEED = 20240305
 EVAL_SPLIT_SIZE = 500  # validation and test each; callers pass --limit for quicker runs
