@@ -35,7 +35,7 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
 
 @flow(name="dppa-pipeline")
 def pipeline_flow(root: str = ".") -> dict[str, str]:
-    """Run every stale stage of dvc.yaml in dependency order; returns {stage: "ran" | "up to date"}."""
+    """Run every stale stage of dvc.yaml in dependency order; returns {stage: "ran" | "restored" | "up to date"}."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     graph = stage_graph(root_path)

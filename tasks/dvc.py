@@ -32,17 +32,19 @@ def is_progress_bar(line: str) -> bool:
 
 @task(task_run_name="{stage}")
 def repro_stage(root: Path, stage: str) -> str:
-    """Returns "ran" or "up to date". The stage's output is logged as it comes (progress bars left out)."""
+    """Returns "ran", "restored" (outputs checked out from DVC's run cache: the same inputs ran before) or
+    "up to date". The stage's output is logged as it comes (progress bars left out)."""
     logger = get_run_logger()
     command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage]
-    ran = False
+    ran = restored = False
     with subprocess.Popen(command, cwd=root, env=stage_environment(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         for line in process.stdout:
             line = line.rstrip()
             ran = ran or line.startswith(f"Running stage '{stage}'")
+            restored = restored or line.startswith(f"Stage '{stage}' is cached")
             if line and not is_progress_bar(line):
                 logger.info(line)
     if process.returncode != 0:
         raise DppaError(f"stage {stage} failed (dvc repro exit {process.returncode}); see its log above")
-    return "ran" if ran else "up to date"
+    return "ran" if ran else "restored" if restored else "up to date"
