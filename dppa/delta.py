@@ -105,7 +105,7 @@ def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: st
                 b, f = raw_base.to(dev, torch.float32), raw_ft.to(dev, torch.float32)
                 check_finite(b, base_r, name)
                 check_finite(f, ft_r, name)
-                delta = f.sub_(b)
+                delta = f.sub(b)  # not in place: for float32 inputs `f` is raw_ft itself, hashed below
                 magnitude = delta.abs()
                 abs_sum = float(magnitude.sum(dtype=torch.float64))
                 abs_max = float(magnitude.max()) if count else 0.0

@@ -141,7 +141,8 @@ def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, 
                     if threshold is not None:
                         values.mul_(threshold.mask(magnitude_keys(raw), start).to(dev))
                     deltas.append(values)
-                merged = merge_chunk(raw_base.to(dev, torch.float32), deltas, weights, method, scale)
+                # copy: merge_chunk works in place and raw_base (the same tensor for float32 on CPU) is hashed below
+                merged = merge_chunk(raw_base.to(dev, torch.float32, copy=True), deltas, weights, method, scale)
                 return raw_base, merged.to(base_r.dtype(name)).cpu()
 
             for raw_base, merged in ordered_map(pool, workers, merged_chunk, chunk_ranges(base_r.numel(name), chunk_elems)):

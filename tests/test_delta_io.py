@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from dppa.delta import extract_delta
 from dppa.io.reader import open_checkpoint
-from dppa.merge import apply_delta
+from dppa.io.writer import ContentHasher, tensor_bytes
+from dppa.merge import apply_delta, merge_deltas
 from tests.synthetic import make_finetune
 
 
@@ -28,6 +29,30 @@ def test_extract_records_provenance_and_statistics(tiny_models, tmp_path):
     again = extract_delta(base, ft1, tmp_path / "delta2", progress=False, max_shard_size="20KB")
     assert len(list(again.glob("*.safetensors"))) > 1 and (again / "model.safetensors.index.json").exists()
     assert json.loads((again / "dppa_manifest.json").read_text())["content_hash"] == manifest["content_hash"]
+
+
+def content_hash(folder):
+    reader = open_checkpoint(folder)
+    hasher = ContentHasher()
+    for name in reader.names():
+        hasher.start(name, reader.dtype(name), reader.shape(name))
+        hasher.update(tensor_bytes(reader.get(name)))
+    return hasher.hexdigest()
+
+
+def test_recorded_input_hashes_are_the_inputs_hashes(tiny_models, tmp_path):
+    # float32 inputs: a computation in place on the read buffer would change what gets hashed
+    base, ft1, ft2 = tiny_models
+    d1 = extract_delta(base, ft1, tmp_path / "d1", progress=False)
+    d2 = extract_delta(base, ft2, tmp_path / "d2", progress=False)
+    manifest = json.loads((d1 / "dppa_manifest.json").read_text())
+    assert manifest["base"]["content_hash"] == content_hash(base)
+    assert manifest["finetuned"]["content_hash"] == content_hash(ft1)
+    assert manifest["content_hash"] == content_hash(d1)
+    merged = merge_deltas(base, [d1, d2], tmp_path / "merged", method="ties", density=0.5, progress=False)
+    merged_manifest = json.loads((merged / "dppa_manifest.json").read_text())
+    assert merged_manifest["base"]["content_hash"] == content_hash(base)
+    assert merged_manifest["content_hash"] == content_hash(merged)
 
 
 def test_delta_dtype_option(tiny_models, tmp_path):
