@@ -8,6 +8,7 @@ and merged models keep the base's vocabulary and tokenizer. The manifest lists e
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -103,12 +104,15 @@ def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: st
                 start, count = span
                 raw_base, raw_ft = base_r.read_flat(name, start, count), ft_r.read_flat(name, start, count)
                 b, f = raw_base.to(dev, torch.float32), raw_ft.to(dev, torch.float32)
-                check_finite(b, base_r, name)
-                check_finite(f, ft_r, name)
                 delta = f.sub(b)  # not in place: for float32 inputs `f` is raw_ft itself, hashed below
                 magnitude = delta.abs()
                 abs_sum = float(magnitude.sum(dtype=torch.float64))
                 abs_max = float(magnitude.max()) if count else 0.0
+                if not math.isfinite(abs_sum):  # a NaN or Inf in either input shows here; find which one
+                    check_finite(b, base_r, name)
+                    check_finite(f, ft_r, name)
+                    raise DppaError(f"{ft_r.info(name).file}: tensor {name!r} minus the base overflows float32; "
+                                    "the checkpoint is corrupt or diverged")
                 return raw_base, raw_ft, delta.to(plan_dtype[name]).cpu(), abs_sum, abs_max
 
             abs_sum, abs_max = 0.0, 0.0
