@@ -6,6 +6,7 @@ zoo given as local folders, fixed factors, a few evaluation examples), a git rep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -76,6 +77,20 @@ def assert_reran(output: str, expected: set[str]) -> None:
     it reads changed, and the tiny models' scores often do not move."""
     ran = stages_run(output)
     assert expected - {"report"} <= ran <= expected, f"ran {sorted(ran)}, expected {sorted(expected)}"
+
+
+def artifact_contents(project: Path) -> dict[str, str]:
+    """{file under each recorded output: sha256}, with an engine manifest standing for its tensors' content hash
+    (a manifest also holds its creation time, which differs between two runs of the same computation)."""
+    contents = {}
+    for out in out_hashes(project):
+        path = project / out
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.name == "dppa_manifest.json":
+                contents[str(file.relative_to(project))] = json.loads(file.read_text()).get("content_hash", "")
+            elif file.is_file():
+                contents[str(file.relative_to(project))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return contents
 
 
 def out_hashes(project: Path) -> dict[str, str]:
@@ -191,7 +206,7 @@ def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_z
         outcome = run_pipeline(project)
         timings[runner] = time.perf_counter() - started
         assert set(outcome) == ALL_STAGES and set(outcome.values()) == {"ran"}
-        hashes[runner] = out_hashes(project)
+        hashes[runner] = artifact_contents(project)
     with capsys.disabled():
         print(f"\npipeline wall time, 2 fine-tunes: threads {timings['threads']:.1f} s, "
               f"Dask LocalCluster(2 processes) {timings['local-cluster:2']:.1f} s")
