@@ -33,3 +33,16 @@ def float_list(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.1,0.2") from None
+
+
+def common_kwargs(args) -> dict:
+    """Engine keyword arguments of the options added by `add_common`."""
+    kwargs = {"overwrite": args.overwrite, "progress": not args.quiet, "max_shard_size": args.max_shard_size}
+    if hasattr(args, "device"):
+        kwargs["device"] = args.device
+    return kwargs
+
+
+def dp_kwargs(args) -> dict:
+    """Engine keyword arguments of the options added by `add_dp_options`."""
+    return {"lamda": args.lamda, "layer_mult": args.layer_mult, "unit_mult": args.unit_mult, "scope": args.scope}

@@ -3,7 +3,7 @@
 import argparse
 
 from dppa.amplify import COMBINE_RULES, amplify_delta
-from dppa.commands._options import add_common, add_dp_options, float_list
+from dppa.commands._options import add_common, add_dp_options, common_kwargs, dp_kwargs, float_list
 
 ORDER = 30
 
@@ -34,8 +34,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     out = amplify_delta(args.delta, args.output, densities=args.densities, factors=args.factors, combine=args.combine,
-                        lamda=args.lamda, layer_mult=args.layer_mult, unit_mult=args.unit_mult, scope=args.scope,
-                        device=args.device, overwrite=args.overwrite, progress=not args.quiet,
-                        max_shard_size=args.max_shard_size)
+                        **dp_kwargs(args), **common_kwargs(args))
     print(out)
     return 0

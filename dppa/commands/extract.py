@@ -2,7 +2,7 @@
 
 import argparse
 
-from dppa.commands._options import add_common
+from dppa.commands._options import add_common, common_kwargs
 from dppa.delta import extract_delta
 
 ORDER = 10
@@ -33,8 +33,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    out = extract_delta(args.base, args.finetuned, args.output, dtype=args.dtype, device=args.device,
-                        overwrite=args.overwrite, progress=not args.quiet, allow_pickle=args.allow_pickle,
-                        max_shard_size=args.max_shard_size)
+    out = extract_delta(args.base, args.finetuned, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                        **common_kwargs(args))
     print(out)
     return 0

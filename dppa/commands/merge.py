@@ -2,7 +2,7 @@
 
 import argparse
 
-from dppa.commands._options import add_common, float_list
+from dppa.commands._options import add_common, common_kwargs, float_list
 from dppa.merge import METHODS, apply_delta, merge_deltas
 
 ORDER = 40
@@ -55,15 +55,13 @@ def register(subparsers) -> None:
 
 def run_merge(args) -> int:
     out = merge_deltas(args.base, args.deltas, args.output, method=args.method, weights=args.weights,
-                       scale=args.scale, density=args.density, device=args.device, overwrite=args.overwrite,
-                       progress=not args.quiet, allow_pickle=args.allow_pickle, max_shard_size=args.max_shard_size)
+                       scale=args.scale, density=args.density, allow_pickle=args.allow_pickle, **common_kwargs(args))
     print(out)
     return 0
 
 
 def run_apply(args) -> int:
-    out = apply_delta(args.base, args.delta, args.output, scale=args.scale, device=args.device,
-                      overwrite=args.overwrite, progress=not args.quiet, allow_pickle=args.allow_pickle,
-                      max_shard_size=args.max_shard_size)
+    out = apply_delta(args.base, args.delta, args.output, scale=args.scale, allow_pickle=args.allow_pickle,
+                      **common_kwargs(args))
     print(out)
     return 0

@@ -2,7 +2,7 @@
 
 import argparse
 
-from dppa.commands._options import add_common, add_dp_options
+from dppa.commands._options import add_common, add_dp_options, common_kwargs, dp_kwargs
 from dppa.prune import METHODS, prune_delta
 
 ORDER = 20
@@ -37,8 +37,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     out = prune_delta(args.delta, args.output, method=args.method, density=args.density, seed=args.seed,
-                      lamda=args.lamda, layer_mult=args.layer_mult, unit_mult=args.unit_mult, scope=args.scope,
-                      device=args.device, overwrite=args.overwrite, progress=not args.quiet,
-                      max_shard_size=args.max_shard_size)
+                      **dp_kwargs(args), **common_kwargs(args))
     print(out)
     return 0
