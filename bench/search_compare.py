@@ -15,7 +15,7 @@ import math
 import random
 import statistics
 
-from dppa.search import coordinate_ascent_reference, pattern_search, reference_start
+from dppa.search.strategies import coordinate_ascent_reference, pattern_search, reference_start
 
 SETTINGS = {
     "start (1.8, 0), step 0.4": dict(start=reference_start(), initial_step=0.4),

@@ -7,7 +7,7 @@ Each method gets the signed delta tensor in its stored dtype and returns the thr
   torch.sort      |delta| in float32, full descending sort, element k-1 (what mergekit does: O(n log n))
   torch.topk      |delta| in float32, the k largest (a partial sort)
   torch.kthvalue  |delta| in float32, exact selection, O(n)
-  dppa            dppa.select: integer keys from the bit patterns, radix selection by bincount histograms
+  dppa            dppa.sparsify.threshold: integer keys from the bit patterns, radix selection by bincount histograms
                   (one pass for 16-bit dtypes, two for float32), then the tie cutoff
 All must return the same value; the script says so, or stops. Times are CPU seconds of this process (all threads),
 which other work on the machine disturbs less than wall time; threads: torch's default (set OMP_NUM_THREADS).
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dppa.select import find_threshold, key_bits, magnitude_keys  # noqa: E402
+from dppa.sparsify.threshold import find_threshold, key_bits, magnitude_keys  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KEY_DTYPE = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

@@ -26,15 +26,15 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dppa.amplify import check_bands
-from dppa.delta import extract_delta
+from dppa.sparsify.bands import check_bands
+from dppa.extract import extract_delta
 from dppa.errors import DppaError
-from dppa.evalcache import EvalCache, EvalContext
+from dppa.evaluation.cache import EvalCache, EvalContext
 from dppa.io.manifest import read_manifest
 from dppa.io.reader import open_checkpoint
-from dppa.merge import merge_deltas
-from dppa.prune import prune_delta
-from dppa.search_runner import (SearchSettings, checkpoint_hash, load_model, primary_scores, recorded_hash,
+from dppa.merging.merge import merge_deltas
+from dppa.sparsify.prune import prune_delta
+from dppa.search.runner import (SearchSettings, checkpoint_hash, load_model, primary_scores, recorded_hash,
                                 rows_to_csv, search_amplification, task_data_versions, write_text_atomic)
 
 PRUNE_METHODS = ("magnitude", "dare", "dp")
@@ -225,7 +225,7 @@ class Scorer:
         return primary_scores(scores)
 
     def _evaluate(self, folder: Path | None, tasks: list[str], is_delta: bool) -> dict:
-        from dppa.evaluate import evaluate_model
+        from dppa.evaluation.harness import evaluate_model
 
         started = time.perf_counter()
         try:
@@ -291,7 +291,7 @@ class RegimeRun:
     def amplified(self, domain: str, compare: str | None = None) -> Path:
         """DPPA with the main search strategy, or with strategy ``compare`` at the budget the main one used."""
         delta = self.delta(domain)
-        search = self.config.dppa.search
+        search = self.config.dppa.search.strategies
         if compare is None:
             method, strategy, budget, name = "dppa", search.strategy, search.budget, domain
         else:
@@ -474,7 +474,7 @@ def write_results(config: ExperimentConfig, results: dict[str, tuple[list[dict],
 
 
 def _settings_line(config: ExperimentConfig, summary: dict) -> str:
-    search = config.dppa.search
+    search = config.dppa.search.strategies
     compared = "".join(f"; DPPA ({c}): factors searched with `{c}` at the same number of candidates"
                        for c in search.compare)
     return (f"Test split, {config.evaluate.limit or 'all'} examples per task; exact match; normalised = accuracy / "
@@ -490,7 +490,7 @@ def _settings_line(config: ExperimentConfig, summary: dict) -> str:
 
 def run_experiment(config: ExperimentConfig, *, device: str = "cpu", log: Callable[[str], None] = print) -> Path:
     """Run every regime of ``config``; returns the path of results.md."""
-    from dppa.runtime import resolve_device
+    from dppa.compute import resolve_device
 
     if config.evaluate.threads:
         torch.set_num_threads(config.evaluate.threads)

@@ -53,7 +53,7 @@ def pipeline_flow(root: str = ".") -> dict[str, str]:
 def scheduled_pipeline(root: str) -> dict[str, str]:
     """What `dppa serve` runs: reads params.yaml at run time (so edits apply to the next run), then the pipeline
     with the task runner and GPU limit they choose."""
-    from dppa.config import load_params
+    from dppa.pipeline.config import load_params
     from flows.runtime import set_gpu_limit, task_runner
 
     params = load_params(Path(root) / "params.yaml")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from dppa.config import Runtime
+from dppa.pipeline.config import Runtime
 from tasks import GPU_TAG
 
 API_URL_ENV = "PREFECT_API_URL"

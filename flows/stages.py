@@ -12,8 +12,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from dppa.config import BASE_NAME, Layout, Params
-from dppa.hub import model_folder
+from dppa.pipeline.config import BASE_NAME, Layout, Params
+from dppa.pipeline.hub import model_folder
 from tasks import deltas, evaluation, models
 
 SEARCH_TRACE = "search_trace.csv"

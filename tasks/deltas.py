@@ -11,14 +11,14 @@ from tasks import GPU_TAG
 
 @task(tags=[GPU_TAG])
 def extract(base: Path, finetuned: Path, out: Path, dtype: str, device: str) -> Path:
-    from dppa.delta import extract_delta
+    from dppa.extract import extract_delta
 
     return extract_delta(base, finetuned, out, dtype=dtype, device=device, overwrite=True, progress=False)
 
 
 @task(tags=[GPU_TAG])
 def prune(delta: Path, out: Path, options: dict, device: str) -> Path:
-    from dppa.prune import prune_delta
+    from dppa.sparsify.prune import prune_delta
 
     return prune_delta(delta, out, **options, device=device, overwrite=True, progress=False)
 
@@ -26,7 +26,7 @@ def prune(delta: Path, out: Path, options: dict, device: str) -> Path:
 @task(tags=[GPU_TAG])
 def amplify_fixed(delta: Path, out: Path, densities: list[float], factors: list[float], dp_options: dict,
                   device: str) -> Path:
-    from dppa.amplify import amplify_delta
+    from dppa.sparsify.bands import amplify_delta
 
     return amplify_delta(delta, out, densities=densities, factors=factors, **dp_options, device=device,
                          overwrite=True, progress=False, extra_manifest={"factors_from": "params.yaml"})
@@ -36,7 +36,7 @@ def amplify_fixed(delta: Path, out: Path, densities: list[float], factors: list[
 def amplify_searched(base: Path, delta: Path, reference: Path, out: Path, *, densities: list[float],
                      tasks: list[str], search: dict, dp_options: dict, batch_size: int, cache: Path,
                      device: str) -> Path:
-    from dppa.search_runner import search_amplification
+    from dppa.search.runner import search_amplification
 
     report = search_amplification(base, delta, out, tasks=tasks, reference=reference, densities=densities,
                                   **search, **dp_options, batch_size=batch_size, cache=cache, device=device,
@@ -47,7 +47,7 @@ def amplify_searched(base: Path, delta: Path, reference: Path, out: Path, *, den
 @task(tags=[GPU_TAG])
 def merge(base: Path, deltas: list[Path], out: Path, *, method: str, weights: list[float] | None, scale: float,
           density: float | None, device: str) -> Path:
-    from dppa.merge import merge_deltas
+    from dppa.merging.merge import merge_deltas
 
     return merge_deltas(base, deltas, out, method=method, weights=weights, scale=scale, density=density,
                         device=device, overwrite=True, progress=False)

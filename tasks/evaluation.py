@@ -12,7 +12,7 @@ from tasks import GPU_TAG
 @task(tags=[GPU_TAG])
 def score(model: Path, tasks: list[str], split: str, limit: int | None, batch_size: int, device: str | None,
           cache: Path) -> dict:
-    from dppa.scores import score_folder
+    from dppa.evaluation.scores import score_folder
 
     scores, _cached = score_folder(model, tasks, split=split, limit=limit, batch_size=batch_size, device=device,
                                    cache=cache)
@@ -21,7 +21,7 @@ def score(model: Path, tasks: list[str], split: str, limit: int | None, batch_si
 
 @task
 def report(scores_json: Path, traces: Path, out: Path, summary_json: Path) -> Path:
-    from dppa.report import write_report
+    from dppa.evaluation.report import write_report
 
     write_report(scores_json, traces, out, summary_json)
     return out

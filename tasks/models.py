@@ -25,7 +25,7 @@ def build_zoo(out: Path, size: str, regime: str, seed: int) -> Path:
 
 @task(retries=3, retry_delay_seconds=[10, 60, 180])
 def fetch_hub(repo_id: str, revision: str, out: Path) -> Path:
-    from dppa.hub import fetch_hub as fetch
+    from dppa.pipeline.hub import fetch_hub as fetch
 
     fetch(repo_id, revision, out)
     return out
@@ -33,7 +33,7 @@ def fetch_hub(repo_id: str, revision: str, out: Path) -> Path:
 
 @task
 def record_model(kind: str, source: str, folder: Path, out: Path, root: Path) -> Path:
-    from dppa.hub import record_local
+    from dppa.pipeline.hub import record_local
 
     record_local(kind, source, folder, out, root)
     return out

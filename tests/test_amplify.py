@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from dppa.amplify import amplify_delta, amplify_tensor, band_factors, band_index, compute_bands
+from dppa.sparsify.bands import amplify_delta, amplify_tensor, band_factors, band_index, compute_bands
 from dppa.errors import DppaError
 from dppa.io.reader import open_checkpoint
-from dppa.select import keep_count
+from dppa.sparsify.threshold import keep_count
 from tests.test_dp import SCOPE, TOY, write_delta
 
 

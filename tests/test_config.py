@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dppa.config import Layout, load_params, parse_params
+from dppa.pipeline.config import Layout, load_params, parse_params
 from dppa.errors import DppaError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dppa.delta import extract_delta
+from dppa.extract import extract_delta
 from dppa.io.reader import open_checkpoint
 from dppa.io.writer import ContentHasher, tensor_bytes
-from dppa.merge import apply_delta, merge_deltas
+from dppa.merging.merge import apply_delta, merge_deltas
 from tests.synthetic import make_finetune
 
 

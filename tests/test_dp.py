@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from dppa.dp import gather_dp_stats, layer_adjustments, module_adjustments, module_densities
+from dppa.sparsify.dp import gather_dp_stats, layer_adjustments, module_adjustments, module_densities
 from dppa.io.atomic import atomic_dir
 from dppa.io.reader import open_checkpoint
 from dppa.io.writer import ShardedWriter
-from dppa.prune import prune_delta
-from dppa.scope import compile_scope
+from dppa.sparsify.prune import prune_delta
+from dppa.sparsify.scope import compile_scope
 
 SCOPE = r"^layers\.(?P<layer>\d+)\.(a|b)\.weight$"
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from dppa.evalcache import CachedEvaluator, EvalCache, EvalContext, harness_version
-from dppa.search import coordinate_ascent_reference, normalised_geomean, pattern_search
+from dppa.evaluation.cache import CachedEvaluator, EvalCache, EvalContext, harness_version
+from dppa.search.strategies import coordinate_ascent_reference, normalised_geomean, pattern_search
 
 CONTEXT = EvalContext(
     deltas=("d" * 64,),

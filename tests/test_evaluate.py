@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dppa.cli import main
 from dppa.errors import DppaError
-from dppa.evaluate import (
+from dppa.evaluation.harness import (
     add_delta_,
     evaluate_folder,
     evaluate_model,

@@ -3,8 +3,8 @@ import hashlib
 import pytest
 import torch
 
-from dppa.merge import merge_chunk, ties_combine
-from dppa.prune import dare_prune
+from dppa.merging.merge import merge_chunk, ties_combine
+from dppa.sparsify.prune import dare_prune
 
 
 def test_ties_sign_election_and_disjoint_mean():

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dppa.cli import main
-from dppa.merge import merge_chunk, ties_trim_count
-from dppa.select import topk_mask
+from dppa.merging.merge import merge_chunk, ties_trim_count
+from dppa.sparsify.threshold import topk_mask
 from tests.synthetic import make_base, make_finetune
 
 

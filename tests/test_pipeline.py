@@ -191,7 +191,7 @@ def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path):
 
 
 def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_zoo, prefect_api, capsys):
-    from dppa.commands.run import run_pipeline
+    from dppa.cli.run import run_pipeline
 
     project = make_project(tmp_path / "project", tiny_zoo)
     timings = {}

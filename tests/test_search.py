@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from dppa.search import (
+from dppa.search.strategies import (
     SearchResult,
     coordinate_ascent_reference,
     normalised_geomean,

@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from dppa.amplify import amplify_delta
+from dppa.sparsify.bands import amplify_delta
 from dppa.cli import main
-from dppa.delta import extract_delta
+from dppa.extract import extract_delta
 from dppa.errors import DppaError
-from dppa.evalcache import EvalCache
+from dppa.evaluation.cache import EvalCache
 from dppa.io.manifest import read_manifest
-from dppa.search_runner import SearchSettings, reference_scores, search_amplification
+from dppa.search.runner import SearchSettings, reference_scores, search_amplification
 
 TASK = "zoo_facts"
 LIMIT = 8

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dppa.select import find_threshold, keep_count, key_bits, magnitude_keys, topk_mask
+from dppa.sparsify.threshold import find_threshold, keep_count, key_bits, magnitude_keys, topk_mask
 
 
 def test_topk_mask_keeps_exactly_k_with_ties_to_lowest_index():

@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from dppa.evaluate import evaluate_folder
+from dppa.evaluation.harness import evaluate_folder
 from dppa.zoo.build import read_manifest
 from dppa.zoo.tasks import task_name
 

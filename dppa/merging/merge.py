@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from dppa.delta import check_same_architecture
+from dppa.extract import check_same_architecture
 from dppa.errors import DppaError
 from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
-from dppa.runtime import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
-from dppa.select import Threshold, find_threshold, key_bits, magnitude_keys
-from dppa.transform import check_density
+from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
+from dppa.sparsify.threshold import Threshold, find_threshold, key_bits, magnitude_keys
+from dppa.sparsify.transform import check_density
 
 METHODS = ("task_arithmetic", "ties")
 THRESHOLD_CHUNK_ELEMS = 1 << 20

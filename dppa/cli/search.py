@@ -2,7 +2,7 @@
 
 import argparse
 
-from dppa.commands._options import add_dp_options, float_list
+from dppa.cli.options import add_dp_options, float_list
 
 ORDER = 35
 
@@ -61,8 +61,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dppa.evaluate import parse_task_list
-    from dppa.search_runner import search_amplification
+    from dppa.evaluation.harness import parse_task_list
+    from dppa.search.runner import search_amplification
 
     report = search_amplification(
         args.base, args.delta, args.output, tasks=parse_task_list(args.tasks), reference=args.reference,

@@ -21,8 +21,8 @@ examples:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dppa.commands.run import check_project
-    from dppa.config import load_params
+    from dppa.cli.run import check_project
+    from dppa.pipeline.config import load_params
 
     root = Path(args.project).resolve()
     check_project(root)

@@ -1,4 +1,4 @@
-"""The `dppa` command. Each subcommand lives in its own module under `dppa/commands/`.
+"""The `dppa` command. Each subcommand lives in its own module under `dppa/cli/`.
 
 A command module defines `register(subparsers)` which adds its parser and sets `func` to a callable taking the
 parsed arguments. Modules are discovered, so adding a command means adding one file; `ORDER` sorts them in `--help`.
@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dppa {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import dppa.commands as commands_pkg
+    import dppa.cli as commands_pkg
 
-    modules = [importlib.import_module(f"dppa.commands.{m.name}") for m in pkgutil.iter_modules(commands_pkg.__path__)]
+    modules = [importlib.import_module(f"dppa.cli.{m.name}") for m in pkgutil.iter_modules(commands_pkg.__path__)]
     for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
         if hasattr(module, "register"):
             module.register(subparsers)

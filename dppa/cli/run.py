@@ -37,7 +37,7 @@ def check_project(root: Path) -> None:
 
 def run_pipeline(root: Path) -> dict[str, str]:
     """Check params, then run the pipeline flow with the task runner they choose; returns {stage: outcome}."""
-    from dppa.config import load_params
+    from dppa.pipeline.config import load_params
 
     params = load_params(root / "params.yaml")
     from flows.pipeline import pipeline_flow

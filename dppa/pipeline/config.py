@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dppa.errors import DppaError
-from dppa.scope import DEFAULT_SCOPE
+from dppa.sparsify.scope import DEFAULT_SCOPE
 
 ZOO_PREFIX = "zoo:"
 HUB_PREFIX = "hub:"

@@ -2,8 +2,8 @@
 
 import argparse
 
-from dppa.commands._options import add_common, common_kwargs
-from dppa.delta import extract_delta
+from dppa.cli.options import add_common, common_kwargs
+from dppa.extract import extract_delta
 
 ORDER = 10
 

@@ -2,8 +2,8 @@
 
 import argparse
 
-from dppa.amplify import COMBINE_RULES, amplify_delta
-from dppa.commands._options import add_common, add_dp_options, common_kwargs, dp_kwargs, float_list
+from dppa.sparsify.bands import COMBINE_RULES, amplify_delta
+from dppa.cli.options import add_common, add_dp_options, common_kwargs, dp_kwargs, float_list
 
 ORDER = 30
 

@@ -2,8 +2,8 @@
 
 import argparse
 
-from dppa.commands._options import add_common, add_dp_options, common_kwargs, dp_kwargs
-from dppa.prune import METHODS, prune_delta
+from dppa.cli.options import add_common, add_dp_options, common_kwargs, dp_kwargs
+from dppa.sparsify.prune import METHODS, prune_delta
 
 ORDER = 20
 

@@ -2,8 +2,8 @@
 
 import argparse
 
-from dppa.commands._options import add_common, common_kwargs, float_list
-from dppa.merge import METHODS, apply_delta, merge_deltas
+from dppa.cli.options import add_common, common_kwargs, float_list
+from dppa.merging.merge import METHODS, apply_delta, merge_deltas
 
 ORDER = 40
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from dppa.evalcache import EvalCache, EvalContext
+from dppa.evaluation.cache import EvalCache, EvalContext
 
 Scores = dict[str, dict[str, float]]
 FOLDER_RECIPE = {"candidate": "model-folder", "dtype": "float32"}  # the key the search uses for dense models
@@ -16,7 +16,7 @@ FOLDER_RECIPE = {"candidate": "model-folder", "dtype": "float32"}  # the key the
 def content_hash(folder: str | os.PathLike) -> str:
     """The engine's manifest hash when the folder has one, else computed from the tensors."""
     from dppa.io.manifest import read_manifest
-    from dppa.search_runner import checkpoint_hash
+    from dppa.search.runner import checkpoint_hash
 
     try:
         recorded = read_manifest(folder).get("content_hash")
@@ -28,7 +28,7 @@ def content_hash(folder: str | os.PathLike) -> str:
 def score_folder(folder: str | os.PathLike, tasks: Sequence[str], *, split: str, limit: int | None,
                  batch_size: int, device: str | None, cache: str | os.PathLike | None) -> tuple[Scores, bool]:
     """(scores {task: {metric: value}}, whether they came from the cache)."""
-    from dppa.evaluate import evaluate_folder
+    from dppa.evaluation.harness import evaluate_folder
 
     evals = EvalCache(cache) if cache is not None else None
     key = None

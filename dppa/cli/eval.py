@@ -36,7 +36,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dppa.errors import DppaError
-    from dppa.evaluate import evaluate_folder, metrics_from_results, parse_task_list
+    from dppa.evaluation.harness import evaluate_folder, metrics_from_results, parse_task_list
 
     if not args.verbose:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)

@@ -3,7 +3,7 @@
 A strategy maximises ``objective(factors) -> float`` over factor vectors ``(alpha_1, ..., alpha_K)``, one factor per
 significance band. Every strategy works on the grid ``step * integer`` (0.1 by default): points are held as integer
 grid units, so float drift can never change a path, and factors are compared and memoised exactly. Within one search
-the objective is called at most once per grid point; the caller adds a persistent cache (``dppa.evalcache``) to avoid
+the objective is called at most once per grid point; the caller adds a persistent cache (``dppa.evaluation.cache``) to avoid
 repeats across runs.
 
 Strategies:

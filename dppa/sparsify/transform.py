@@ -14,8 +14,8 @@ from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader
 from dppa.io.writer import ShardedWriter, parse_size
-from dppa.runtime import Progress, chunk_workers, ordered_map
-from dppa.scope import layer_of
+from dppa.compute import Progress, chunk_workers, ordered_map
+from dppa.sparsify.scope import layer_of
 
 # fn(name, delta in its stored dtype on the compute device, layer index or None when out of scope) -> new delta
 # (any float dtype; it is written in the stored dtype)

@@ -34,7 +34,7 @@ examples:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dppa.config import load_params
+    from dppa.pipeline.config import load_params
 
     params_path = Path(args.params)
     params = load_params(params_path)  # before any work: a bad key fails here, naming it

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dppa.io.reader import CheckpointReader
-from dppa.runtime import Progress, chunk_workers, ordered_map
-from dppa.scope import layer_of
+from dppa.compute import Progress, chunk_workers, ordered_map
+from dppa.sparsify.scope import layer_of
 
 
 @dataclass

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from dppa.dp import DPStats, gather_dp_stats, module_densities
+from dppa.sparsify.dp import DPStats, gather_dp_stats, module_densities
 from dppa.errors import DppaError
 from dppa.io.atomic import check_output_free
 from dppa.io.reader import CheckpointReader, open_checkpoint
-from dppa.runtime import resolve_device
-from dppa.scope import DEFAULT_SCOPE, compile_scope
-from dppa.select import keep_count, topk_mask
-from dppa.transform import check_density, check_is_delta, transform_delta
+from dppa.compute import resolve_device
+from dppa.sparsify.scope import DEFAULT_SCOPE, compile_scope
+from dppa.sparsify.threshold import keep_count, topk_mask
+from dppa.sparsify.transform import check_density, check_is_delta, transform_delta
 
 COMBINE_RULES = ("max", "band")
 

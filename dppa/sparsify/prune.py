@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from dppa.dp import gather_dp_stats, layer_densities, module_densities
+from dppa.sparsify.dp import gather_dp_stats, layer_densities, module_densities
 from dppa.errors import DppaError
 from dppa.io.atomic import check_output_free
 from dppa.io.reader import open_checkpoint
-from dppa.runtime import resolve_device
-from dppa.scope import DEFAULT_SCOPE, compile_scope
-from dppa.select import keep_count, topk_mask
-from dppa.transform import check_density, check_is_delta, transform_delta
+from dppa.compute import resolve_device
+from dppa.sparsify.scope import DEFAULT_SCOPE, compile_scope
+from dppa.sparsify.threshold import keep_count, topk_mask
+from dppa.sparsify.transform import check_density, check_is_delta, transform_delta
 
 METHODS = ("magnitude", "dare", "dp")
 

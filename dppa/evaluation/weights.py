@@ -15,7 +15,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from dppa.amplify import amplify_tensor, band_factors, compute_bands
+from dppa.sparsify.bands import amplify_tensor, band_factors, compute_bands
 from dppa.errors import DppaError
 from dppa.io.reader import open_checkpoint
 
@@ -38,7 +38,7 @@ class CandidateBuilder:
     """Sets ``model``'s weights to base + amplified delta for any factors, in place, and restores the base.
 
     ``model`` must hold the base weights when the builder is made. ``bands`` maps tensor names (the model's parameter
-    names) to the float32 delta and its band index, as ``dppa.amplify.compute_bands`` gives them; ``delta_dtypes``
+    names) to the float32 delta and its band index, as ``dppa.sparsify.bands.compute_bands`` gives them; ``delta_dtypes``
     are the delta folder's stored dtypes (float32 when omitted). Memory: one extra copy of the touched parameters.
     """
 

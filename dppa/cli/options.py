@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dppa.scope import DEFAULT_SCOPE
+from dppa.sparsify.scope import DEFAULT_SCOPE
 
 
 def add_common(parser: argparse.ArgumentParser, *, device: bool = True) -> None:

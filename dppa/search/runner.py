@@ -1,13 +1,13 @@
 """The amplification search of one fine-tune, end to end: DP bands -> factor search on validation -> amplified delta.
 
 The base model is loaded once; each candidate (base + amplified delta for some factors) is set in place by
-``dppa.candidate.CandidateBuilder`` and scored through the harness in memory, so no model is written per step.
+``dppa.evaluation.weights.CandidateBuilder`` and scored through the harness in memory, so no model is written per step.
 The objective is spec section 3's: the geometric mean over the fine-tune's tasks of candidate score / dense
 fine-tune score, both on the validation split (the test split is kept for final numbers and refused here).
 
 Every score, the dense fine-tune's included, goes through the persistent evaluation cache keyed by what determines
 it, so a repeated or resumed search evaluates nothing twice. The result is the amplified delta written by
-``dppa.amplify.amplify_delta`` with the chosen factors and the search summary in its manifest, plus the trace
+``dppa.sparsify.bands.amplify_delta`` with the chosen factors and the search summary in its manifest, plus the trace
 (``search_trace.json`` with timings, ``search_trace.csv`` for a DVC plot) inside it and optionally elsewhere.
 
 ``search_amplification`` is the plain-function entry point (the CLI and the pipeline's amplify stage call it).
@@ -28,14 +28,14 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from dppa.errors import DppaError
-from dppa.evalcache import CachedEvaluator, EvalCache, EvalContext
+from dppa.evaluation.cache import CachedEvaluator, EvalCache, EvalContext
 from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.io.manifest import read_manifest
 from dppa.io.reader import open_checkpoint
 from dppa.io.writer import ContentHasher, tensor_bytes
-from dppa.runtime import resolve_device
-from dppa.scope import DEFAULT_SCOPE
-from dppa.search import SearchResult, normalised_geomean, run_strategy
+from dppa.compute import resolve_device
+from dppa.sparsify.scope import DEFAULT_SCOPE
+from dppa.search.strategies import SearchResult, normalised_geomean, run_strategy
 
 STRATEGY_NAMES = {"reference": "coordinate", "coordinate": "coordinate", "pattern": "pattern"}
 DEFAULT_BUDGET = {"coordinate": 100, "pattern": 20}
@@ -43,7 +43,7 @@ TRACE_JSON = "search_trace.json"
 TRACE_CSV = "search_trace.csv"
 CACHE_ENV = "DPPA_EVAL_CACHE"
 
-Scores = dict[str, dict[str, float]]  # {task: {metric: value}}, as dppa.evaluate returns them
+Scores = dict[str, dict[str, float]]  # {task: {metric: value}}, as dppa.evaluation.harness returns them
 
 
 def default_cache_path() -> Path:
@@ -81,7 +81,7 @@ def task_data_versions(tasks: Sequence[str]) -> dict:
 
 def primary_scores(scores: Scores) -> dict[str, float]:
     """{task: value of the task's primary metric} (exact_match for zoo tasks)."""
-    from dppa.evaluate import primary_metric
+    from dppa.evaluation.harness import primary_metric
 
     return {task: metrics[primary_metric(metrics)] for task, metrics in scores.items()}
 
@@ -317,7 +317,7 @@ def search_amplification(
 
     started = time.perf_counter()
     model, tokenizer = load_model(base, dev)
-    from dppa.candidate import builder_for_delta
+    from dppa.evaluation.weights import builder_for_delta
 
     builder = builder_for_delta(model, delta, settings.densities, combine=combine, device=str(dev), lamda=lamda,
                                 layer_mult=layer_mult, unit_mult=unit_mult, scope=scope)
@@ -327,7 +327,7 @@ def search_amplification(
     candidate_scores: dict[tuple[float, ...], Scores] = {}
 
     def evaluate_candidate(factors: tuple[float, ...]) -> Scores:
-        from dppa.evaluate import evaluate_model
+        from dppa.evaluation.harness import evaluate_model
 
         t0 = time.perf_counter()
         builder.apply(factors)
@@ -377,7 +377,7 @@ def reference_scores(reference: Path, manifest: dict, settings: SearchSettings, 
     scores = evals.get(key)
     if scores is not None:
         return scores, ft_hash, "cache"
-    from dppa.evaluate import evaluate_model
+    from dppa.evaluation.harness import evaluate_model
 
     model, tokenizer = load_model(reference, torch.device(device))
     scores = evaluate_model(model, tokenizer, settings.tasks, split=settings.split, limit=settings.limit,
@@ -388,7 +388,7 @@ def reference_scores(reference: Path, manifest: dict, settings: SearchSettings, 
 
 def _write_outputs(report: SearchReport, settings: SearchSettings, delta, out: Path, trace_csv: Path | None, *,
                    device: str, overwrite: bool, progress: bool) -> None:
-    from dppa.amplify import amplify_delta
+    from dppa.sparsify.bands import amplify_delta
 
     trace_json = json.dumps(report.trace_json(settings), indent=1) + "\n"
     trace_rows = rows_to_csv(report.trace_rows())

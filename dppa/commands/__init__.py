@@ -1,1 +1,0 @@
-"""Subcommands of the `dppa` CLI, one module each (see dppa/cli.py)."""

@@ -1,0 +1,149 @@
+"""Registries of extension points (pruning methods, merge methods, search strategies).
+
+Each entry is a name, a callable and one frozen options dataclass that declares the entry's own options and their
+defaults once. The CLI's choices and flags (`add_options`), the params.yaml schema (`options_fields`, for pydantic)
+and the engine's keyword arguments all come from that dataclass, so adding a method is one file and one
+`@REGISTRY.register(...)`.
+
+Option fields may carry ``metadata={"help": "...", "flag": "--name"}``: the help text and, when the flag differs
+from the field name with dashes, the CLI flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from dppa.errors import DppaError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    impl: T
+    options: type  # a frozen dataclass; instances hold the entry's option values
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For entries that take no options of their own."""
+
+
+class Registry(Generic[T]):
+    """Name -> Entry; `kind` names the extension point in error messages ("pruning method", ...)."""
+
+    def __init__(self, kind: str, flag: str):
+        self.kind = kind
+        self.flag = flag  # the CLI flag that chooses an entry, for error messages
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, *, options: type = NoOptions, help: str = "") -> Callable[[T], T]:
+        """Decorator: `@PRUNERS.register("dp", options=DPOptions, help="...")` on the implementation."""
+        if not dataclasses.is_dataclass(options):
+            raise TypeError(f"{self.kind} {name!r}: options must be a dataclass, got {options!r}")
+
+        def add(impl: T) -> T:
+            if name in self._entries and self._entries[name].impl is not impl:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = Entry(name, impl, options, help)
+            return impl
+
+        return add
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        return iter(self._entries.values())
+
+    def get(self, name: str) -> Entry[T]:
+        if name not in self._entries:
+            raise DppaError(f"{self.flag} {name}: unknown {self.kind}; use one of {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def make_options(self, name: str, values: dict[str, Any]) -> Any:
+        """The entry's options dataclass from `values`, ignoring keys that belong to other entries."""
+        options = self.get(name).options
+        known = {f.name for f in dataclasses.fields(options)}
+        return options(**{k: v for k, v in values.items() if k in known})
+
+    def option_fields(self) -> dict[str, Option]:
+        """Every option of every entry, by name (entries may share an option class, e.g. DP's options)."""
+        fields: dict[str, Option] = {}
+        for entry in self:
+            fields.update((o.name, o) for o in options_of(entry.options) if o.name not in fields)
+        return fields
+
+    def describe(self) -> str:
+        """One line per entry, for `--help` texts."""
+        width = max((len(n) for n in self._entries), default=0)
+        return "\n".join(f"  {e.name:<{width}}  {e.help}" for e in self)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option field with its resolved type and default (`...` when required)."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    flag: str
+
+
+def options_of(options: type) -> list[Option]:
+    hints = typing.get_type_hints(options)  # resolves `from __future__ import annotations` strings
+    out = []
+    for f in dataclasses.fields(options):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        out.append(Option(f.name, hints[f.name], default, f.metadata.get("help", ""),
+                          f.metadata.get("flag", "--" + f.name.replace("_", "-"))))
+    return out
+
+
+def pydantic_fields(options: list[Option]) -> dict[str, tuple]:
+    """{name: (type, default)} for `pydantic.create_model`."""
+    return {o.name: (o.type, o.default) for o in options}
+
+
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, options: list[Option]) -> None:
+    """One CLI flag per option, typed and defaulted from the dataclass."""
+    for o in options:
+        help_text = o.help
+        if o.default is not ...:
+            help_text = f"{help_text} (default {o.default})" if help_text else f"default {o.default}"
+        parser.add_argument(o.flag, dest=o.name, type=_scalar_type(o.type), default=None, help=help_text,
+                            required=o.default is ...)
+
+
+def _scalar_type(annotation) -> Callable[[str], Any]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    for candidate in (int, float, str):
+        if candidate in args:
+            return candidate
+    return str
+
+
+def options_from_args(options: type, args: argparse.Namespace) -> Any:
+    """The options dataclass from parsed CLI arguments (fields the parser did not set keep their default)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options)
+              if getattr(args, f.name, None) is not None}
+    return options(**values)
