@@ -2,8 +2,10 @@
 
 import argparse
 
+from dppa.cli.options import add_common, add_dp_options, add_scope, common_kwargs, float_list
+from dppa.registry import options_from_args
 from dppa.sparsify.bands import COMBINE_RULES, amplify_delta
-from dppa.cli.options import add_common, add_dp_options, common_kwargs, dp_kwargs, float_list
+from dppa.sparsify.dp import DPOptions
 
 ORDER = 30
 
@@ -28,12 +30,13 @@ def register(subparsers) -> None:
     p.add_argument("--factors", type=float_list, required=True, metavar="A1,A2,..", help="one factor per band")
     p.add_argument("--combine", choices=COMBINE_RULES, default="max",
                    help="max: reference rule, band b gets max(alpha_b..alpha_K); band: band b gets alpha_b")
+    add_scope(p)
     add_dp_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     out = amplify_delta(args.delta, args.output, densities=args.densities, factors=args.factors, combine=args.combine,
-                        **dp_kwargs(args), **common_kwargs(args))
+                        options=options_from_args(DPOptions, args), scope=args.scope, **common_kwargs(args))
     print(out)
     return 0
