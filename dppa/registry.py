@@ -84,7 +84,8 @@ class Registry(Generic[T]):
     def options_for(self, name: str, values: Any = None) -> Any:
         """The entry's options from None (defaults), an instance of its options class, or a dict of option values.
 
-        A dict may not set (to anything but None) an option the entry does not have: it would be silently ignored.
+        None in a dict means "not given" (the default). A dict may not set an option the entry does not have: it
+        would be silently ignored.
         """
         options = self.get(name).options
         if values is None:
@@ -97,7 +98,7 @@ class Registry(Generic[T]):
         for key, value in values.items():
             if key not in known and value is not None:
                 self._refuse_foreign(name, key)
-        return options(**{k: v for k, v in values.items() if k in known})
+        return options(**{k: v for k, v in values.items() if k in known and v is not None})
 
     def options_from_args(self, name: str, args: argparse.Namespace) -> Any:
         """The entry's options from parsed CLI arguments; refuses a flag of another entry given on the command line."""
