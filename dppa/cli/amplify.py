@@ -2,7 +2,7 @@
 
 import argparse
 
-from dppa.cli.options import add_common, add_dp_options, add_scope, common_kwargs, float_list
+from dppa.cli.options import add_common, add_dp_options, common_kwargs, float_list
 from dppa.registry import options_from_args
 from dppa.sparsify.bands import COMBINE_RULES, amplify_delta
 from dppa.sparsify.dp import DPOptions
@@ -30,7 +30,6 @@ def register(subparsers) -> None:
     p.add_argument("--factors", type=float_list, required=True, metavar="A1,A2,..", help="one factor per band")
     p.add_argument("--combine", choices=COMBINE_RULES, default="max",
                    help="max: reference rule, band b gets max(alpha_b..alpha_K); band: band b gets alpha_b")
-    add_scope(p)
     add_dp_options(p)
     p.set_defaults(func=run)
 

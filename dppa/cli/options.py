@@ -37,7 +37,9 @@ def add_method_options(parser: argparse.ArgumentParser, registry: Registry) -> N
 
 
 def add_dp_options(parser: argparse.ArgumentParser) -> None:
-    """Dynamic Pruning's options, for the commands that split a delta into DP bands."""
+    """--scope and Dynamic Pruning's options, for the commands that split a delta into DP bands; read them back
+    with `options_from_args(DPOptions, args)` and `args.scope`."""
+    add_scope(parser)
     add_options(parser.add_argument_group("Dynamic Pruning options (docs/method.md)"), options_of(DPOptions))
 
 
