@@ -106,10 +106,11 @@ class Registry(Generic[T]):
 
     def _refuse_foreign(self, name: str, key: str) -> None:
         owners = [e.name for e in self if key in {f.name for f in dataclasses.fields(e.options)}]
-        option = self.option_fields().get(key)
-        label = option.flag if option else key
-        where = f"an option of {', '.join(owners)}" if owners else "not an option"
-        raise DppaError(f"{label} is {where}, not of {self.kind} {name}")
+        if owners:
+            raise DppaError(f"{self.option_fields()[key].flag} is an option of {', '.join(owners)}, "
+                            f"not of {self.kind} {name}")
+        own = ", ".join(f.name for f in dataclasses.fields(self.get(name).options)) or "none"
+        raise DppaError(f"{key}: not an option of {self.kind} {name} (its options: {own})")
 
     def option_fields(self) -> dict[str, Option]:
         """Every option of every entry, by name (entries may share an option class, e.g. DP's options)."""

@@ -23,6 +23,7 @@ from dppa.io.atomic import check_output_free
 from dppa.io.manifest import check_is_delta
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.sparsify.dp import DPOptions, DPStats, gather_dp_stats, module_densities
+from dppa.sparsify.registry import PRUNERS
 from dppa.sparsify.scope import DEFAULT_SCOPE, compile_scope
 from dppa.sparsify.threshold import keep_count, topk_mask
 from dppa.sparsify.transform import check_density, transform_delta
@@ -85,17 +86,10 @@ class BandPlan:
         return cls(list(densities), keep, rho)
 
 
-def dp_options(options: DPOptions | dict | None) -> DPOptions:
-    """DPOptions from an instance, a dict of its fields, or None (the defaults)."""
-    if options is None:
-        return DPOptions()
-    return options if isinstance(options, DPOptions) else DPOptions(**options)
-
-
 def plan_bands(reader: CheckpointReader, densities: list[float], *, options: DPOptions | dict | None = None,
                scope: str = DEFAULT_SCOPE, device: str = "cpu", progress: bool = False) -> BandPlan:
     check_bands(densities)
-    options = dp_options(options)
+    options = PRUNERS.options_for("dp", options)
     regex = compile_scope(scope)
     stats = gather_dp_stats(reader, regex, options, resolve_device(device), progress=progress)
     if not stats.layer:
@@ -131,7 +125,7 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
     """
     check_bands(densities, factors)
     band_factors(factors, combine)  # validates `combine`
-    options = dp_options(options)
+    options = PRUNERS.options_for("dp", options)
     out = Path(out)
     check_output_free(out, overwrite)
     reader = open_checkpoint(delta)
