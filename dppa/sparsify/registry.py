@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -31,9 +31,8 @@ class Plan:
     manifest: dict = field(default_factory=dict)
 
 
-class Planner(Protocol):
-    def __call__(self, reader: CheckpointReader, scope: re.Pattern, density: float, options: Any,
-                 device: torch.device, progress: bool) -> Plan: ...
+# plan(reader, scope, density, options, device, progress) -> Plan
+Planner = Callable[[CheckpointReader, re.Pattern, float, Any, torch.device, bool], Plan]
 
 
 PRUNERS: Registry[Planner] = Registry("pruning method", "--method")
