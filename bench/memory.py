@@ -19,9 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-
 from runner import BENCH, DPPA, REPO, bench_env, ensure_checkpoint, measure, snapshot, source_label
+from safetensors import safe_open
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -32,10 +32,20 @@ import sys
 from pathlib import Path
 
 import torch
+from runner import (
+    BENCH,
+    DPPA,
+    REPO,
+    Run,
+    bench_env,
+    combine,
+    ensure_checkpoint,
+    measure,
+    median_run,
+    snapshot,
+    source_label,
+)
 from safetensors import safe_open
-
-from runner import (BENCH, DPPA, REPO, Run, bench_env, combine, ensure_checkpoint, measure, median_run,
-                    snapshot, source_label)
 
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"

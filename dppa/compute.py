@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 from dppa.errors import DppaError
 
 
-
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 from dppa.errors import DppaError
 from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.io.manifest import source_record, write_manifest
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
-from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 
 VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings|output)\.weight$")
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -52,7 +52,8 @@ def check_same_architecture(base: CheckpointReader, other: CheckpointReader) -> 
 
 def check_finite(chunk: torch.Tensor, reader: CheckpointReader, name: str) -> None:
     if not bool(torch.isfinite(chunk).all()):
-        raise DppaError(f"{reader.info(name).file}: tensor {name!r} contains NaN or Inf; the checkpoint is corrupt or diverged")
+        raise DppaError(f"{reader.info(name).file}: tensor {name!r} contains NaN or Inf; "
+                        "the checkpoint is corrupt or diverged")
 
 
 def matching_rows(base: CheckpointReader, ft: CheckpointReader, name: str) -> bool:
@@ -60,7 +61,8 @@ def matching_rows(base: CheckpointReader, ft: CheckpointReader, name: str) -> bo
     bshape, fshape = base.shape(name), ft.shape(name)
     if bshape == fshape:
         return True
-    if VOCAB_TENSOR.search(name) and len(bshape) == len(fshape) >= 1 and fshape[0] > bshape[0] and fshape[1:] == bshape[1:]:
+    grown_rows = len(bshape) == len(fshape) >= 1 and fshape[0] > bshape[0] and fshape[1:] == bshape[1:]
+    if VOCAB_TENSOR.search(name) and grown_rows:
         return False
     raise DppaError(f"{ft.info(name).file}: tensor {name!r} has shape {list(fshape)} but the base has {list(bshape)}; "
                     "the fine-tune does not match this base")
@@ -71,7 +73,8 @@ def check_same_tensors(base: CheckpointReader, ft: CheckpointReader) -> None:
     for name in sorted(base_names - ft_names):
         raise DppaError(f"{ft.folder}: tensor {name!r} of the base is missing; the fine-tune does not match this base")
     for name in sorted(ft_names - base_names):
-        raise DppaError(f"{ft.folder}: tensor {name!r} is not in the base ({base.folder}); the fine-tune does not match this base")
+        raise DppaError(f"{ft.folder}: tensor {name!r} is not in the base ({base.folder}); "
+                        "the fine-tune does not match this base")
 
 
 def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
@@ -124,7 +127,7 @@ def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: st
                 abs_sum, abs_max = abs_sum + chunk_sum, max(abs_max, chunk_max)
                 bar.advance(raw_base.nbytes + raw_ft.nbytes)
             if name in grown:  # rows beyond the base's: hashed as part of the fine-tune, not part of the delta
-                for start, rest in ft_r.iter_chunks(name, chunk_elems, start=base_r.numel(name)):
+                for _, rest in ft_r.iter_chunks(name, chunk_elems, start=base_r.numel(name)):
                     ft_hash.update(tensor_bytes(rest))
             numel = base_r.numel(name)
             stats[name] = {"numel": numel, "mean_abs": abs_sum / numel if numel else 0.0, "max_abs": abs_max}

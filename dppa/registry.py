@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -80,6 +81,37 @@ class Registry(Generic[T]):
         known = {f.name for f in dataclasses.fields(options)}
         return options(**{k: v for k, v in values.items() if k in known})
 
+    def options_for(self, name: str, values: Any = None) -> Any:
+        """The entry's options from None (defaults), an instance of its options class, or a dict of option values.
+
+        None in a dict means "not given" (the default). A dict may not set an option the entry does not have: it
+        would be silently ignored.
+        """
+        options = self.get(name).options
+        if values is None:
+            return options()
+        if isinstance(values, options):
+            return values
+        if not isinstance(values, dict):
+            raise TypeError(f"{self.kind} {name!r}: options must be {options.__name__} or a dict, got {values!r}")
+        known = {f.name for f in dataclasses.fields(options)}
+        for key, value in values.items():
+            if key not in known and value is not None:
+                self._refuse_foreign(name, key)
+        return options(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    def options_from_args(self, name: str, args: argparse.Namespace) -> Any:
+        """The entry's options from parsed CLI arguments; refuses a flag of another entry given on the command line."""
+        return self.options_for(name, {key: getattr(args, key, None) for key in self.option_fields()})
+
+    def _refuse_foreign(self, name: str, key: str) -> None:
+        owners = [e.name for e in self if key in {f.name for f in dataclasses.fields(e.options)}]
+        if owners:
+            raise DppaError(f"{self.option_fields()[key].flag} is an option of {', '.join(owners)}, "
+                            f"not of {self.kind} {name}")
+        own = ", ".join(f.name for f in dataclasses.fields(self.get(name).options)) or "none"
+        raise DppaError(f"{key}: not an option of {self.kind} {name} (its options: {own})")
+
     def option_fields(self) -> dict[str, Option]:
         """Every option of every entry, by name (entries may share an option class, e.g. DP's options)."""
         fields: dict[str, Option] = {}
@@ -87,10 +119,12 @@ class Registry(Generic[T]):
             fields.update((o.name, o) for o in options_of(entry.options) if o.name not in fields)
         return fields
 
-    def describe(self) -> str:
-        """One line per entry, for `--help` texts."""
+    def describe(self, columns: int = 116) -> str:
+        """One paragraph per entry (name, then its help wrapped beside it), for `--help` texts."""
         width = max((len(n) for n in self._entries), default=0)
-        return "\n".join(f"  {e.name:<{width}}  {e.help}" for e in self)
+        return "\n".join(textwrap.fill(e.help, columns, initial_indent=f"  {e.name:<{width}}  ",
+                                        subsequent_indent=" " * (width + 4), break_on_hyphens=False)
+                         for e in self)
 
 
 @dataclass(frozen=True)
@@ -128,7 +162,7 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, optio
     """One CLI flag per option, typed and defaulted from the dataclass."""
     for o in options:
         help_text = o.help
-        if o.default is not ...:
+        if o.default not in (..., None):
             help_text = f"{help_text} (default {o.default})" if help_text else f"default {o.default}"
         parser.add_argument(o.flag, dest=o.name, type=_scalar_type(o.type), default=None, help=help_text,
                             required=o.default is ...)

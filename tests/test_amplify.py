@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from dppa.sparsify.bands import amplify_delta, amplify_tensor, band_factors, band_index, compute_bands
 from dppa.errors import DppaError
 from dppa.io.reader import open_checkpoint
-from dppa.sparsify.threshold import keep_count
-from tests.test_dp import SCOPE, TOY, write_delta
+from dppa.sparsify.bands import amplify_delta, amplify_tensor, band_factors, band_index
+from tests.test_dp import HAND, SCOPE, TOY, write_delta
 
 
 def test_band_factors_follow_the_reference_rule():
@@ -24,19 +23,38 @@ def test_amplify_tensor_scales_each_band():
     assert amplify_tensor(delta, None, [0.5, 1.5]).tolist() == pytest.approx([6.0, -4.5, 3.0, -1.5, 0.75])
 
 
-def test_amplify_delta_matches_bands_of_dp(tmp_path):
+# Entries DP keeps per band on the toy at densities 0.2 and 0.5, by hand: rho_j(d) = d + layer_adj + module_adj with
+# the adjustments of test_dp (0.a: +0, 0.b: -0.12, 1.a: +0.04, 1.b: +0.16), then round(rho_j * n_j):
+# 0.a: 0.2 * 10 = 2, 0.5 * 10 = 5; 0.b: 0.08 * 30 = 2.4 -> 2, 0.38 * 30 = 11.4 -> 11;
+# 1.a: 0.24 * 10 = 2.4 -> 2, 0.54 * 10 = 5.4 -> 5; 1.b: 0.36 * 10 = 3.6 -> 4, 0.66 * 10 = 6.6 -> 7
+HAND_KEEP = {"layers.0.a.weight": (2, 5), "layers.0.b.weight": (2, 11), "layers.1.a.weight": (2, 5),
+             "layers.1.b.weight": (4, 7)}
+
+
+def banded(delta, keep, factors):
+    """Plain torch: sort by |delta| (ties to the lowest index), scale the first keep[0] entries by factors[0], the
+    next keep[1] - keep[0] by factors[1], zero the rest."""
+    flat = delta.flatten()
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    out = torch.zeros_like(flat)
+    out[order[: keep[0]]] = flat[order[: keep[0]]] * factors[0]
+    out[order[keep[0] : keep[1]]] = flat[order[keep[0] : keep[1]]] * factors[1]
+    return out.view_as(delta)
+
+
+@pytest.mark.parametrize("factors,combine,applied", [([2.0, 1.0], "max", [2.0, 1.0]), ([0.5, 1.5], "max", [1.5, 1.5]),
+                                                     ([0.5, 1.5], "band", [0.5, 1.5])])
+def test_amplify_delta_equals_hand_computed_bands(tmp_path, factors, combine, applied):
     delta = write_delta(tmp_path / "toy", TOY)
-    out = amplify_delta(delta, tmp_path / "amp", densities=[0.2, 0.5], factors=[2.0, 1.0], scope=SCOPE,
-                        progress=False)
+    out = amplify_delta(delta, tmp_path / "amp", densities=[0.2, 0.5], factors=factors, combine=combine,
+                        scope=SCOPE, options=HAND, progress=False)
     reader = open_checkpoint(out)
-    bands, plan = compute_bands(delta, [0.2, 0.5], scope=SCOPE)
-    for name, (values, index) in bands.items():
-        assert torch.equal(reader.get(name), amplify_tensor(values, index, [2.0, 1.0]))
-    # layers.0.b's DP density is d - 0.08 - 0.04 (test_dp), so 0.08 and 0.38 for the two bands
-    assert plan.keep_counts["layers.0.b.weight"] == [keep_count(0.08, 30), keep_count(0.38, 30)]
-    amplified = reader.get("layers.1.b.weight").view(-1)
-    assert amplified[9] == -60.0  # the outlier (-30) is in band 1 -> 2 x -30
-    assert torch.equal(reader.get("norm.weight"), TOY["norm.weight"] * 2.0)
+    for name, keep in HAND_KEEP.items():
+        assert torch.equal(reader.get(name), banded(TOY[name], keep, applied)), name
+    # out of scope: the whole delta times max(alpha)
+    assert torch.equal(reader.get("norm.weight"), TOY["norm.weight"] * max(factors))
+    if factors == [2.0, 1.0]:
+        assert reader.get("layers.1.b.weight").view(-1)[9] == -60.0  # the outlier -30 is in band 1
 
 
 def test_bad_band_specs(tmp_path):

@@ -120,3 +120,56 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tiny_models, tmp_path, ca
     reference = tmp_path / "reference"
     assert run_cli(capsys, "extract", base, ft1, "-o", reference)[0] == 0
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("command", [["prune", "--method", "dp", "--density", "0.2"],
+                                     ["amplify", "--factors", "1.8,1.0"]])
+def test_a_model_folder_is_not_a_delta(tiny_models, tmp_path, capsys, command):
+    base, ft1, ft2 = tiny_models
+    out = tmp_path / "out"
+    # a plain model folder (no dppa manifest at all)
+    code, err = run_cli(capsys, command[0], ft1, "-o", out, *command[1:])
+    assert_clean_failure(code, err, out, ft1, "is a model folder, not a delta", "dppa extract BASE MODEL")
+    # a model written by dppa (manifest kind "model")
+    deltas = [tmp_path / "d1", tmp_path / "d2"]
+    for ft, delta in zip((ft1, ft2), deltas):
+        assert run_cli(capsys, "extract", base, ft, "-o", delta)[0] == 0
+    merged = tmp_path / "merged"
+    assert run_cli(capsys, "merge", base, *deltas, "-o", merged, "--method", "task_arithmetic")[0] == 0
+    code, err = run_cli(capsys, command[0], merged, "-o", out, *command[1:])
+    assert_clean_failure(code, err, out, merged, "is a model folder, not a delta")
+
+
+def test_merge_refuses_a_finetuned_model_given_as_a_delta(tiny_models, tmp_path, capsys):
+    base, ft1, ft2 = tiny_models
+    delta = tmp_path / "d2"
+    assert run_cli(capsys, "extract", base, ft2, "-o", delta)[0] == 0
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "merge", base, ft1, delta, "-o", out, "--method", "task_arithmetic")
+    assert_clean_failure(code, err, out, ft1, "is a model folder, not a delta", "dppa extract BASE MODEL")
+    code, err = run_cli(capsys, "apply", base, ft1, "-o", out)
+    assert_clean_failure(code, err, out, ft1, "is a model folder, not a delta")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["prune", "--method", "dp", "--density", "0.2", "--seed", "3"], ["--seed", "dare", "dp"]),
+    (["prune", "--method", "dp", "--density", "0.2", "--lamda", "1.5"], ["--lamda 1.5", "[0, 1)"]),
+    (["prune", "--method", "dp", "--density", "0.2", "--unit-mult", "0"], ["--unit-mult 0", "> 0"]),
+    (["amplify", "--factors", "1,1", "--layer-mult", "-1"], ["--layer-mult -1", "> 0"]),
+])
+def test_bad_or_misplaced_method_options(tiny_models, tmp_path, capsys, args, needles):
+    base, ft1, _ = tiny_models
+    delta = tmp_path / "delta"
+    assert run_cli(capsys, "extract", base, ft1, "-o", delta)[0] == 0
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, args[0], delta, "-o", out, *args[1:])
+    assert_clean_failure(code, err, out, *needles)
+
+
+def test_trim_density_with_task_arithmetic_is_refused(tiny_models, tmp_path, capsys):
+    base, ft1, _ = tiny_models
+    delta = tmp_path / "delta"
+    assert run_cli(capsys, "extract", base, ft1, "-o", delta)[0] == 0
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "merge", base, delta, "-o", out, "--method", "task_arithmetic", "--density", "0.2")
+    assert_clean_failure(code, err, out, "--density is an option of ties, not of merge method task_arithmetic")

@@ -5,14 +5,16 @@ import json
 import pytest
 import torch
 
-from dppa.sparsify.dp import gather_dp_stats, layer_adjustments, module_adjustments, module_densities
 from dppa.io.atomic import atomic_dir
 from dppa.io.reader import open_checkpoint
 from dppa.io.writer import ShardedWriter
+from dppa.sparsify.dp import DPOptions, gather_dp_stats, layer_adjustments, module_adjustments, module_densities
 from dppa.sparsify.prune import prune_delta
 from dppa.sparsify.scope import compile_scope
 
 SCOPE = r"^layers\.(?P<layer>\d+)\.(a|b)\.weight$"
+# The values the hand computations below use: the reference's defaults
+HAND = DPOptions(lamda=0.08, layer_mult=3.0, unit_mult=5.0)
 
 
 def ones(n, outliers=()):
@@ -47,8 +49,12 @@ def toy_delta(tmp_path):
     return write_delta(tmp_path / "toy", TOY)
 
 
+def test_default_options_are_the_references():
+    assert DPOptions() == HAND
+
+
 def test_statistics_by_hand(toy_delta):
-    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), 3.0, 5.0, torch.device("cpu"))
+    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), HAND, torch.device("cpu"))
     # layer 0: mean |A_0| = (19 + 30) / 40 = 1.225, threshold 3.675 -> only the 10 is an outlier: 1 / 40
     # layer 1: mean |A_1| = (32 + 39) / 20 = 3.55, threshold 10.65 -> 12, 12, 30: 3 / 20
     assert stats.layer_outlier_pct == pytest.approx({0: 2.5, 1: 15.0})
@@ -59,7 +65,7 @@ def test_statistics_by_hand(toy_delta):
 
 
 def test_densities_by_hand(toy_delta):
-    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), 3.0, 5.0, torch.device("cpu"))
+    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), HAND, torch.device("cpu"))
     # r = [2.5, 15] - 8.75 = [-6.25, 6.25] -> scaled to [-0.08, 0.08]
     assert layer_adjustments(stats.layer_outlier_pct, 0.08) == pytest.approx({0: -0.08, 1: 0.08})
     # u / mean(u) = [2, 0, 0, 2]; size-weighted mean = (20 + 20) / 60 = 2/3 -> [4/3, -2/3, -2/3, 4/3] -> x 0.08 / (4/3)
@@ -71,7 +77,8 @@ def test_densities_by_hand(toy_delta):
 
 
 def test_dp_prune_keeps_hand_computed_counts(toy_delta, tmp_path):
-    out = prune_delta(toy_delta, tmp_path / "pruned", method="dp", density=0.5, scope=SCOPE, progress=False)
+    out = prune_delta(toy_delta, tmp_path / "pruned", method="dp", density=0.5, scope=SCOPE, options=HAND,
+                      progress=False)
     reader = open_checkpoint(out)
     kept = {n: int(torch.count_nonzero(reader.get(n))) for n in TOY}
     # round(0.5 * 10), round(0.38 * 30), round(0.54 * 10), round(0.66 * 10); out of scope untouched
@@ -83,6 +90,7 @@ def test_dp_prune_keeps_hand_computed_counts(toy_delta, tmp_path):
     manifest = json.loads((out / "dppa_manifest.json").read_text())
     assert manifest["module_density"]["layers.0.b.weight"] == pytest.approx(0.38)
     assert manifest["layer_density"] == pytest.approx({"0": 0.42, "1": 0.58})
+    assert (manifest["method"], manifest["lamda"], manifest["layer_mult"], manifest["unit_mult"]) == ("dp", 0.08, 3, 5)
 
 
 def test_no_outliers_anywhere_means_no_adjustment():
@@ -91,7 +99,7 @@ def test_no_outliers_anywhere_means_no_adjustment():
 
 
 def test_densities_are_clamped_to_unit_interval(toy_delta):
-    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), 3.0, 5.0, torch.device("cpu"))
+    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), HAND, torch.device("cpu"))
     rho = module_densities(stats, 0.95, 0.08)
     assert rho["layers.1.b.weight"] == 1.0 and max(rho.values()) <= 1.0
     assert min(module_densities(stats, 0.05, 0.08).values()) >= 0.0

@@ -3,8 +3,9 @@ import hashlib
 import pytest
 import torch
 
-from dppa.merging.merge import merge_chunk, ties_combine
-from dppa.sparsify.prune import dare_prune
+from dppa.merging.task_arithmetic import task_arithmetic
+from dppa.merging.ties import ties_combine, ties_merge
+from dppa.sparsify.dare import dare_prune
 
 
 def test_ties_sign_election_and_disjoint_mean():
@@ -18,11 +19,10 @@ def test_ties_sign_election_and_disjoint_mean():
 
 def test_ties_merge_scales_and_adds_base():
     base = torch.tensor([10.0, 10.0])
-    merged = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], [1.0, 1.0], "ties", 0.5)
+    merged = ties_merge(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], [1.0, 1.0], 0.5)
     # position 0: mean(1, 3) = 2 -> 10 + 0.5 * 2; position 1: sum 0 -> no sign -> 0
     assert merged.tolist() == [11.0, 10.0]
-    ta = merge_chunk(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], [1.0, 2.0],
-                     "task_arithmetic", 0.5)
+    ta = task_arithmetic(base.clone(), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])], [1.0, 2.0], 0.5)
     assert ta.tolist() == [13.5, 10.5]
 
 

@@ -2,8 +2,10 @@
 
 import argparse
 
+from dppa.cli.options import add_common, add_dp_options, common_kwargs, float_list
+from dppa.registry import options_from_args
 from dppa.sparsify.bands import COMBINE_RULES, amplify_delta
-from dppa.cli.options import add_common, add_dp_options, common_kwargs, dp_kwargs, float_list
+from dppa.sparsify.dp import DPOptions
 
 ORDER = 30
 
@@ -34,6 +36,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     out = amplify_delta(args.delta, args.output, densities=args.densities, factors=args.factors, combine=args.combine,
-                        **dp_kwargs(args), **common_kwargs(args))
+                        options=options_from_args(DPOptions, args), scope=args.scope, **common_kwargs(args))
     print(out)
     return 0

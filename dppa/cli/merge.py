@@ -2,8 +2,9 @@
 
 import argparse
 
-from dppa.cli.options import add_common, common_kwargs, float_list
-from dppa.merging.merge import METHODS, apply_delta, merge_deltas
+from dppa.cli.options import add_common, add_method_options, common_kwargs, float_list
+from dppa.merging.merge import apply_delta, merge_deltas
+from dppa.merging.registry import MERGERS
 
 ORDER = 40
 
@@ -12,10 +13,7 @@ Merge one or more deltas into BASE and write a model folder (base dtype, base co
 transformers loads.
 
 methods:
-  task_arithmetic  base + L * sum_m w_m * delta_m
-  ties             trim each unpruned delta to its top --density by magnitude (every tensor; skipped for deltas
-                   already pruned by `dppa prune`/`dppa amplify`), elect a sign per entry from the weighted sum,
-                   take the weighted mean of the nonzero deltas agreeing with it, times L
+{methods}
 
 examples:
   dppa merge BASE data/amplified/math data/amplified/law -o data/merged/dppa-ties --method ties
@@ -31,16 +29,17 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help="merge deltas into the base (task_arithmetic, ties)",
-                              description=MERGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("merge", help=f"merge deltas into the base ({', '.join(MERGERS.names())})",
+                              description=MERGE_DESCRIPTION.format(methods=MERGERS.describe()),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", metavar="BASE", help="base model folder")
     p.add_argument("deltas", metavar="DELTA", nargs="+", help="delta folders (extract / prune / amplify outputs)")
     add_common(p)
-    p.add_argument("--method", choices=METHODS, default="ties", help="merge method (default ties)")
+    p.add_argument("--method", choices=MERGERS.names(), default="ties", help="merge method (default ties)")
     p.add_argument("--weights", type=float_list, metavar="W1,W2,..", help="one weight per delta (default all 1)")
     p.add_argument("--scale", type=float, default=1.0, metavar="L", help="lambda, scales the merged delta (default 1)")
-    p.add_argument("--density", type=float, metavar="D", help="TIES trim density for unpruned deltas")
     p.add_argument("--allow-pickle", action="store_true", help="accept a *.bin pickle base (can run code!)")
+    add_method_options(p, MERGERS)
     p.set_defaults(func=run_merge)
 
     a = subparsers.add_parser("apply", help="base + delta, as a model folder", description=APPLY_DESCRIPTION,
@@ -55,7 +54,8 @@ def register(subparsers) -> None:
 
 def run_merge(args) -> int:
     out = merge_deltas(args.base, args.deltas, args.output, method=args.method, weights=args.weights,
-                       scale=args.scale, density=args.density, allow_pickle=args.allow_pickle, **common_kwargs(args))
+                       scale=args.scale, options=MERGERS.options_from_args(args.method, args),
+                       allow_pickle=args.allow_pickle, **common_kwargs(args))
     print(out)
     return 0
 

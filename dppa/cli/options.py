@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dppa.registry import Registry, add_options, options_of
+from dppa.sparsify.dp import DPOptions
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
 
@@ -18,14 +20,27 @@ def add_common(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def add_scope(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scope", default=DEFAULT_SCOPE, metavar="REGEX",
+                        help="tensors the pruning touches; needs a group capturing the layer index "
+                             "(default: LLaMA-style q/k/v/o and gate/up/down projections)")
+
+
+def add_method_options(parser: argparse.ArgumentParser, registry: Registry) -> None:
+    """One argument group per entry of `registry` with options, each option added once (entries may share them)."""
+    added: set[str] = set()
+    for entry in registry:
+        options = [o for o in options_of(entry.options) if o.name not in added]
+        if options:
+            add_options(parser.add_argument_group(f"{entry.name} options"), options)
+            added.update(o.name for o in options)
+
+
 def add_dp_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Dynamic Pruning parameters (spec section 1)")
-    group.add_argument("--lamda", type=float, default=0.08, help="largest layer/module density adjustment (default 0.08)")
-    group.add_argument("--layer-mult", type=float, default=3.0, help="layer outlier = |delta| > this x layer mean (default 3)")
-    group.add_argument("--unit-mult", type=float, default=5.0, help="module outlier = |delta| > this x module mean (default 5)")
-    group.add_argument("--scope", default=DEFAULT_SCOPE, metavar="REGEX",
-                       help="tensors the pruning touches; needs a group capturing the layer index "
-                            "(default: LLaMA-style q/k/v/o and gate/up/down projections)")
+    """--scope and Dynamic Pruning's options, for the commands that split a delta into DP bands; read them back
+    with `options_from_args(DPOptions, args)` and `args.scope`."""
+    add_scope(parser)
+    add_options(parser.add_argument_group("Dynamic Pruning options (docs/method.md)"), options_of(DPOptions))
 
 
 def float_list(text: str) -> list[float]:
@@ -41,8 +56,3 @@ def common_kwargs(args) -> dict:
     if hasattr(args, "device"):
         kwargs["device"] = args.device
     return kwargs
-
-
-def dp_kwargs(args) -> dict:
-    """Engine keyword arguments of the options added by `add_dp_options`."""
-    return {"lamda": args.lamda, "layer_mult": args.layer_mult, "unit_mult": args.unit_mult, "scope": args.scope}

@@ -1,9 +1,10 @@
-"""`dppa prune`: magnitude, DARE or Dynamic Pruning of a delta."""
+"""`dppa prune`: prune a delta with one of the registered pruning methods (magnitude, DARE, Dynamic Pruning)."""
 
 import argparse
 
-from dppa.cli.options import add_common, add_dp_options, common_kwargs, dp_kwargs
-from dppa.sparsify.prune import METHODS, prune_delta
+from dppa.cli.options import add_common, add_method_options, add_scope, common_kwargs
+from dppa.sparsify.prune import prune_delta
+from dppa.sparsify.registry import PRUNERS
 
 ORDER = 20
 
@@ -13,10 +14,7 @@ Only tensors matching --scope (the transformer blocks' linear projections) are p
 delta, as in the DPPA reference.
 
 methods:
-  magnitude  keep the round(D * n) largest |delta| of each tensor
-  dare       drop each entry with probability 1 - D, rescale survivors by 1 / D (seeded; identical bit for bit)
-  dp         Dynamic Pruning: magnitude pruning with per-layer and per-module densities adjusted by how
-             outlier-heavy each is; the chosen densities are written to the manifest
+{methods}
 
 example:
   dppa prune data/deltas/math -o data/pruned/math-dp20 --method dp --density 0.2
@@ -24,19 +22,20 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("prune", help="prune a delta (magnitude, dare, dp)", description=DESCRIPTION,
+    p = subparsers.add_parser("prune", help=f"prune a delta ({', '.join(PRUNERS.names())})",
+                              description=DESCRIPTION.format(methods=PRUNERS.describe()),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("delta", metavar="DELTA", help="delta folder written by `dppa extract`")
     add_common(p)
-    p.add_argument("--method", required=True, choices=METHODS, help="pruning method")
+    p.add_argument("--method", required=True, choices=PRUNERS.names(), help="pruning method")
     p.add_argument("--density", required=True, type=float, metavar="D", help="share of delta entries kept, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="DARE's random seed (default 0)")
-    add_dp_options(p)
+    add_scope(p)
+    add_method_options(p, PRUNERS)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    out = prune_delta(args.delta, args.output, method=args.method, density=args.density, seed=args.seed,
-                      **dp_kwargs(args), **common_kwargs(args))
+    out = prune_delta(args.delta, args.output, method=args.method, density=args.density, scope=args.scope,
+                      options=PRUNERS.options_from_args(args.method, args), **common_kwargs(args))
     print(out)
     return 0

@@ -11,6 +11,7 @@ from dppa import __version__
 from dppa.errors import DppaError
 
 MANIFEST_NAME = "dppa_manifest.json"
+DELTA_KINDS = ("delta", "pruned", "amplified")  # what extract, prune and amplify write
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -21,6 +22,16 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DppaError(f"{path}: invalid JSON ({exc}); the artifact is corrupt, recreate it") from None
+
+
+def check_is_delta(folder: str | os.PathLike) -> dict:
+    """The manifest of a delta folder; a model folder (no dppa manifest, or a merged model) is refused."""
+    manifest = read_manifest(folder)
+    kind = manifest.get("kind")
+    if kind not in DELTA_KINDS:
+        what = "a model folder" if kind in (None, "model") else f"a {kind!r} artifact"
+        raise DppaError(f"{folder}: is {what}, not a delta; run `dppa extract BASE MODEL` first")
+    return manifest
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:

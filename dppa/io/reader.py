@@ -108,8 +108,8 @@ class CheckpointReader:
     def iter_chunks(self, name: str, chunk_elems: int, start: int = 0):
         """Yield (start, flat chunk) over the tensor from element `start`; chunks hold at most `chunk_elems`."""
         numel = self.info(name).numel
-        for start in range(start, numel, max(1, chunk_elems)):
-            yield start, self.read_flat(name, start, min(chunk_elems, numel - start))
+        for at in range(start, numel, max(1, chunk_elems)):
+            yield at, self.read_flat(name, at, min(chunk_elems, numel - at))
 
     def _read_into(self, path: Path, offset: int, buf: torch.Tensor) -> None:
         fd = self._handles.get(path)
@@ -215,7 +215,8 @@ def open_checkpoint(folder: str | os.PathLike, allow_pickle: bool = False) -> Ch
             file_infos, _ = read_safetensors_header(f)
             for name, info in file_infos.items():
                 if name in infos:
-                    raise DppaError(f"{f}: tensor {name!r} also appears in {infos[name].file.name}; remove the duplicate")
+                    raise DppaError(f"{f}: tensor {name!r} also appears in {infos[name].file.name}; "
+                                    "remove the duplicate")
                 infos[name] = info
         return CheckpointReader(folder, infos)
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())

@@ -1,4 +1,4 @@
-"""Dynamic Partition Amplification (spec section 2): significance bands of DP-kept entries, each with its own factor.
+"""Dynamic Partition Amplification (docs/method.md): significance bands of DP-kept entries, each with its own factor.
 
 Band b holds the entries DP keeps at density d_b but not at d_{b-1} (d_1 < ... < d_K). With the reference's rule
 (`combine="max"`) an entry of band b is multiplied by max(alpha_b, ..., alpha_K): the reference builds one pruned delta
@@ -12,19 +12,21 @@ candidate for any factors is `delta * table[band_index]`: cheap enough to rebuil
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from dppa.sparsify.dp import DPStats, gather_dp_stats, module_densities
+from dppa.compute import resolve_device
 from dppa.errors import DppaError
 from dppa.io.atomic import check_output_free
+from dppa.io.manifest import check_is_delta
 from dppa.io.reader import CheckpointReader, open_checkpoint
-from dppa.compute import resolve_device
+from dppa.sparsify.dp import DPOptions, DPStats, gather_dp_stats, module_densities
+from dppa.sparsify.registry import PRUNERS
 from dppa.sparsify.scope import DEFAULT_SCOPE, compile_scope
 from dppa.sparsify.threshold import keep_count, topk_mask
-from dppa.sparsify.transform import check_density, check_is_delta, transform_delta
+from dppa.sparsify.transform import check_density, transform_delta
 
 COMBINE_RULES = ("max", "band")
 
@@ -59,7 +61,8 @@ def band_index(delta: torch.Tensor, keep_counts: list[int]) -> torch.Tensor:
     return index
 
 
-def amplify_tensor(delta: torch.Tensor, index: torch.Tensor | None, factors: list[float], combine: str = "max") -> torch.Tensor:
+def amplify_tensor(delta: torch.Tensor, index: torch.Tensor | None, factors: list[float],
+                   combine: str = "max") -> torch.Tensor:
     """The amplified delta of one tensor; `index` None means out of scope (whole delta times max factor)."""
     if index is None:
         return delta * max(factors)
@@ -76,33 +79,34 @@ class BandPlan:
     module_density: dict[str, list[float]]
 
     @classmethod
-    def from_stats(cls, stats: DPStats, densities: list[float], lamda: float) -> "BandPlan":
+    def from_stats(cls, stats: DPStats, densities: list[float], lamda: float) -> BandPlan:
         per_density = [module_densities(stats, d, lamda) for d in densities]
         rho = {j: [p[j] for p in per_density] for j in stats.layer}
         keep = {j: [keep_count(r, stats.numel[j]) for r in rho[j]] for j in stats.layer}
         return cls(list(densities), keep, rho)
 
 
-def plan_bands(reader: CheckpointReader, densities: list[float], *, lamda: float = 0.08, layer_mult: float = 3.0,
-               unit_mult: float = 5.0, scope: str = DEFAULT_SCOPE, device: str = "cpu", progress: bool = False) -> BandPlan:
+def plan_bands(reader: CheckpointReader, densities: list[float], *, options: DPOptions | dict | None = None,
+               scope: str = DEFAULT_SCOPE, device: str = "cpu", progress: bool = False) -> BandPlan:
     check_bands(densities)
+    options = PRUNERS.options_for("dp", options)
     regex = compile_scope(scope)
-    stats = gather_dp_stats(reader, regex, layer_mult, unit_mult, resolve_device(device), progress=progress)
+    stats = gather_dp_stats(reader, regex, options, resolve_device(device), progress=progress)
     if not stats.layer:
-        raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture")
-    return BandPlan.from_stats(stats, densities, lamda)
+        raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; "
+                        "pass --scope for this architecture")
+    return BandPlan.from_stats(stats, densities, options.lamda)
 
 
-def compute_bands(delta: str | os.PathLike, densities: list[float], *, lamda: float = 0.08, layer_mult: float = 3.0,
-                  unit_mult: float = 5.0, scope: str = DEFAULT_SCOPE, device: str = "cpu"):
+def compute_bands(delta: str | os.PathLike, densities: list[float], *, options: DPOptions | dict | None = None,
+                  scope: str = DEFAULT_SCOPE, device: str = "cpu"):
     """In-memory bands of a delta folder: {name: (float32 delta, uint8 band index or None if out of scope)}.
 
     Holds the whole delta in memory: meant for the factor search on models that fit in RAM or GPU memory.
     """
     reader = open_checkpoint(delta)
-    check_is_delta(reader)
-    plan = plan_bands(reader, densities, lamda=lamda, layer_mult=layer_mult, unit_mult=unit_mult, scope=scope,
-                      device=device)
+    check_is_delta(reader.folder)
+    plan = plan_bands(reader, densities, options=options, scope=scope, device=device)
     dev = resolve_device(device)
     bands = {}
     for name in reader.names():
@@ -112,18 +116,21 @@ def compute_bands(delta: str | os.PathLike, densities: list[float], *, lamda: fl
 
 
 def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities: list[float], factors: list[float],
-                  combine: str = "max", lamda: float = 0.08, layer_mult: float = 3.0, unit_mult: float = 5.0,
-                  scope: str = DEFAULT_SCOPE, device: str = "cpu", overwrite: bool = False, progress: bool = True,
-                  max_shard_size: str = "5GB", extra_manifest: dict | None = None) -> Path:
-    """Write the amplified sparse delta (density d_K) of the delta folder `delta` into `out`."""
+                  combine: str = "max", options: DPOptions | dict | None = None, scope: str = DEFAULT_SCOPE,
+                  device: str = "cpu", overwrite: bool = False, progress: bool = True, max_shard_size: str = "5GB",
+                  extra_manifest: dict | None = None) -> Path:
+    """Write the amplified sparse delta (density d_K) of the delta folder `delta` into `out`.
+
+    `options`: DP's options (DPOptions, a dict of its fields, or None for the defaults).
+    """
     check_bands(densities, factors)
     band_factors(factors, combine)  # validates `combine`
+    options = PRUNERS.options_for("dp", options)
     out = Path(out)
     check_output_free(out, overwrite)
     reader = open_checkpoint(delta)
-    check_is_delta(reader)
-    plan = plan_bands(reader, densities, lamda=lamda, layer_mult=layer_mult, unit_mult=unit_mult, scope=scope,
-                      device=device, progress=progress)
+    check_is_delta(reader.folder)
+    plan = plan_bands(reader, densities, options=options, scope=scope, device=device, progress=progress)
     regex = compile_scope(scope)
 
     def amplify(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
@@ -132,8 +139,7 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
 
     manifest = {"kind": "amplified", "pruned": True, "method": "dppa", "densities": list(densities),
                 "factors": list(factors), "band_factors": band_factors(factors, combine), "combine": combine,
-                "lamda": lamda, "layer_mult": layer_mult, "unit_mult": unit_mult, "scope": scope,
-                "module_density": plan.module_density, **(extra_manifest or {})}
+                **asdict(options), "scope": scope, "module_density": plan.module_density, **(extra_manifest or {})}
     return transform_delta(reader, out, amplify, scope=regex, device=resolve_device(device), manifest=manifest,
                            desc=f"amplify {Path(delta).name}", overwrite=overwrite, progress=progress,
                            max_shard_size=max_shard_size)

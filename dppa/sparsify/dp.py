@@ -1,4 +1,4 @@
-"""Dynamic Pruning (spec section 1): per-layer and per-module densities from how outlier-heavy each one is.
+"""Dynamic Pruning (docs/method.md): per-layer and per-module densities from how outlier-heavy each one is.
 
 The statistics (outlier percentages) do not depend on the target density, so they are gathered once per delta and
 `module_densities` maps them to densities for any target: rho_j(d) = clamp(d + layer_adj[i] + module_adj[j], 0, 1).
@@ -12,9 +12,28 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from dppa.io.reader import CheckpointReader
 from dppa.compute import Progress, chunk_workers, ordered_map
+from dppa.errors import DppaError
+from dppa.io.reader import CheckpointReader
+from dppa.sparsify.magnitude import magnitude_prune
+from dppa.sparsify.registry import PRUNERS, Plan
 from dppa.sparsify.scope import layer_of
+
+
+@dataclass(frozen=True)
+class DPOptions:
+    """Dynamic Pruning's parameters (the reference's defaults); DPA's bands use the same ones."""
+
+    lamda: float = field(default=0.08, metadata={"help": "largest layer/module density adjustment"})
+    layer_mult: float = field(default=3.0, metadata={"help": "layer outlier = |delta| > this x layer mean"})
+    unit_mult: float = field(default=5.0, metadata={"help": "module outlier = |delta| > this x module mean"})
+
+    def __post_init__(self):
+        if not 0 <= self.lamda < 1:
+            raise DppaError(f"--lamda {self.lamda}: must be in [0, 1) (a density adjustment)")
+        for flag, value in (("--layer-mult", self.layer_mult), ("--unit-mult", self.unit_mult)):
+            if not value > 0:
+                raise DppaError(f"{flag} {value}: must be > 0 (a multiple of the mean |delta|)")
 
 
 @dataclass
@@ -36,12 +55,13 @@ def outlier_pct(magnitude: torch.Tensor, threshold: float) -> float:
     return 100.0 * int(torch.count_nonzero(magnitude > threshold)) / magnitude.numel()
 
 
-def gather_dp_stats(reader: CheckpointReader, scope: re.Pattern, layer_mult: float, unit_mult: float,
-                    device: torch.device, progress: bool = False) -> DPStats:
+def gather_dp_stats(reader: CheckpointReader, scope: re.Pattern, options: DPOptions, device: torch.device,
+                    progress: bool = False) -> DPStats:
     """Two streaming passes over the in-scope tensors: module statistics and layer means, then layer outlier counts."""
     in_scope = [n for n in reader.names() if layer_of(scope, n) is not None]
-    with Progress("DP statistics", 2 * sum(reader.info(n).nbytes for n in in_scope), 2 * len(in_scope), progress) as bar:
-        return _gather(reader, in_scope, scope, layer_mult, unit_mult, device, bar)
+    total_bytes = 2 * sum(reader.info(n).nbytes for n in in_scope)
+    with Progress("DP statistics", total_bytes, 2 * len(in_scope), progress) as bar:
+        return _gather(reader, in_scope, scope, options.layer_mult, options.unit_mult, device, bar)
 
 
 def _gather(reader: CheckpointReader, in_scope: list[str], scope: re.Pattern, layer_mult: float, unit_mult: float,
@@ -120,3 +140,16 @@ def module_densities(stats: DPStats, density: float, lamda: float) -> dict[str, 
 def layer_densities(stats: DPStats, density: float, lamda: float) -> dict[int, float]:
     """D_i = d + r_i (step 2), reported in manifests."""
     return {i: density + r for i, r in layer_adjustments(stats.layer_outlier_pct, lamda).items()}
+
+
+@PRUNERS.register("dp", options=DPOptions,
+                  help="Dynamic Pruning: magnitude pruning with per-layer and per-module densities adjusted by how "
+                       "outlier-heavy each is; the chosen densities are written to the manifest")
+def plan_dp(reader: CheckpointReader, scope: re.Pattern, density: float, options: DPOptions, device: torch.device,
+            progress: bool) -> Plan:
+    stats = gather_dp_stats(reader, scope, options, device, progress=progress)
+    density_of = module_densities(stats, density, options.lamda)
+    manifest = {"module_density": density_of,
+                "layer_density": {str(i): v for i, v in layer_densities(stats, density, options.lamda).items()},
+                "dp_stats": stats.to_json()}
+    return Plan(lambda name, values, layer: magnitude_prune(values, density_of[name]), manifest)

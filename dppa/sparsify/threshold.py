@@ -11,8 +11,8 @@ set for a larger k (DP's nested bands rely on it).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 

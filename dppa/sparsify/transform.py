@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from dppa.compute import Progress, chunk_workers, ordered_map
 from dppa.errors import DppaError
 from dppa.io.atomic import atomic_dir
 from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader
 from dppa.io.writer import ShardedWriter, parse_size
-from dppa.compute import Progress, chunk_workers, ordered_map
 from dppa.sparsify.scope import layer_of
 
 # fn(name, delta in its stored dtype on the compute device, layer index or None when out of scope) -> new delta
 # (any float dtype; it is written in the stored dtype)
 TensorFn = Callable[[str, torch.Tensor, "int | None"], torch.Tensor]
-
-
-def check_is_delta(reader: CheckpointReader) -> dict:
-    manifest = read_manifest(reader.folder)
-    if manifest.get("kind") == "model":
-        raise DppaError(f"{reader.folder}: is a merged model, not a delta; run `dppa extract BASE FINETUNED` first")
-    return manifest
 
 
 def check_density(density: float, flag: str = "--density") -> float:

@@ -1,0 +1,30 @@
+"""The merge methods, by name: `MERGERS`. Adding one is one module with one `@MERGERS.register(...)` (the
+built-in ones are imported by `dppa/merging/__init__.py`).
+
+A method turns its options into a `MergePlan`: the chunk combiner and, optionally, the density to which each
+unpruned delta is trimmed per tensor first (TIES's trim). The streaming driver (merge.py) reads the same range of
+the base and of every delta and hands the chunks to `combine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dppa.registry import Registry
+
+# combine(base chunk, delta chunks, weights, scale) -> merged chunk, all float32 on the compute device; it may work
+# in place on its arguments (they are temporaries of the driver)
+CombineFn = Callable[[torch.Tensor, list[torch.Tensor], list[float], float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    combine: CombineFn
+    trim_density: float | None = None  # keep this share of each unpruned delta's entries, per tensor, by magnitude
+
+
+MERGERS: Registry[Callable[[Any], MergePlan]] = Registry("merge method", "--method")

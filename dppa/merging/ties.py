@@ -1,0 +1,68 @@
+"""TIES (docs/method.md): trim each delta to its largest entries, elect a sign per entry, disjoint mean."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dppa.io.reader import CheckpointReader
+from dppa.merging.registry import MERGERS, MergePlan
+from dppa.sparsify.threshold import Threshold, find_threshold, key_bits, magnitude_keys
+from dppa.sparsify.transform import check_density
+
+
+@dataclass(frozen=True)
+class TiesOptions:
+    density: float | None = field(default=None, metadata={
+        "help": "TIES trim density for unpruned deltas (default: no trim)"})
+
+    def __post_init__(self):
+        if self.density is not None:
+            check_density(self.density)
+
+
+def ties_trim_count(density: float, numel: int) -> int:
+    """Entries kept by TIES's trim: floor(density * n), as in the TIES reference code and mergekit."""
+    return max(0, min(numel, int(density * numel)))
+
+
+def trim_threshold(reader: CheckpointReader, name: str, density: float, chunk_elems: int) -> Threshold:
+    """TIES trim threshold of one delta tensor, from histogram passes over chunks read from disk."""
+    numel = reader.numel(name)
+
+    def key_chunks():
+        return (magnitude_keys(c) for _, c in reader.iter_chunks(name, chunk_elems))
+    return find_threshold(key_chunks, numel, ties_trim_count(density, numel), key_bits(reader.dtype(name)))
+
+
+def ties_combine(weighted: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """TIES on weighted deltas: elect sign(sum), then the weighted mean of the nonzero entries agreeing with it.
+
+    Works in place on `weighted` (temporaries of the caller) and never stacks them, so memory stays at a few
+    buffers whatever the number of deltas. An entry agrees when (w_m delta_m) * sign > 0.
+    """
+    elected = torch.zeros_like(weighted[0])
+    for wd in weighted:
+        elected.add_(wd)
+    elected.sign_()
+    total, weight_sum = torch.zeros_like(elected), torch.zeros_like(elected)
+    for wd, w in zip(weighted, weights):
+        agreeing = wd.mul_(elected).clamp_(min=0)  # |entry| where it agrees with the elected sign, else 0
+        total.add_(agreeing)
+        weight_sum.add_(agreeing > 0, alpha=w)
+    return total.mul_(elected).div_(weight_sum.masked_fill_(weight_sum == 0, 1.0))
+
+
+def ties_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scale: float) -> torch.Tensor:
+    """base + scale * TIES(deltas); deltas already trimmed."""
+    weighted = [d.mul_(w) for d, w in zip(deltas, weights)]
+    return base.add_(ties_combine(weighted, weights), alpha=scale)
+
+
+@MERGERS.register("ties", options=TiesOptions,
+                  help="trim each unpruned delta to its top --density by magnitude (every tensor; skipped for deltas "
+                       "already pruned by `dppa prune`/`dppa amplify`), elect a sign per entry from the weighted "
+                       "sum, take the weighted mean of the nonzero deltas agreeing with it, times L")
+def plan_ties(options: TiesOptions) -> MergePlan:
+    return MergePlan(ties_merge, trim_density=options.density)

@@ -1,0 +1,1 @@
+"""Extensions that tests register, to show that adding one takes one file and one registration."""
