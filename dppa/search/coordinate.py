@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from dppa.search.core import BudgetSpent, Factors, Grid, Objective, Recorder, SearchResult, check_budget
 from dppa.search.registry import STRATEGIES

@@ -12,8 +12,8 @@ Each strategy returns a ``SearchResult`` whose trace lists every real objective 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 Factors = tuple[float, ...]
 Objective = Callable[[Factors], float]
@@ -64,7 +64,7 @@ class SearchResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SearchResult":
+    def from_dict(cls, data: dict) -> SearchResult:
         trace = [Evaluation(**(ev | {"factors": tuple(ev["factors"])})) for ev in data["trace"]]
         return cls(data["strategy"], tuple(data["best_factors"]), data["best_score"], trace, data["stop_reason"])
 
