@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from dppa.sparsify.bands import amplify_delta
+from dppa.errors import DppaError
 from dppa.evaluation.weights import CandidateWeights, candidates_for_delta
 from dppa.extract import extract_delta
-from dppa.errors import DppaError
 from dppa.merging.merge import apply_delta
+from dppa.sparsify.bands import amplify_delta
 
 DENSITIES = [0.1, 0.2]
 
