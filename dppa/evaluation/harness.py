@@ -1,4 +1,4 @@
-"""Evaluation through lm-evaluation-harness: model folders, models in memory, and base + delta without writing.
+"""Evaluation through lm-evaluation-harness: model folders, and models in memory scored again as their weights change.
 
 Zoo tasks (`zoo_<domain>`) are always known; folders named in `DPPA_TASK_PATH` (os.pathsep-separated) or passed as
 `include_path` add more local tasks; any other name is looked up among the harness's own tasks (hub data sets).
