@@ -15,7 +15,8 @@ import math
 import random
 import statistics
 
-from dppa.search.strategies import coordinate_ascent_reference, pattern_search, reference_start
+from dppa.search.coordinate import coordinate_ascent, reference_start
+from dppa.search.pattern import PatternOptions, pattern_search
 
 SETTINGS = {
     "start (1.8, 0), step 0.4": dict(start=reference_start(), initial_step=0.4),
@@ -48,10 +49,12 @@ def main() -> None:
         optimum = (rng.uniform(0.8, 3.0), rng.uniform(0.3, 2.5))
         widths = (rng.uniform(0.3, 1.5), rng.uniform(0.3, 1.5))
         objective = bump(optimum, widths, max_rule=trial % 2 == 0)
-        reference = coordinate_ascent_reference(objective)
+        reference = coordinate_ascent(objective, 2)
         budgets.append(reference.n_evals)
         for name, options in SETTINGS.items():
-            found = pattern_search(objective, max_evals=reference.n_evals, **options)
+            options = dict(options)
+            start = options.pop("start", None)
+            found = pattern_search(objective, 2, PatternOptions(budget=reference.n_evals, **options), start=start)
             gains[name].append(found.best_score - reference.best_score)
     print(f"{args.trials} trials, reference used {statistics.mean(budgets):.1f} evaluations on average")
     print(f"{'pattern search setting':38s} {'mean gain':>9s} {'wins':>5s} {'losses':>6s} {'worst':>7s}")

@@ -164,6 +164,10 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, optio
         help_text = o.help
         if o.default not in (..., None):
             help_text = f"{help_text} (default {o.default})" if help_text else f"default {o.default}"
+        if o.type is bool:  # --name / --no-name
+            parser.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
         parser.add_argument(o.flag, dest=o.name, type=_scalar_type(o.type), default=None, help=help_text,
                             required=o.default is ...)
 

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from dppa.sparsify.bands import amplify_delta
-from dppa.evaluation.weights import builder_for_delta
-from dppa.extract import extract_delta
 from dppa.errors import DppaError
+from dppa.evaluation.weights import CandidateWeights, candidates_for_delta
+from dppa.extract import extract_delta
 from dppa.merging.merge import apply_delta
+from dppa.sparsify.bands import amplify_delta
 
 DENSITIES = [0.1, 0.2]
 
@@ -47,11 +47,11 @@ def test_candidate_equals_amplify_then_apply(tmp_path, dtype):
     base_dir, delta_dir = _save_pair(tmp_path, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
-    builder = builder_for_delta(model, delta_dir, DENSITIES)
+    builder = candidates_for_delta(model, delta_dir, DENSITIES)
     # (0.9, 1.4): alpha_B > alpha_A, so the max rule lifts band A to 1.4 as well.
     for factors in [(1.8, 1.0), (0.9, 1.4)]:
         expected = _folder_candidate(tmp_path, base_dir, delta_dir, factors)
-        builder.apply(factors)
+        builder.amplify(factors)
         params = dict(model.named_parameters())
         assert set(expected) == set(params)
         for name, value in expected.items():
@@ -68,17 +68,41 @@ def test_candidates_do_not_accumulate_and_context_restores(tmp_path):
     base_dir, delta_dir = _save_pair(tmp_path, torch.float32)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
-    builder = builder_for_delta(model, delta_dir, DENSITIES)
-    builder.apply((2.0, 1.2))
+    builder = candidates_for_delta(model, delta_dir, DENSITIES)
+    builder.amplify((2.0, 1.2))
     direct = {name: p.detach().clone() for name, p in model.named_parameters()}
-    builder.apply((1.0, 0.0))
-    builder.apply((2.0, 1.2))
+    builder.amplify((1.0, 0.0))
+    builder.amplify((2.0, 1.2))
     assert all(torch.equal(p, direct[n]) for n, p in model.named_parameters())
     with builder.candidate((1.5, 1.5)) as candidate:
         assert candidate is model and builder.factors == (1.5, 1.5)
     assert builder.factors is None
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
     with pytest.raises(DppaError, match="one factor per band"):
-        builder.apply((1.0,))
+        builder.amplify((1.0,))
     with pytest.raises(DppaError, match=">= 0"):
-        builder.apply((1.0, -0.1))
+        builder.amplify((1.0, -0.1))
+
+
+def test_delta_folder_and_model_folder_weights_and_restore(tmp_path):
+    base_dir, delta_dir = _save_pair(tmp_path, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    finetuned = {}
+    for shard in sorted((tmp_path / "ft").glob("*.safetensors")):
+        finetuned.update(load_file(shard))
+    weights = CandidateWeights(model)
+    weights.add_delta(delta_dir, scale=0.5)
+    weights.add_delta(delta_dir, scale=0.5)  # each call starts from the base: no accumulation
+    for name, param in model.named_parameters():
+        expected = original[name] + 0.5 * (finetuned[name] - original[name])
+        torch.testing.assert_close(param, expected, rtol=0, atol=1e-6, msg=name)
+    weights.load_weights(tmp_path / "ft")
+    assert all(torch.equal(p, finetuned[n]) for n, p in model.named_parameters())
+    weights.restore()
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({"not.a.parameter": torch.ones(2)}, foreign / "model.safetensors")
+    with pytest.raises(DppaError, match="not.a.parameter"):
+        weights.add_delta(foreign)

@@ -3,57 +3,65 @@
 import json
 import math
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from functools import partial
 
 import pytest
 
-from dppa.evaluation.cache import CachedEvaluator, EvalCache, EvalContext, harness_version
-from dppa.search.strategies import coordinate_ascent_reference, normalised_geomean, pattern_search
+from dppa.evaluation.cache import CachedEvaluator, EvalCache, eval_key, harness_version
+from dppa.search.core import normalised_geomean
+from dppa.search.registry import STRATEGIES
+from dppa.zoo.tasks import data_fingerprint
 
-CONTEXT = EvalContext(
-    deltas=("d" * 64,),
-    base="b" * 64,
-    tasks=("zoo_arith", "zoo_facts"),
-    split="validation",
-    limit=20,
-    recipe={"densities": [0.1, 0.2], "lamda": 0.08},
-)
+# One search's keys: everything fixed but the factors.
+KEY = partial(eval_key, model=("d" * 64,), base="b" * 64, tasks=("zoo_arith", "zoo_facts"), split="validation",
+              limit=20, recipe={"densities": [0.1, 0.2], "lamda": 0.08})
 
 
 def test_harness_version_names_the_installed_lm_eval():
     import lm_eval
 
     assert harness_version() == f"lm-eval {lm_eval.__version__}"
-    assert CONTEXT.key((1.8, 1.0)).harness == harness_version()
+    assert KEY(factors=(1.8, 1.0)).harness == harness_version()
 
 
-def test_key_ignores_float_noise_and_task_order_but_not_what_changes_a_score():
-    key = CONTEXT.key((1.8, 1.0))
-    assert CONTEXT.key((0.1 * 18, 1.0)).digest() == key.digest()
-    assert CONTEXT.key((1.8, -0.0)).digest() == CONTEXT.key((1.8, 0.0)).digest()
-    assert replace(CONTEXT, tasks=("zoo_facts", "zoo_arith")).key((1.8, 1.0)).digest() == key.digest()
-    variants = [
-        CONTEXT.key((1.8, 1.1)),
-        replace(CONTEXT, deltas=("e" * 64,)).key((1.8, 1.0)),
-        replace(CONTEXT, base="c" * 64).key((1.8, 1.0)),
-        replace(CONTEXT, tasks=("zoo_arith",)).key((1.8, 1.0)),
-        replace(CONTEXT, split="test").key((1.8, 1.0)),
-        replace(CONTEXT, limit=None).key((1.8, 1.0)),
-        replace(CONTEXT, harness="lm-eval 0.4.14").key((1.8, 1.0)),
-        replace(CONTEXT, recipe={"densities": [0.1, 0.3], "lamda": 0.08}).key((1.8, 1.0)),
-    ]
-    digests = {k.digest() for k in variants}
-    assert len(digests) == len(variants) and key.digest() not in digests
+def test_zoo_task_keys_record_the_task_data_version():
+    assert KEY().to_dict()["task_data"] == {"zoo_data": data_fingerprint()}
+    assert eval_key(model="m", tasks=["hellaswag"], split="test", limit=None, recipe={}).to_dict()["task_data"] == {}
+
+
+def test_key_ignores_float_noise_and_task_order():
+    key = KEY(factors=(1.8, 1.0))
+    assert KEY(factors=(0.1 * 18, 1.0)).digest() == key.digest()
+    assert KEY(factors=(1.8, -0.0)).digest() == KEY(factors=(1.8, 0.0)).digest()
+    assert KEY(factors=(1.8, 1.0), tasks=("zoo_facts", "zoo_arith")).digest() == key.digest()
+
+
+@pytest.mark.parametrize("change", [
+    {"factors": (1.8, 1.1)},
+    {"model": ("e" * 64,)},
+    {"base": "c" * 64},
+    {"tasks": ("zoo_arith",)},
+    {"task_data": {"zoo_data": "an older fingerprint"}},
+    {"split": "test"},
+    {"limit": None},
+    {"harness": "lm-eval 0.4.14"},
+    {"recipe": {"densities": [0.1, 0.3], "lamda": 0.08}},
+], ids=lambda change: next(iter(change)))
+def test_changing_any_one_part_misses_the_cache(tmp_path, change):
+    cache = EvalCache(tmp_path / "c.jsonl")
+    cache.put(KEY(factors=(1.8, 1.0)), {"zoo_arith": {"acc": 0.5}})
+    assert cache.get(KEY(factors=(1.8, 1.0))) == {"zoo_arith": {"acc": 0.5}}
+    assert cache.get(KEY(**{"factors": (1.8, 1.0), **change})) is None
 
 
 def test_hit_miss_and_persistence(tmp_path):
     path = tmp_path / "cache" / "scores.jsonl"
     cache = EvalCache(path)
-    key = CONTEXT.key((1.8, 1.0))
+    key = KEY(factors=(1.8, 1.0))
     assert cache.get(key) is None
     cache.put(key, {"zoo_arith": {"acc": 0.5}})
     assert cache.get(key) == {"zoo_arith": {"acc": 0.5}}
-    assert cache.get(CONTEXT.key((1.9, 1.0))) is None
+    assert cache.get(KEY(factors=(1.9, 1.0))) is None
     reopened = EvalCache(path)
     assert len(reopened) == 1
     assert reopened.get(key) == {"zoo_arith": {"acc": 0.5}}
@@ -65,14 +73,14 @@ def test_hit_miss_and_persistence(tmp_path):
 
 def test_nan_scores_round_trip(tmp_path):
     cache = EvalCache(tmp_path / "scores.jsonl")
-    cache.put(CONTEXT.key((1.8, 1.0)), {"acc_stderr": float("nan")})
-    assert math.isnan(EvalCache(tmp_path / "scores.jsonl").get(CONTEXT.key((1.8, 1.0)))["acc_stderr"])
+    cache.put(KEY(factors=(1.8, 1.0)), {"acc_stderr": float("nan")})
+    assert math.isnan(EvalCache(tmp_path / "scores.jsonl").get(KEY(factors=(1.8, 1.0)))["acc_stderr"])
 
 
 def test_truncated_last_line_is_skipped_and_the_next_write_is_not_glued_to_it(tmp_path):
     path = tmp_path / "scores.jsonl"
     cache = EvalCache(path)
-    first, second, third = (CONTEXT.key((1.8, b)) for b in (0.0, 1.0, 1.1))
+    first, second, third = (KEY(factors=(1.8, b)) for b in (0.0, 1.0, 1.1))
     cache.put(first, 0.1)
     cache.put(second, 0.2)
     data = path.read_bytes()
@@ -89,7 +97,7 @@ def test_truncated_last_line_is_skipped_and_the_next_write_is_not_glued_to_it(tm
 def _write_many(path, writer: int, count: int) -> None:
     cache = EvalCache(path)
     for i in range(count):
-        cache.put(CONTEXT.key((float(writer), i / 10)), {"writer": writer, "i": i, "pad": "x" * 3000})
+        cache.put(KEY(factors=(float(writer), i / 10)), {"writer": writer, "i": i, "pad": "x" * 3000})
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
@@ -99,7 +107,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     with ProcessPoolExecutor(max_workers=writers) as pool:
         list(pool.map(_write_many, [path] * writers, range(writers), [count] * writers))
     # The reader opened before the writes picks them up on a miss.
-    assert reader.get(CONTEXT.key((2.0, 3.9))) == {"writer": 2, "i": 39, "pad": "x" * 3000}
+    assert reader.get(KEY(factors=(2.0, 3.9))) == {"writer": 2, "i": 39, "pad": "x" * 3000}
     reopened = EvalCache(path)
     assert len(reopened) == writers * count
     assert reopened.skipped_lines == 0
@@ -118,20 +126,25 @@ def _objective(evaluate):
     return lambda factors: normalised_geomean({t: m["acc"] for t, m in evaluate(factors).items()}, REFERENCE)
 
 
-@pytest.mark.parametrize("search", [coordinate_ascent_reference, pattern_search])
+def _strategy(name):
+    entry = STRATEGIES.get(name)
+    return lambda objective: entry.impl(objective, 2, entry.options())
+
+
+@pytest.mark.parametrize("search", [_strategy("coordinate"), _strategy("pattern")], ids=["coordinate", "pattern"])
 def test_rerun_with_the_cache_present_evaluates_zero_candidates(tmp_path, search):
     path = tmp_path / "scores.jsonl"
-    first = CachedEvaluator(_scores_of, EvalCache(path), CONTEXT)
+    first = CachedEvaluator(_scores_of, EvalCache(path), KEY)
     first_result = search(_objective(first))
     assert first.real_evaluations == first_result.n_evals > 5
     assert first.hits == 0
 
-    rerun = CachedEvaluator(_scores_of, EvalCache(path), CONTEXT)
+    rerun = CachedEvaluator(_scores_of, EvalCache(path), KEY)
     rerun_result = search(_objective(rerun))
     assert rerun.real_evaluations == 0
     assert rerun.hits == first_result.n_evals
     assert rerun_result == first_result
 
-    other_split = CachedEvaluator(_scores_of, EvalCache(path), replace(CONTEXT, split="test"))
+    other_split = CachedEvaluator(_scores_of, EvalCache(path), partial(KEY, split="test"))
     search(_objective(other_split))
     assert other_split.real_evaluations == first_result.n_evals

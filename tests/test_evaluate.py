@@ -10,13 +10,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dppa.cli import main
 from dppa.errors import DppaError
 from dppa.evaluation.harness import (
-    add_delta_,
+    Evaluator,
     evaluate_folder,
     evaluate_model,
     load_tasks,
     metrics_from_results,
     normalised_score,
 )
+from dppa.evaluation.weights import CandidateWeights
 from dppa.zoo.domains import domain_splits
 
 TASKS = ["zoo_arith", "zoo_strings"]
@@ -49,29 +50,34 @@ def test_base_plus_delta_in_memory_matches_the_finetune(tiny_zoo, tmp_path):
     base, tok = _load(tiny_zoo / "base")
     finetuned, _ = _load(tiny_zoo / "facts")
     delta = _write_delta(base, finetuned, tmp_path / "delta")
-    add_delta_(base, delta)
+    CandidateWeights(base).add_delta(delta)
     for name, param in finetuned.named_parameters():
         torch.testing.assert_close(base.get_parameter(name), param)
     rebuilt = evaluate_model(base, tok, ["zoo_facts"], split="test", limit=16)
     assert rebuilt == evaluate_model(finetuned, tok, ["zoo_facts"], split="test", limit=16)
 
 
-def test_add_delta_scales_and_rejects_foreign_tensors(tiny_zoo, tmp_path):
-    base, _ = _load(tiny_zoo / "base")
-    before = base.get_parameter("lm_head.weight").detach().clone()
-    folder = tmp_path / "delta"
-    folder.mkdir()
-    save_file({"lm_head.weight": torch.ones_like(before)}, folder / "model.safetensors")
-    add_delta_(base, folder, factor=0.5)
-    torch.testing.assert_close(base.get_parameter("lm_head.weight"), before + 0.5)
-    save_file({"not.a.parameter": torch.ones(2)}, folder / "model.safetensors")
-    with pytest.raises(DppaError, match="not.a.parameter"):
-        add_delta_(base, folder)
+@pytest.mark.slow
+def test_one_evaluator_rescores_changed_weights_like_a_fresh_evaluation(tiny_zoo):
+    # The search reuses one Evaluator while the weights change: each call must see the current weights and give
+    # what a fresh evaluation (new harness wrapper, freshly loaded tasks) gives.
+    base, tok = _load(tiny_zoo / "base")
+    evaluator = Evaluator(base, tok, TASKS, split="validation", limit=16)
+    weights = CandidateWeights(base)
+    first = evaluator.scores()
+    weights.load_weights(tiny_zoo / "arith")
+    switched = evaluator.scores()
+    assert switched != first  # the arithmetic fine-tune answers some sums the base cannot
+    arith, _ = _load(tiny_zoo / "arith")
+    assert switched == evaluate_model(arith, tok, TASKS, split="validation", limit=16)
+    weights.restore()
+    assert evaluator.scores() == first == evaluate_model(_load(tiny_zoo / "base")[0], tok, TASKS, split="validation",
+                                                         limit=16)
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])
 def test_split_selects_the_documents(split):
-    task = load_tasks(["zoo_arith"], split)["zoo_arith"]
+    task = load_tasks(["zoo_arith"], split)["tasks"]["zoo_arith"]
     first = next(iter(task.eval_docs))
     assert first["prompt"] == domain_splits("arith")[split][0].prompt
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from dppa.errors import DppaError
-from dppa.pipeline.hub import PICKLE_PATTERNS, SAFE_PATTERNS, allow_patterns, model_folder, record_local
 from dppa.evaluation.report import NORMALISED_MEAN, scores_table, summary, write_report
+from dppa.pipeline.hub import PICKLE_PATTERNS, SAFE_PATTERNS, allow_patterns, model_folder, record_local
 
 
 def test_safetensors_repositories_download_no_pickles():

@@ -8,13 +8,23 @@ from collections import Counter
 
 import pytest
 
-from dppa.search.strategies import (
-    SearchResult,
-    coordinate_ascent_reference,
-    normalised_geomean,
-    pattern_search,
-    run_strategy,
-)
+from dppa.errors import DppaError
+from dppa.search.core import SearchResult, normalised_geomean
+from dppa.search.registry import STRATEGIES
+
+
+def run(name, objective, n_bands=2, start=None, **options):
+    """A strategy through the registry, as the search runner calls it."""
+    entry = STRATEGIES.get(name)
+    return entry.impl(objective, n_bands, entry.options(**options), start=start)
+
+
+def coordinate_ascent_reference(objective, start=None, **options):
+    return run("coordinate", objective, len(start) if start else 2, start, **options)
+
+
+def pattern_search(objective, start=None, **options):
+    return run("pattern", objective, len(start) if start else 2, start, **options)
 
 
 class Scripted:
@@ -102,13 +112,43 @@ def test_reference_long_walk_has_no_float_drift():
     assert result.best_factors == (3.3, 1.0)
 
 
-def test_budget_stops_an_objective_that_keeps_improving():
-    result = coordinate_ascent_reference(lambda f: f[0], max_evals=7)
-    assert result.n_evals == 7
+def test_budget_stops_an_objective_that_keeps_improving_after_probing_band_two():
+    # Band 1 improves forever; band 2's first probe (to 1.0) is kept in reserve and scores no better.
+    result = coordinate_ascent_reference(lambda f: f[0], budget=7)
+    assert [ev.factors for ev in result.trace] == [(1.8, 0.0), (1.9, 0.0), (2.0, 0.0), (2.1, 0.0), (2.2, 0.0),
+                                                   (2.3, 0.0), (2.3, 1.0)]
     assert result.stop_reason == "budget"
-    assert result.best_factors == (2.4, 0.0)
+    assert result.best_factors == (2.3, 0.0)
     with pytest.raises(ValueError):
-        coordinate_ascent_reference(lambda f: 1.0, max_evals=0)
+        coordinate_ascent_reference(lambda f: 1.0, budget=0)
+
+
+def test_budget_of_twelve_probes_the_second_band():
+    # params.yaml's budget of 12 used to be spent entirely on band 1 of an objective that keeps improving there.
+    result = coordinate_ascent_reference(lambda f: 1 + f[0] + f[1], budget=12)
+    assert result.n_evals == 12
+    assert [ev.factors for ev in result.trace][-2:] == [(2.8, 0.0), (2.8, 1.0)]
+    assert result.best_factors == (2.8, 1.0)
+
+
+@pytest.mark.parametrize("n_bands", [1, 3, 4])
+def test_every_band_is_probed_within_the_budget(n_bands):
+    # Each band improves forever: the walk on band k stops with one evaluation left per later band.
+    result = run("coordinate", lambda f: sum(f), n_bands, budget=10)
+    assert result.n_evals == 10
+    for k in range(n_bands):
+        assert any(ev.factors[k] == 1.0 for ev in result.trace[1:]) or k == 0, f"band {k + 1} never probed"
+    assert len(result.best_factors) == n_bands
+    # Band 1 climbs until only the later bands' first probes are left; each of those is accepted and then cut.
+    assert result.best_factors == (round(1.8 + 0.1 * (10 - n_bands), 1),) + (1.0,) * (n_bands - 1)
+
+
+def test_a_budget_below_the_band_count_still_probes_each_band_once_unless_asked_not_to():
+    result = run("coordinate", lambda f: sum(f), 3, budget=2)
+    assert [ev.factors for ev in result.trace] == [(1.8, 0.0, 0.0), (1.8, 1.0, 0.0), (1.8, 1.0, 1.0)]
+    hard = run("coordinate", lambda f: sum(f), 3, budget=2, probe_every_band=False)
+    assert [ev.factors for ev in hard.trace] == [(1.8, 0.0, 0.0), (1.9, 0.0, 0.0)]
+    assert hard.stop_reason == "budget"
 
 
 def test_off_grid_start_is_refused():
@@ -124,7 +164,7 @@ def test_pattern_search_calls_objective_once_per_point_and_stops_at_a_grid_local
         counts[factors] += 1
         return objective(factors)
 
-    result = pattern_search(counted, max_evals=60)
+    result = pattern_search(counted, budget=60)
     assert result.stop_reason == "converged"
     assert max(counts.values()) == 1
     assert result.n_evals == len(counts)
@@ -137,21 +177,29 @@ def test_pattern_search_beats_reference_at_equal_budget_and_finds_the_optimum():
     # The optimum lies below the reference's start on alpha_A, which its upward-only walk cannot reach.
     objective = gaussian((1.3, 1.6))
     reference = coordinate_ascent_reference(objective)
-    same_budget = pattern_search(objective, max_evals=reference.n_evals)
+    same_budget = pattern_search(objective, budget=reference.n_evals)
     assert same_budget.n_evals <= reference.n_evals
     assert same_budget.best_score > reference.best_score
-    generous = pattern_search(objective, max_evals=30)
+    generous = pattern_search(objective, budget=30)
     assert generous.best_factors == (1.3, 1.6)
 
 
 def test_pattern_search_respects_bounds():
-    result = pattern_search(lambda f: -f[0] - f[1], bounds=[(1.5, 2.0), (0.8, 1.2)], max_evals=40)
-    assert all(1.5 <= ev.factors[0] <= 2.0 and 0.8 <= ev.factors[1] <= 1.2 for ev in result.trace)
-    assert result.best_factors == (1.5, 0.8)
+    result = pattern_search(lambda f: -f[0] - f[1], start=(1.0, 1.1), low=0.8, high=1.2, budget=40)
+    assert all(0.8 <= f <= 1.2 for ev in result.trace for f in ev.factors)
+    assert result.best_factors == (0.8, 0.8)
+    with pytest.raises(ValueError, match="outside the bounds"):
+        pattern_search(lambda f: 1.0, low=0.0, high=1.5)
+
+
+def test_pattern_search_walks_three_bands():
+    result = run("pattern", gaussian((1.3, 1.6, 0.5), widths=(0.6, 0.8, 0.7)), 3, budget=80)
+    assert result.stop_reason == "converged"
+    assert result.best_factors == (1.3, 1.6, 0.5)
 
 
 def test_pattern_trace_marks_incumbents():
-    result = pattern_search(gaussian((2.0, 1.2)), max_evals=30)
+    result = pattern_search(gaussian((2.0, 1.2)), budget=30)
     incumbents = [ev for ev in result.trace if ev.accepted]
     assert incumbents[0].index == 0
     assert [ev.score for ev in incumbents] == sorted(ev.score for ev in incumbents)
@@ -162,7 +210,7 @@ def test_pattern_trace_marks_incumbents():
 
 
 def test_result_serialises_to_json_and_csv():
-    result = run_strategy("coordinate", gaussian((2.0, 1.2)))
+    result = run("coordinate", gaussian((2.0, 1.2)))
     restored = SearchResult.from_dict(json.loads(json.dumps(result.to_dict())))
     assert restored == result
     buffer = io.StringIO()
@@ -173,8 +221,8 @@ def test_result_serialises_to_json_and_csv():
     read_back = list(csv.DictReader(io.StringIO(buffer.getvalue())))
     assert list(read_back[0]) == ["index", "alpha_1", "alpha_2", "score", "accepted", "best_score"]
     assert [float(r["alpha_1"]) for r in read_back] == [ev.factors[0] for ev in result.trace]
-    with pytest.raises(ValueError, match="unknown search strategy"):
-        run_strategy("grid", gaussian((2.0, 1.2)))
+    with pytest.raises(DppaError, match="unknown search strategy"):
+        run("grid", gaussian((2.0, 1.2)))
 
 
 def test_normalised_geomean():

@@ -28,10 +28,9 @@ examples:
 def _write_json(path: Path, data: dict) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=handle_non_serializable) + "\n")
-    tmp.replace(path)
+    from dppa.io.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=handle_non_serializable) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,11 +3,12 @@
 import argparse
 
 from dppa.cli.options import add_dp_options, float_list
+from dppa.registry import add_options, options_of
 
 ORDER = 35
 
 DESCRIPTION = """\
-Search the per-band amplification factors of one fine-tune's delta (spec section 3), then write the amplified delta
+Search the per-band amplification factors of one fine-tune's delta (docs/method.md), then write the amplified delta
 with the chosen factors, exactly as `dppa amplify --factors ...` would, with the search recorded in its manifest.
 
 Each candidate (base + amplified delta) is built in memory from the DP bands and scored with lm-eval on the
@@ -15,8 +16,10 @@ VALIDATION split; the objective is the geometric mean over --tasks of candidate 
 Every score is cached (--cache), keyed by the delta and base content hashes, factors, tasks, split, limit, harness
 version and band recipe: rerunning the same search evaluates nothing again.
 
-Strategies: reference (the authors' greedy coordinate ascent, step 0.1, from 1.8,0; the default) and pattern
-(compass search moving factors both ways with shrinking steps; default budget 20 evaluations).
+Strategies (--strategy):
+{strategies}
+The coordinate walk's budget never stops it before every band's factor was probed once (--no-probe-every-band
+makes the budget a hard stop).
 OUT gets search_trace.json (every candidate, scores, build vs evaluate time) and search_trace.csv (for a plot);
 --trace FILE.csv writes them elsewhere too (FILE.json beside it).
 
@@ -28,8 +31,11 @@ example (demo zoo):
 
 
 def register(subparsers) -> None:
+    from dppa.search.registry import ALIASES, STRATEGIES
+
     p = subparsers.add_parser("search", help="search DPPA's band factors on validation, write the amplified delta",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION.format(strategies=STRATEGIES.describe()),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base", metavar="BASE", help="base model folder (the delta's base)")
     p.add_argument("delta", metavar="DELTA", help="unpruned delta folder written by `dppa extract`")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="amplified delta folder to write (atomic)")
@@ -37,17 +43,14 @@ def register(subparsers) -> None:
     p.add_argument("--reference", required=True, metavar="FT_OR_JSON",
                    help="the dense fine-tune's model folder (evaluated once, cached), or a JSON of its scores on "
                         "the same split and limit ({task: {metric: value}}, as `dppa eval --output` writes)")
-    p.add_argument("--strategy", default="reference", choices=["reference", "coordinate", "pattern"],
-                   help="reference (= coordinate): the authors' coordinate ascent; pattern: compass search")
+    p.add_argument("--strategy", default="coordinate", choices=[*STRATEGIES.names(), *ALIASES],
+                   help="search strategy (default coordinate; reference = coordinate)")
     p.add_argument("--densities", type=float_list, default=[0.1, 0.2], metavar="D1,D2,..",
                    help="increasing band densities (default 0.1,0.2)")
     p.add_argument("--combine", choices=["max", "band"], default="max", help="band combination rule (see dppa amplify)")
     p.add_argument("--split", default="validation", choices=["validation"],
                    help="split the objective is computed on (validation only: test is for final numbers)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="examples per task (default: all)")
-    p.add_argument("--budget", type=int, default=None, metavar="N",
-                   help="most candidates to evaluate (default: 100 for reference, 20 for pattern)")
-    p.add_argument("--step", type=float, default=0.1, help="factor grid step (default 0.1, the reference's)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default 32)")
     p.add_argument("--cache", default=None, metavar="FILE",
                    help="evaluation cache, JSON lines (default: $DPPA_EVAL_CACHE or ~/.cache/dppa/evalcache.jsonl)")
@@ -56,25 +59,43 @@ def register(subparsers) -> None:
                    help="where the model runs (default: auto = cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and --trace files) if they exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-candidate lines or progress bar")
+    add_options(p.add_argument_group("strategy options"), _strategy_options(STRATEGIES))
     add_dp_options(p)
     p.set_defaults(func=run)
 
 
+def _strategy_options(strategies) -> list:
+    """Every strategy's options as flags; an option whose default differs between strategies says so."""
+    from dataclasses import replace
+
+    defaults: dict[str, dict[str, object]] = {}
+    for entry in strategies:
+        for option in options_of(entry.options):
+            defaults.setdefault(option.name, {})[entry.name] = option.default
+    merged = []
+    for option in strategies.option_fields().values():
+        by_strategy = defaults[option.name]
+        if len(set(map(repr, by_strategy.values()))) > 1:
+            option = replace(option, default=", ".join(f"{v} for {k}" for k, v in by_strategy.items()))
+        merged.append(option)
+    return merged
+
+
 def run(args) -> int:
     from dppa.evaluation.harness import parse_task_list
+    from dppa.search.registry import STRATEGIES, canonical
     from dppa.search.runner import search_amplification
 
+    options = {o: getattr(args, o) for o in STRATEGIES.option_fields()}
     report = search_amplification(
         args.base, args.delta, args.output, tasks=parse_task_list(args.tasks), reference=args.reference,
-        strategy=args.strategy, densities=args.densities, split=args.split, limit=args.limit, budget=args.budget,
-        step=args.step, combine=args.combine, lamda=args.lamda, layer_mult=args.layer_mult,
+        strategy=canonical(args.strategy), options=options, densities=args.densities, split=args.split,
+        limit=args.limit, combine=args.combine, lamda=args.lamda, layer_mult=args.layer_mult,
         unit_mult=args.unit_mult, scope=args.scope, batch_size=args.batch_size, cache=args.cache,
         device=args.device, trace=args.trace, overwrite=args.overwrite, progress=not args.quiet,
         log=(lambda _msg: None) if args.quiet else print,
     )
-    ratio = report.build_over_evaluate()
     print(f"factors {list(report.result.best_factors)}  objective {report.result.best_score:.4f}  "
-          f"candidates {report.result.n_evals} ({report.real_evaluations} evaluated, {report.cache_hits} cached)"
-          + (f"  build/evaluate time {ratio:.2%}" if ratio is not None else ""))
+          f"candidates {report.result.n_evals} ({report.real_evaluations} evaluated, {report.cache_hits} cached)")
     print(report.output)
     return 0

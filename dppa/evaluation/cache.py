@@ -1,9 +1,10 @@
 """A persistent cache of evaluation scores, so a resumed or repeated search evaluates nothing twice.
 
-A score is keyed by everything that determines it: the content hashes of the deltas (or bands) the candidate is built
-from, the base model's hash, the factors (rounded), the tasks, the split, the example limit, the harness version,
-and a ``recipe`` of any other input that changes the candidate or the score (band densities, DP parameters,
-few-shot count, dtype, ...). Things that do not change a score (batch size, device, worker count) stay out of it.
+A score is keyed by everything that determines it: the content hashes of the model or deltas the candidate is built
+from, the base model's hash, the factors (rounded), the tasks, the version of the tasks' data, the split, the example
+limit, the harness version, and a ``recipe`` of any other input that changes the candidate or the score (band
+densities, DP parameters, dtype, ...). Things that do not change a score (batch size, device, worker count) stay out
+of it. ``eval_key`` is the one place such a key is built, so no caller can leave a part out.
 
 Storage is one JSON-lines file: one record per line, appended under an exclusive ``flock`` and fsynced, so several
 processes or threads may write at once and a crash can at worst leave a truncated last line, which readers skip
@@ -17,10 +18,11 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 FACTOR_DECIMALS = 6
 
@@ -43,58 +45,56 @@ def _round_factor(value: float) -> float:
     return round(float(value), FACTOR_DECIMALS) + 0.0
 
 
+def task_data_versions(tasks: Sequence[str]) -> dict:
+    """{"zoo_data": fingerprint} when a zoo task is among ``tasks`` (its data ships with the package), else {}.
+
+    The harness's own tasks are versioned by the harness (its version is a separate part of the key)."""
+    from dppa.zoo.tasks import data_fingerprint, zoo_task_names
+
+    return {"zoo_data": data_fingerprint()} if set(tasks) & set(zoo_task_names()) else {}
+
+
 @dataclass(frozen=True)
 class EvalKey:
-    """Everything that determines one evaluation's scores."""
+    """Everything that determines one evaluation's scores; build it with ``eval_key``."""
 
-    deltas: tuple[str, ...]
-    base: str
+    model: tuple[str, ...]  # content hashes of the model folder, or of the deltas a candidate is built from
+    base: str  # the base model's content hash ("" for a whole model folder)
     factors: tuple[float, ...]
     tasks: tuple[str, ...]
+    task_data: str  # canonical JSON of the tasks' data versions
     split: str
     limit: int | None
     harness: str
     recipe: str = "{}"  # canonical JSON of the remaining score-determining inputs
 
     def to_dict(self) -> dict:
-        return {
-            "deltas": list(self.deltas),
-            "base": self.base,
-            "factors": list(self.factors),
-            "tasks": list(self.tasks),
-            "split": self.split,
-            "limit": self.limit,
-            "harness": self.harness,
-            "recipe": json.loads(self.recipe),
-        }
+        return {"model": list(self.model), "base": self.base, "factors": list(self.factors), "tasks": list(self.tasks),
+                "task_data": json.loads(self.task_data), "split": self.split, "limit": self.limit,
+                "harness": self.harness, "recipe": json.loads(self.recipe)}
 
     def digest(self) -> str:
         return hashlib.sha256(_canonical(self.to_dict()).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class EvalContext:
-    """The fixed part of the keys of one search: everything but the factors."""
-
-    deltas: tuple[str, ...]
-    base: str
-    tasks: tuple[str, ...]
-    split: str
-    limit: int | None = None
-    harness: str = field(default_factory=harness_version)
-    recipe: Mapping[str, Any] = field(default_factory=dict)
-
-    def key(self, factors: Sequence[float]) -> EvalKey:
-        return EvalKey(
-            deltas=tuple(self.deltas),
-            base=self.base,
-            factors=tuple(_round_factor(f) for f in factors),
-            tasks=tuple(sorted(self.tasks)),
-            split=self.split,
-            limit=self.limit,
-            harness=self.harness,
-            recipe=_canonical(dict(self.recipe)),
-        )
+def eval_key(*, model: str | Sequence[str], tasks: Sequence[str], split: str, limit: int | None,
+             recipe: Mapping[str, Any], base: str = "", factors: Sequence[float] = (),
+             harness: str | None = None, task_data: Mapping[str, Any] | None = None) -> EvalKey:
+    """The cache key of one evaluation. ``model``: the content hash of a model folder, or the hashes of the deltas a
+    candidate is built from (with ``base`` and ``factors``); ``recipe``: how the candidate is made and loaded
+    (e.g. {"candidate": "model-folder", "dtype": "float32"}). ``harness`` and ``task_data`` default to the installed
+    harness's version and the tasks' data versions; they are parameters only so that a test can vary them."""
+    return EvalKey(
+        model=(model,) if isinstance(model, str) else tuple(model),
+        base=base,
+        factors=tuple(_round_factor(f) for f in factors),
+        tasks=tuple(sorted(tasks)),
+        task_data=_canonical(dict(task_data_versions(tasks) if task_data is None else task_data)),
+        split=split,
+        limit=limit,
+        harness=harness_version() if harness is None else harness,
+        recipe=_canonical(dict(recipe)),
+    )
 
 
 class EvalCache:
@@ -168,17 +168,20 @@ def _terminator_needed(handle) -> bytes:
 
 
 class CachedEvaluator:
-    """Wraps ``evaluate(factors) -> value`` so each key is evaluated once, ever; counts real evaluations."""
+    """Wraps ``evaluate(factors) -> value`` so each key is evaluated once, ever; counts real evaluations.
 
-    def __init__(self, evaluate: Callable[[tuple[float, ...]], Any], cache: EvalCache, context: EvalContext):
+    ``key(factors) -> EvalKey`` gives each candidate's key, e.g. ``functools.partial(eval_key, model=..., ...)``."""
+
+    def __init__(self, evaluate: Callable[[tuple[float, ...]], Any], cache: EvalCache,
+                 key: Callable[..., EvalKey]):
         self.evaluate = evaluate
         self.cache = cache
-        self.context = context
+        self.key = key
         self.real_evaluations = 0
         self.hits = 0
 
     def __call__(self, factors: Sequence[float]) -> Any:
-        key = self.context.key(factors)
+        key = self.key(factors=tuple(factors))
         value = self.cache.get(key)
         if value is not None:
             self.hits += 1

@@ -1,4 +1,4 @@
-"""Evaluation through lm-evaluation-harness: model folders, models in memory, and base + delta without writing.
+"""Evaluation through lm-evaluation-harness: model folders, and models in memory scored again as their weights change.
 
 Zoo tasks (`zoo_<domain>`) are always known; folders named in `DPPA_TASK_PATH` (os.pathsep-separated) or passed as
 `include_path` add more local tasks; any other name is looked up among the harness's own tasks (hub data sets).
@@ -43,7 +43,7 @@ def _task_manager(include_paths: tuple[str, ...], include_defaults: bool):
 
 
 def load_tasks(names: Sequence[str], split: str, include_path: Sequence[str | os.PathLike] = ()) -> dict:
-    """Task objects by name, each set to evaluate on `split`."""
+    """The harness's task dict ({"tasks": {name: Task}, "groups": ...}), each task set to evaluate on `split`."""
     if split not in SPLITS:
         raise DppaError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     local_only = set(names) <= {ZOO_TAG, *zoo_task_names()} and not include_path and not os.environ.get(TASK_PATH_ENV)
@@ -54,10 +54,12 @@ def load_tasks(names: Sequence[str], split: str, include_path: Sequence[str | os
             f"unknown task(s) {', '.join(unknown)}; zoo tasks are {', '.join(zoo_task_names())}, "
             f"other local task folders can be added with {TASK_PATH_ENV}"
         )
-    tasks = manager.load(list(names))["tasks"]
-    for name, task in tasks.items():
+    loaded = manager.load(list(names))
+    for name, task in loaded["tasks"].items():
         _select_split(name, task, split)
-    return tasks
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+    return loaded
 
 
 def _select_split(name: str, task, split: str) -> None:
@@ -88,24 +90,55 @@ def metrics_from_results(results: dict) -> dict[str, dict[str, float]]:
     return table
 
 
-def run_harness(lm, tasks: Sequence[str], *, split: str, limit: int | None, include_path=()) -> dict:
-    """The harness's full results for an lm-eval LM object (deterministic: greedy decoding, fixed seeds)."""
-    from lm_eval import simple_evaluate
+class Evaluator:
+    """Scores one model in memory, again and again, as its weights change (the search's candidates).
 
-    task_objects = load_tasks(tasks, split, include_path)
-    results = simple_evaluate(
-        model=lm,
-        tasks=list(task_objects.values()),
-        limit=limit,
-        bootstrap_iters=0,
-        log_samples=False,
-        # The tasks are already loaded objects; without a manager simple_evaluate indexes the harness's ~14k task
-        # YAMLs on every call (measured: 29 of 39 s per call on the tiny zoo).
-        task_manager=_task_manager(_include_paths(include_path), include_defaults=False),
-    )
-    if results is None:
-        raise DppaError("lm-eval returned no results")
-    return results
+    The harness's model wrapper and the tasks are built once. Each call runs only the harness's evaluation loop
+    (``lm_eval.evaluator.evaluate``): its ``simple_evaluate`` also collects environment information on every call
+    (it runs ``pip list`` and more in subprocesses, 0.5-5 s), which has nothing to do with the scores. The seeds
+    ``simple_evaluate`` sets are set here before each call, so results equal its results.
+    """
+
+    def __init__(self, model, tokenizer, tasks: Sequence[str], *, split: str, limit: int | None = None,
+                 batch_size: int = 32, include_path: Sequence[str | os.PathLike] = ()):
+        from lm_eval.models.huggingface import HFLM
+
+        _compile_templates_once()
+        self.tasks = load_tasks(tasks, split, include_path)
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        self.limit = limit
+
+    def results(self) -> dict:
+        """The harness's full results (deterministic: greedy decoding, fixed seeds)."""
+        import random
+
+        import numpy as np
+        from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+        from lm_eval.evaluator import evaluate
+
+        random.seed(DEFAULT_RANDOM_SEED)
+        np.random.seed(DEFAULT_OTHER_SEED)
+        torch.manual_seed(DEFAULT_OTHER_SEED)
+        for task in self.tasks["tasks"].values():
+            task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)  # the few-shot sampler's state must not carry over
+        results = evaluate(lm=self.lm, task_dict=self.tasks, limit=self.limit, bootstrap_iters=0, log_samples=False)
+        if results is None:
+            raise DppaError("lm-eval returned no results")
+        return results
+
+    def scores(self) -> dict[str, dict[str, float]]:
+        """{task: {metric: value}}."""
+        return metrics_from_results(self.results())
+
+
+def _compile_templates_once() -> None:
+    """lm-eval compiles a task's prompt templates again for every document (jinja2's ``from_string`` keeps no
+    cache): measured at a third of a candidate's time on the tiny zoo. A compiled template is immutable and renders
+    the same text, so memoising the compile on the harness's template environment changes no output."""
+    from lm_eval import utils
+
+    if not hasattr(utils.env.from_string, "cache_info"):
+        utils.env.from_string = functools.lru_cache(maxsize=4096)(utils.env.from_string)
 
 
 def evaluate_model(
@@ -120,11 +153,9 @@ def evaluate_model(
     full_results: bool = False,
 ) -> dict:
     """Scores of a model object already in memory, {task: {metric: value}} (or the harness's full results)."""
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = run_harness(lm, tasks, split=split, limit=limit, include_path=include_path)
-    return results if full_results else metrics_from_results(results)
+    evaluator = Evaluator(model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size,
+                          include_path=include_path)
+    return evaluator.results() if full_results else evaluator.scores()
 
 
 def evaluate_folder(
@@ -146,7 +177,7 @@ def evaluate_folder(
     )  # fmt: skip
 
 
-def load_model(path: str | os.PathLike, device: str | None = None):
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None):
     """(model, tokenizer) of an HF model folder or hub name, in its saved dtype, on `device` (default: cuda if any).
 
     Loaded here rather than by the harness, whose loader needs `accelerate` for device placement.
@@ -163,37 +194,10 @@ def load_model(path: str | os.PathLike, device: str | None = None):
     return model.eval(), AutoTokenizer.from_pretrained(text, trust_remote_code=False)
 
 
-@torch.no_grad()
-def add_delta_(model: torch.nn.Module, delta_folder: str | os.PathLike, factor: float = 1.0) -> torch.nn.Module:
-    """model += factor * delta, in place, reading the delta folder tensor by tensor; returns the model."""
-    from dppa.io.reader import open_checkpoint
-
-    params = dict(model.named_parameters())
-    with open_checkpoint(delta_folder) as reader:
-        missing = [n for n in reader.names() if n not in params]
-        if missing:
-            raise DppaError(f"{delta_folder}: tensor {missing[0]} is not a parameter of the model; wrong base model?")
-        for name in reader.names():
-            param = params[name]
-            if tuple(reader.shape(name)) != tuple(param.shape):
-                raise DppaError(
-                    f"{delta_folder}: tensor {name} has shape {reader.shape(name)}, the model's is {tuple(param.shape)}"
-                )
-            param.add_(reader.get(name, dtype=torch.float32).to(param.device), alpha=factor)
-    return model
-
-
-def primary_metric(task_metrics: dict[str, float]) -> str:
-    """The metric a task is scored by: exact_match when present (zoo tasks), else the first one the harness lists."""
-    if "exact_match" in task_metrics:
-        return "exact_match"
-    if not task_metrics:
-        raise DppaError("no metric in the task's results")
-    return next(iter(task_metrics))
-
-
 def normalised_score(candidate: dict, finetuned: dict, task: str, metric: str | None = None) -> float:
     """candidate's score / the dense fine-tune's score on the same task and split (1.0 = as good as the fine-tune)."""
+    from dppa.evaluation.scores import primary_metric
+
     metric = metric or primary_metric(finetuned[task])
     reference = finetuned[task][metric]
     if reference == 0 or math.isnan(reference):

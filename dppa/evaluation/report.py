@@ -10,17 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from dppa.io.atomic import atomic_dir
+from dppa.evaluation.scores import primary_scores
+from dppa.io.atomic import atomic_dir, atomic_write_text
 
 MEAN = "mean"
 NORMALISED_MEAN = "normalised mean"
-
-
-def primary_value(metrics: dict[str, float]) -> float:
-    """The score a task is ranked by: exact_match for zoo tasks, else the first metric the harness reports."""
-    if "exact_match" in metrics:
-        return metrics["exact_match"]
-    return next(v for k, v in metrics.items() if not k.endswith("_stderr"))
 
 
 def scores_table(scores: dict) -> pd.DataFrame:
@@ -31,7 +25,7 @@ def scores_table(scores: dict) -> pd.DataFrame:
     """
     tasks = scores["tasks"]
     owners = {task: ft for ft, ft_tasks in scores["finetunes"].items() for task in ft_tasks}
-    rows = {model: {t: primary_value(m[t]) for t in tasks} for model, m in scores["models"].items()}
+    rows = {model: primary_scores({t: m[t] for t in tasks}) for model, m in scores["models"].items()}
     table = pd.DataFrame.from_dict(rows, orient="index")[tasks]
     table[MEAN] = table[tasks].mean(axis=1)
     normalised = pd.DataFrame(index=table.index)
@@ -116,9 +110,5 @@ def write_report(scores_json: str | os.PathLike, traces: str | os.PathLike, out:
         (tmp / "scores.md").write_text(heading + table.to_markdown(floatfmt=".3f") + "\n")
         plot_scores(table, tmp / "scores.png")
         plot_search(read_traces(traces), tmp / "search.png")
-    summary_json = Path(summary_json)
-    summary_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = summary_json.with_name(f".{summary_json.name}.tmp")
-    tmp_json.write_text(json.dumps(summary(table), indent=2) + "\n")
-    os.replace(tmp_json, summary_json)
+    atomic_write_text(summary_json, json.dumps(summary(table), indent=2) + "\n")
     return table

@@ -1,22 +1,62 @@
-"""Test-split scores of whole model folders, cached by content: a rerun of the evaluate stage (after a new merge)
-evaluates only the models that changed, not the base and the fine-tunes again."""
+"""Scores of whole model folders, cached by content, and the metric a task is ranked by.
+
+A rerun of the evaluate stage (after a new merge) evaluates only the models that changed, not the base and the
+fine-tunes again; the search's dense fine-tune reference goes through the same key (``folder_key``).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dppa.evaluation.cache import EvalCache, EvalContext
+from dppa.evaluation.cache import EvalCache, EvalKey, eval_key
 
-Scores = dict[str, dict[str, float]]
-FOLDER_RECIPE = {"candidate": "model-folder", "dtype": "float32"}  # the key the search uses for dense models
+Scores = dict[str, dict[str, float]]  # {task: {metric: value}}, as dppa.evaluation.harness returns them
+# Models are evaluated in the dtype they were saved in (dppa.evaluation.harness.load_model), candidates included.
+FOLDER_RECIPE = {"candidate": "model-folder", "dtype": "saved"}
+
+
+def primary_metric(task_metrics: Mapping[str, float]) -> str:
+    """The metric a task is scored by: exact_match when present (zoo tasks), else the first one the harness lists."""
+    from dppa.errors import DppaError
+
+    if "exact_match" in task_metrics:
+        return "exact_match"
+    if not task_metrics:
+        raise DppaError("no metric in the task's results")
+    return next(iter(task_metrics))
+
+
+def primary_scores(scores: Scores) -> dict[str, float]:
+    """{task: value of the task's primary metric}."""
+    return {task: metrics[primary_metric(metrics)] for task, metrics in scores.items()}
+
+
+def checkpoint_hash(folder: str | os.PathLike) -> str:
+    """The content hash the engine's manifests use (sha256 over tensor names, dtypes, shapes and bytes)."""
+    from dppa.io.reader import open_checkpoint
+    from dppa.io.writer import ContentHasher, tensor_bytes
+
+    hasher = ContentHasher()
+    reader = open_checkpoint(folder)
+    for name in reader.names():
+        hasher.start(name, reader.dtype(name), reader.shape(name))
+        for _, chunk in reader.iter_chunks(name, 1 << 24):
+            hasher.update(tensor_bytes(chunk))
+    return hasher.hexdigest()
+
+
+def recorded_hash(folder: str | os.PathLike, record: Mapping | None) -> str:
+    """``folder``'s content hash: taken from a manifest's source record when it names this folder, else computed."""
+    if record and record.get("content_hash") and Path(record.get("path", "")) == Path(folder).resolve():
+        return record["content_hash"]
+    return checkpoint_hash(folder)
 
 
 def content_hash(folder: str | os.PathLike) -> str:
     """The engine's manifest hash when the folder has one, else computed from the tensors."""
     from dppa.io.manifest import read_manifest
-    from dppa.search.runner import checkpoint_hash
 
     try:
         recorded = read_manifest(folder).get("content_hash")
@@ -25,18 +65,22 @@ def content_hash(folder: str | os.PathLike) -> str:
     return recorded or checkpoint_hash(folder)
 
 
+def folder_key(digest: str, tasks: Sequence[str], *, split: str, limit: int | None) -> EvalKey:
+    """The cache key of a whole model folder's scores, given its content hash."""
+    return eval_key(model=digest, tasks=tasks, split=split, limit=limit, recipe=FOLDER_RECIPE)
+
+
 def score_folder(folder: str | os.PathLike, tasks: Sequence[str], *, split: str, limit: int | None,
-                 batch_size: int, device: str | None, cache: str | os.PathLike | None) -> tuple[Scores, bool]:
-    """(scores {task: {metric: value}}, whether they came from the cache)."""
+                 batch_size: int, device: str | None, cache: str | os.PathLike | None,
+                 digest: str | None = None) -> tuple[Scores, bool]:
+    """(scores {task: {metric: value}}, whether they came from the cache); ``digest``: the folder's content hash
+    when the caller knows it."""
     from dppa.evaluation.harness import evaluate_folder
 
     evals = EvalCache(cache) if cache is not None else None
     key = None
     if evals is not None:
-        digest = content_hash(folder)
-        context = EvalContext(deltas=(digest,), base=digest, tasks=tuple(tasks), split=split, limit=limit,
-                              recipe=FOLDER_RECIPE)
-        key = context.key(())
+        key = folder_key(digest or content_hash(folder), tasks, split=split, limit=limit)
         hit = evals.get(key)
         if hit is not None:
             return hit, True

@@ -41,3 +41,18 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    """Write the file ``path`` whole or not at all (a temporary sibling, then one rename)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DppaError(f"{path}: already exists; choose another path or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

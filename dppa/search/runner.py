@@ -1,14 +1,16 @@
 """The amplification search of one fine-tune, end to end: DP bands -> factor search on validation -> amplified delta.
 
 The base model is loaded once; each candidate (base + amplified delta for some factors) is set in place by
-``dppa.evaluation.weights.CandidateBuilder`` and scored through the harness in memory, so no model is written per step.
-The objective is spec section 3's: the geometric mean over the fine-tune's tasks of candidate score / dense
-fine-tune score, both on the validation split (the test split is kept for final numbers and refused here).
+``dppa.evaluation.weights.CandidateWeights`` and scored by one ``dppa.evaluation.harness.Evaluator`` (the harness's
+model wrapper and tasks built once), so no model is written and nothing but the evaluation loop runs per step.
+The objective (docs/method.md) is the geometric mean over the fine-tune's tasks of candidate score / dense fine-tune
+score, both on the validation split (the test split is kept for final numbers and refused here).
 
 Every score, the dense fine-tune's included, goes through the persistent evaluation cache keyed by what determines
-it, so a repeated or resumed search evaluates nothing twice. The result is the amplified delta written by
-``dppa.sparsify.bands.amplify_delta`` with the chosen factors and the search summary in its manifest, plus the trace
-(``search_trace.json`` with timings, ``search_trace.csv`` for a DVC plot) inside it and optionally elsewhere.
+it (``dppa.evaluation.cache.eval_key``), so a repeated or resumed search evaluates nothing twice. The result is the
+amplified delta written by ``dppa.sparsify.bands.amplify_delta`` with the chosen factors and the search summary in
+its manifest, plus the trace (``search_trace.json`` with timings, ``search_trace.csv`` for a DVC plot) inside it and
+optionally elsewhere.
 
 ``search_amplification`` is the plain-function entry point (the CLI and the pipeline's amplify stage call it).
 """
@@ -16,34 +18,31 @@ it, so a repeated or resumed search evaluates nothing twice. The result is the a
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any
 
-import torch
-
-from dppa.errors import DppaError
-from dppa.evaluation.cache import CachedEvaluator, EvalCache, EvalContext
-from dppa.io.atomic import atomic_dir, check_output_free
-from dppa.io.manifest import read_manifest
-from dppa.io.reader import open_checkpoint
-from dppa.io.writer import ContentHasher, tensor_bytes
 from dppa.compute import resolve_device
+from dppa.errors import DppaError
+from dppa.evaluation.cache import CachedEvaluator, EvalCache, eval_key
+from dppa.evaluation.scores import Scores, primary_scores, recorded_hash, score_folder
+from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
+from dppa.io.manifest import read_manifest
+from dppa.search.core import SearchResult, normalised_geomean
+from dppa.search.registry import STRATEGIES, canonical
 from dppa.sparsify.scope import DEFAULT_SCOPE
-from dppa.search.strategies import SearchResult, normalised_geomean, run_strategy
 
-STRATEGY_NAMES = {"reference": "coordinate", "coordinate": "coordinate", "pattern": "pattern"}
-DEFAULT_BUDGET = {"coordinate": 100, "pattern": 20}
 TRACE_JSON = "search_trace.json"
 TRACE_CSV = "search_trace.csv"
 CACHE_ENV = "DPPA_EVAL_CACHE"
-
-Scores = dict[str, dict[str, float]]  # {task: {metric: value}}, as dppa.evaluation.harness returns them
 
 
 def default_cache_path() -> Path:
@@ -54,49 +53,36 @@ def default_cache_path() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dppa" / "evalcache.jsonl")
 
 
-def checkpoint_hash(folder: str | os.PathLike) -> str:
-    """The content hash the engine's manifests use (sha256 over tensor names, dtypes, shapes and bytes)."""
-    hasher = ContentHasher()
-    reader = open_checkpoint(folder)
-    for name in reader.names():
-        hasher.start(name, reader.dtype(name), reader.shape(name))
-        for _, chunk in reader.iter_chunks(name, 1 << 24):
-            hasher.update(tensor_bytes(chunk))
-    return hasher.hexdigest()
+def strategy_options(strategy: str, values: Any = None) -> Any:
+    """The strategy's options dataclass from ``values``: an instance, or a mapping by field name (None = default);
+    an option the strategy does not have is an error unless another strategy has it (shared CLI flags)."""
+    entry = STRATEGIES.get(canonical(strategy))
+    if isinstance(values, entry.options):
+        return values
+    values = {k: v for k, v in dict(values or {}).items() if v is not None}
+    unknown = set(values) - set(STRATEGIES.option_fields())
+    if unknown:
+        raise DppaError(f"search option(s) {', '.join(sorted(unknown))}: unknown; the {entry.name} strategy takes "
+                        f"{', '.join(f.name for f in dataclasses.fields(entry.options))}")
+    options = STRATEGIES.make_options(entry.name, values)
+    if options.budget < 1:
+        raise DppaError(f"--budget {options.budget}: must allow at least one evaluation")
+    return options
 
 
-def recorded_hash(folder: str | os.PathLike, record: Mapping | None) -> str:
-    """``folder``'s content hash: taken from a manifest's source record when it names this folder, else computed."""
-    if record and record.get("content_hash") and Path(record.get("path", "")) == Path(folder).resolve():
-        return record["content_hash"]
-    return checkpoint_hash(folder)
-
-
-def task_data_versions(tasks: Sequence[str]) -> dict:
-    """{"zoo_data": fingerprint} when a zoo task is among ``tasks`` (its data ships with the package), else {}."""
-    from dppa.zoo.tasks import data_fingerprint, zoo_task_names
-
-    return {"zoo_data": data_fingerprint()} if set(tasks) & set(zoo_task_names()) else {}
-
-
-def primary_scores(scores: Scores) -> dict[str, float]:
-    """{task: value of the task's primary metric} (exact_match for zoo tasks)."""
-    from dppa.evaluation.harness import primary_metric
-
-    return {task: metrics[primary_metric(metrics)] for task, metrics in scores.items()}
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SearchSettings:
-    """What the search is asked for; everything here but ``batch_size`` can change its result."""
+    """What the search is asked for; everything here but ``batch_size`` can change its result.
+
+    ``options`` is the strategy's options dataclass (``STRATEGIES.get(strategy).options``), or a mapping of its
+    fields; ``strategy`` may be an alias (``reference``)."""
 
     tasks: tuple[str, ...]
     strategy: str = "coordinate"
+    options: Any = None
     densities: tuple[float, ...] = (0.1, 0.2)
     split: str = "validation"
     limit: int | None = None
-    budget: int | None = None
-    step: float = 0.1
     combine: str = "max"
     lamda: float = 0.08
     layer_mult: float = 3.0
@@ -105,9 +91,8 @@ class SearchSettings:
     batch_size: int = 32
 
     def __post_init__(self):
-        if self.strategy not in STRATEGY_NAMES:
-            raise DppaError(f"--strategy {self.strategy}: unknown; use one of reference (= coordinate), pattern")
-        object.__setattr__(self, "strategy", STRATEGY_NAMES[self.strategy])
+        object.__setattr__(self, "strategy", STRATEGIES.get(canonical(self.strategy)).name)
+        object.__setattr__(self, "options", strategy_options(self.strategy, self.options))
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "densities", tuple(float(d) for d in self.densities))
         if not self.tasks:
@@ -115,33 +100,36 @@ class SearchSettings:
         if self.split == "test":
             raise DppaError("--split test: the factors are tuned on the validation split; the test split is kept "
                             "for the final numbers (use --split validation)")
-        if self.budget is not None and self.budget < 1:
-            raise DppaError(f"--budget {self.budget}: must allow at least one evaluation")
 
-    @property
-    def max_evals(self) -> int:
-        return self.budget if self.budget is not None else DEFAULT_BUDGET[self.strategy]
+    def run(self, objective: Callable[[tuple[float, ...]], float]) -> SearchResult:
+        """The strategy on ``objective``, one factor per band."""
+        return STRATEGIES.get(self.strategy).impl(objective, len(self.densities), self.options)
 
     def candidate_recipe(self) -> dict:
-        """The cache key's recipe for a candidate: whatever besides factors, deltas and base shapes its weights,
-        and the version of the zoo tasks' data (it is generated by the package, so it could change with it)."""
+        """The cache key's recipe for a candidate: whatever besides factors, deltas and base shapes its weights."""
         return {"candidate": "dppa-bands", "densities": list(self.densities), "combine": self.combine,
                 "lamda": self.lamda, "layer_mult": self.layer_mult, "unit_mult": self.unit_mult,
-                "scope": self.scope, "dtype": "float32", **task_data_versions(self.tasks)}
+                "scope": self.scope, "dtype": "saved"}
+
+    def record(self) -> dict:
+        """The settings as JSON (the trace's record of what was asked)."""
+        return {"tasks": list(self.tasks), "strategy": self.strategy, "options": dataclasses.asdict(self.options),
+                "densities": list(self.densities), "split": self.split, "limit": self.limit,
+                "combine": self.combine, "lamda": self.lamda, "layer_mult": self.layer_mult,
+                "unit_mult": self.unit_mult, "scope": self.scope}
 
     def fingerprint(self, delta_hash: str, base_hash: str, reference_hash: str) -> str:
         """Identifies a search's result: same fingerprint, same factors (given the same harness and data)."""
         body = json.dumps({"delta": delta_hash, "base": base_hash, "reference": reference_hash,
-                           "tasks": sorted(self.tasks), "strategy": self.strategy, "split": self.split,
-                           "limit": self.limit, "budget": self.max_evals, "step": self.step,
-                           **self.candidate_recipe()}, sort_keys=True)
+                           **{k: v for k, v in self.record().items() if k != "tasks"},
+                           "tasks": sorted(self.tasks)}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass
 class CandidateTiming:
     factors: tuple[float, ...]
-    build_s: float  # setting the weights to the candidate and back to the base
+    build_s: float  # setting the model's weights to the candidate
     evaluate_s: float  # the harness on the candidate
 
 
@@ -155,7 +143,7 @@ class SearchReport:
     candidate_scores: dict[tuple[float, ...], Scores]
     real_evaluations: int  # harness runs this call made (candidates and the dense fine-tune); 0 on a cached rerun
     cache_hits: int
-    setup_s: float  # loading the base and computing the DP bands, once per search
+    setup_s: float  # loading the base, computing the DP bands and loading the tasks, once per search
     timings: list[CandidateTiming] = field(default_factory=list)
     fingerprint: str = ""
     normalised: bool = True  # False when the dense fine-tune scored 0 on a task and the objective is raw
@@ -189,7 +177,7 @@ class SearchReport:
 
     def trace_json(self, settings: SearchSettings) -> dict:
         ratio = self.build_over_evaluate()
-        return {**self.result.to_dict(), "settings": _settings_record(settings), "summary": self.summary(),
+        return {**self.result.to_dict(), "settings": settings.record(), "summary": self.summary(),
                 "candidate_scores": [{"factors": list(f), "scores": s} for f, s in self.candidate_scores.items()],
                 "timing": {"setup_s": round(self.setup_s, 4),
                            "candidates": [{"factors": list(t.factors), "build_s": round(t.build_s, 5),
@@ -199,13 +187,6 @@ class SearchReport:
                            "build_over_evaluate": None if ratio is None else round(ratio, 5)}}
 
 
-def _settings_record(settings: SearchSettings) -> dict:
-    return {"tasks": list(settings.tasks), "strategy": settings.strategy, "densities": list(settings.densities),
-            "split": settings.split, "limit": settings.limit, "max_evals": settings.max_evals, "step": settings.step,
-            "combine": settings.combine, "lamda": settings.lamda, "layer_mult": settings.layer_mult,
-            "unit_mult": settings.unit_mult, "scope": settings.scope}
-
-
 def rows_to_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     fields = list(dict.fromkeys(key for row in rows for key in row))
@@ -213,25 +194,6 @@ def rows_to_csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def write_text_atomic(path: Path, text: str, overwrite: bool = True) -> None:
-    """Write ``path`` whole or not at all (temporary sibling, then rename)."""
-    if path.exists() and not overwrite:
-        raise DppaError(f"{path}: already exists; choose another path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_model(folder: str | os.PathLike, device: torch.device):
-    """A causal LM and its tokenizer from a local folder, float32 (the dtype candidates are computed in)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
-    model.to(device).eval()
-    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def read_reference_scores(path: Path, tasks: Sequence[str]) -> Scores:
@@ -269,11 +231,10 @@ def search_amplification(
     tasks: Sequence[str],
     reference: str | os.PathLike,
     strategy: str = "coordinate",
+    options: Any = None,
     densities: Sequence[float] = (0.1, 0.2),
     split: str = "validation",
     limit: int | None = None,
-    budget: int | None = None,
-    step: float = 0.1,
     combine: str = "max",
     lamda: float = 0.08,
     layer_mult: float = 3.0,
@@ -286,15 +247,18 @@ def search_amplification(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    **option_values,
 ) -> SearchReport:
     """Search the band factors of the delta folder ``delta`` (of ``base``) and write the amplified delta at ``out``.
 
     ``reference`` is the dense fine-tune's model folder (evaluated once, cached) or a JSON file of its scores on
-    ``split``. ``trace``, when given, is a CSV path for a DVC plot; the JSON trace goes beside it (same stem).
-    Returns the SearchReport; the factors are ``report.result.best_factors``.
+    ``split``. The strategy's options come as ``options`` (its dataclass) or by name (``budget=12, step=0.1``; None
+    means the default). ``trace``, when given, is a CSV path for a DVC plot; the JSON trace goes beside it (same
+    stem). Returns the SearchReport; the factors are ``report.result.best_factors``.
     """
-    settings = SearchSettings(tuple(tasks), strategy, tuple(densities), split, limit, budget, step, combine, lamda,
-                              layer_mult, unit_mult, scope, batch_size)
+    settings = SearchSettings(tasks=tuple(tasks), strategy=strategy, options=options or option_values,
+                              densities=tuple(densities), split=split, limit=limit, combine=combine, lamda=lamda,
+                              layer_mult=layer_mult, unit_mult=unit_mult, scope=scope, batch_size=batch_size)
     out = Path(out)
     check_output_free(out, overwrite)
     trace_csv = Path(trace) if trace is not None else None
@@ -307,42 +271,38 @@ def search_amplification(
     base_hash = recorded_hash(base, manifest.get("base"))
     if manifest.get("base", {}).get("content_hash") not in (None, base_hash):
         raise DppaError(f"{base}: is not the base {delta} was extracted from (content hashes differ)")
-    evals = EvalCache(cache if cache is not None else default_cache_path())
+    cache_path = Path(cache) if cache is not None else default_cache_path()
     dev = resolve_device(device)
 
-    dense, reference_hash, ref_source = reference_scores(Path(reference), manifest, settings, evals, dev, base_hash)
+    dense, reference_hash, ref_source = reference_scores(Path(reference), manifest, settings, cache_path, str(dev))
     reference_primary = primary_scores(dense)
     log(f"dense fine-tune on {split}: {reference_primary}")
     divisor = objective_reference(reference_primary, log)
 
-    started = time.perf_counter()
-    model, tokenizer = load_model(base, dev)
-    from dppa.evaluation.weights import builder_for_delta
+    from dppa.evaluation.harness import Evaluator, load_model
+    from dppa.evaluation.weights import candidates_for_delta
 
-    builder = builder_for_delta(model, delta, settings.densities, combine=combine, device=str(dev), lamda=lamda,
-                                layer_mult=layer_mult, unit_mult=unit_mult, scope=scope)
+    started = time.perf_counter()
+    model, tokenizer = load_model(base, device=dev)
+    weights = candidates_for_delta(model, delta, settings.densities, combine=combine, device=str(dev), lamda=lamda,
+                                   layer_mult=layer_mult, unit_mult=unit_mult, scope=scope)
+    evaluator = Evaluator(model, tokenizer, settings.tasks, split=split, limit=limit, batch_size=batch_size)
     setup_s = time.perf_counter() - started
 
     timings: list[CandidateTiming] = []
     candidate_scores: dict[tuple[float, ...], Scores] = {}
 
     def evaluate_candidate(factors: tuple[float, ...]) -> Scores:
-        from dppa.evaluation.harness import evaluate_model
-
         t0 = time.perf_counter()
-        builder.apply(factors)
+        weights.amplify(factors)  # the next candidate overwrites it: the base is put back once, at the end
         t1 = time.perf_counter()
-        try:
-            scores = evaluate_model(model, tokenizer, settings.tasks, split=split, limit=limit, batch_size=batch_size)
-        finally:
-            t2 = time.perf_counter()
-            builder.restore()
-        timings.append(CandidateTiming(tuple(factors), (t1 - t0) + (time.perf_counter() - t2), t2 - t1))
+        scores = evaluator.scores()
+        timings.append(CandidateTiming(tuple(factors), t1 - t0, time.perf_counter() - t1))
         return scores
 
-    context = EvalContext(deltas=(manifest["content_hash"],), base=base_hash, tasks=settings.tasks, split=split,
-                          limit=limit, recipe=settings.candidate_recipe())
-    cached = CachedEvaluator(evaluate_candidate, evals, context)
+    key = functools.partial(eval_key, model=(manifest["content_hash"],), base=base_hash, tasks=settings.tasks,
+                            split=split, limit=limit, recipe=settings.candidate_recipe())
+    cached = CachedEvaluator(evaluate_candidate, EvalCache(cache_path), key)
 
     def objective(factors: tuple[float, ...]) -> float:
         scores = cached(factors)
@@ -351,7 +311,10 @@ def search_amplification(
         log(f"factors {list(factors)}: objective {value:.4f}  {primary_scores(scores)}")
         return value
 
-    result = run_strategy(settings.strategy, objective, step=step, max_evals=settings.max_evals)
+    try:
+        result = settings.run(objective)
+    finally:
+        weights.restore()
     report = SearchReport(out, result, reference_primary, candidate_scores,
                           cached.real_evaluations + (ref_source == "evaluated"), cached.hits + (ref_source == "cache"),
                           setup_s, timings, settings.fingerprint(manifest["content_hash"], base_hash, reference_hash),
@@ -360,30 +323,19 @@ def search_amplification(
     return report
 
 
-def reference_scores(reference: Path, manifest: dict, settings: SearchSettings, evals: EvalCache,
-                     device: torch.device | str, base_hash: str) -> tuple[Scores, str, str]:
+def reference_scores(reference: Path, manifest: dict, settings: SearchSettings, cache: Path,
+                     device: str) -> tuple[Scores, str, str]:
     """The dense fine-tune's scores on the search split, its identity for the fingerprint, and where the scores came
-    from: "file", "cache" or "evaluated"."""
+    from: "file", "cache" or "evaluated". A model folder is scored as the evaluate stage scores it (same cache key)."""
     if reference.is_file():
         scores = read_reference_scores(reference, settings.tasks)
         return scores, hashlib.sha256(json.dumps(scores, sort_keys=True).encode()).hexdigest(), "file"
     if not (reference / "config.json").exists():
         raise DppaError(f"{reference}: neither a model folder (no config.json) nor a scores JSON file")
     ft_hash = recorded_hash(reference, manifest.get("finetuned"))
-    context = EvalContext(deltas=(ft_hash,), base=base_hash, tasks=settings.tasks, split=settings.split,
-                          limit=settings.limit, recipe={"candidate": "model-folder", "dtype": "float32",
-                                  **task_data_versions(settings.tasks)})
-    key = context.key(())
-    scores = evals.get(key)
-    if scores is not None:
-        return scores, ft_hash, "cache"
-    from dppa.evaluation.harness import evaluate_model
-
-    model, tokenizer = load_model(reference, torch.device(device))
-    scores = evaluate_model(model, tokenizer, settings.tasks, split=settings.split, limit=settings.limit,
-                            batch_size=settings.batch_size)
-    evals.put(key, scores)
-    return scores, ft_hash, "evaluated"
+    scores, from_cache = score_folder(reference, settings.tasks, split=settings.split, limit=settings.limit,
+                                      batch_size=settings.batch_size, device=device, cache=cache, digest=ft_hash)
+    return scores, ft_hash, "cache" if from_cache else "evaluated"
 
 
 def _write_outputs(report: SearchReport, settings: SearchSettings, delta, out: Path, trace_csv: Path | None, *,
@@ -402,5 +354,5 @@ def _write_outputs(report: SearchReport, settings: SearchSettings, delta, out: P
         (tmp / TRACE_JSON).write_text(trace_json)
         (tmp / TRACE_CSV).write_text(trace_rows)
     if trace_csv is not None:
-        write_text_atomic(trace_csv, trace_rows)
-        write_text_atomic(trace_csv.with_suffix(".json"), trace_json)
+        atomic_write_text(trace_csv, trace_rows)
+        atomic_write_text(trace_csv.with_suffix(".json"), trace_json)
