@@ -3,7 +3,8 @@
 import argparse
 
 from dppa.cli.options import add_dp_options, float_list
-from dppa.registry import add_options, options_of
+from dppa.registry import add_options, options_from_args, options_of
+from dppa.sparsify.dp import DPOptions
 
 ORDER = 35
 
@@ -90,8 +91,8 @@ def run(args) -> int:
     report = search_amplification(
         args.base, args.delta, args.output, tasks=parse_task_list(args.tasks), reference=args.reference,
         strategy=canonical(args.strategy), options=options, densities=args.densities, split=args.split,
-        limit=args.limit, combine=args.combine, lamda=args.lamda, layer_mult=args.layer_mult,
-        unit_mult=args.unit_mult, scope=args.scope, batch_size=args.batch_size, cache=args.cache,
+        limit=args.limit, combine=args.combine, dp_options=options_from_args(DPOptions, args),
+        scope=args.scope, batch_size=args.batch_size, cache=args.cache,
         device=args.device, trace=args.trace, overwrite=args.overwrite, progress=not args.quiet,
         log=(lambda _msg: None) if args.quiet else print,
     )

@@ -123,8 +123,9 @@ class CandidateWeights:
 
 
 def candidates_for_delta(model: torch.nn.Module, delta: str | os.PathLike, densities: Sequence[float], *,
-                         combine: str = "max", device: str = "cpu", **dp_options) -> CandidateWeights:
+                         combine: str = "max", device: str = "cpu", options=None, scope: str | None = None) -> CandidateWeights:
     """CandidateWeights for the delta folder ``delta`` split into bands at ``densities`` (DP options as amplify)."""
-    bands, _ = compute_bands(delta, list(densities), device=device, **dp_options)
+    scope_kw = {} if scope is None else {"scope": scope}
+    bands, _ = compute_bands(delta, list(densities), device=device, options=options, **scope_kw)
     reader = open_checkpoint(delta)
     return CandidateWeights(model, bands, len(densities), combine, {name: reader.dtype(name) for name in bands})

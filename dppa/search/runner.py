@@ -38,6 +38,7 @@ from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
 from dppa.io.manifest import read_manifest
 from dppa.search.core import SearchResult, normalised_geomean
 from dppa.search.registry import STRATEGIES, canonical
+from dppa.sparsify.registry import PRUNERS
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
 TRACE_JSON = "search_trace.json"
@@ -84,9 +85,7 @@ class SearchSettings:
     split: str = "validation"
     limit: int | None = None
     combine: str = "max"
-    lamda: float = 0.08
-    layer_mult: float = 3.0
-    unit_mult: float = 5.0
+    dp: Any = None  # DP's options for the bands: DPOptions, a mapping of its fields, or None for the defaults
     scope: str = DEFAULT_SCOPE
     batch_size: int = 32
 
@@ -95,6 +94,7 @@ class SearchSettings:
         object.__setattr__(self, "options", strategy_options(self.strategy, self.options))
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "densities", tuple(float(d) for d in self.densities))
+        object.__setattr__(self, "dp", PRUNERS.options_for("dp", self.dp))
         if not self.tasks:
             raise DppaError("--tasks is empty; name the fine-tune's own tasks, e.g. --tasks zoo_arith")
         if self.split == "test":
@@ -108,15 +108,13 @@ class SearchSettings:
     def candidate_recipe(self) -> dict:
         """The cache key's recipe for a candidate: whatever besides factors, deltas and base shapes its weights."""
         return {"candidate": "dppa-bands", "densities": list(self.densities), "combine": self.combine,
-                "lamda": self.lamda, "layer_mult": self.layer_mult, "unit_mult": self.unit_mult,
-                "scope": self.scope, "dtype": "saved"}
+                **dataclasses.asdict(self.dp), "scope": self.scope, "dtype": "saved"}
 
     def record(self) -> dict:
         """The settings as JSON (the trace's record of what was asked)."""
         return {"tasks": list(self.tasks), "strategy": self.strategy, "options": dataclasses.asdict(self.options),
                 "densities": list(self.densities), "split": self.split, "limit": self.limit,
-                "combine": self.combine, "lamda": self.lamda, "layer_mult": self.layer_mult,
-                "unit_mult": self.unit_mult, "scope": self.scope}
+                "combine": self.combine, **dataclasses.asdict(self.dp), "scope": self.scope}
 
     def fingerprint(self, delta_hash: str, base_hash: str, reference_hash: str) -> str:
         """Identifies a search's result: same fingerprint, same factors (given the same harness and data)."""
@@ -236,9 +234,7 @@ def search_amplification(
     split: str = "validation",
     limit: int | None = None,
     combine: str = "max",
-    lamda: float = 0.08,
-    layer_mult: float = 3.0,
-    unit_mult: float = 5.0,
+    dp_options: Any = None,
     scope: str = DEFAULT_SCOPE,
     batch_size: int = 32,
     cache: str | os.PathLike | None = None,
@@ -257,8 +253,8 @@ def search_amplification(
     stem). Returns the SearchReport; the factors are ``report.result.best_factors``.
     """
     settings = SearchSettings(tasks=tuple(tasks), strategy=strategy, options=options or option_values,
-                              densities=tuple(densities), split=split, limit=limit, combine=combine, lamda=lamda,
-                              layer_mult=layer_mult, unit_mult=unit_mult, scope=scope, batch_size=batch_size)
+                              densities=tuple(densities), split=split, limit=limit, combine=combine, dp=dp_options,
+                              scope=scope, batch_size=batch_size)
     out = Path(out)
     check_output_free(out, overwrite)
     trace_csv = Path(trace) if trace is not None else None
@@ -284,8 +280,8 @@ def search_amplification(
 
     started = time.perf_counter()
     model, tokenizer = load_model(base, device=dev)
-    weights = candidates_for_delta(model, delta, settings.densities, combine=combine, device=str(dev), lamda=lamda,
-                                   layer_mult=layer_mult, unit_mult=unit_mult, scope=scope)
+    weights = candidates_for_delta(model, delta, settings.densities, combine=combine, device=str(dev),
+                                   options=settings.dp, scope=scope)
     evaluator = Evaluator(model, tokenizer, settings.tasks, split=split, limit=limit, batch_size=batch_size)
     setup_s = time.perf_counter() - started
 
@@ -348,8 +344,8 @@ def _write_outputs(report: SearchReport, settings: SearchSettings, delta, out: P
     # the trace files join it before the one rename that makes `out` appear complete.
     with atomic_dir(out, overwrite) as tmp:
         amplify_delta(delta, tmp, densities=list(settings.densities), factors=list(report.result.best_factors),
-                      combine=settings.combine, lamda=settings.lamda, layer_mult=settings.layer_mult,
-                      unit_mult=settings.unit_mult, scope=settings.scope, device=device, overwrite=True,
+                      combine=settings.combine, options=settings.dp, scope=settings.scope, device=device,
+                      overwrite=True,
                       progress=progress, extra_manifest={"search": report.summary()})
         (tmp / TRACE_JSON).write_text(trace_json)
         (tmp / TRACE_CSV).write_text(trace_rows)
