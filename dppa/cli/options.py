@@ -24,8 +24,9 @@ def add_dp_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer-mult", type=float, default=3.0, help="layer outlier = |delta| > this x layer mean (default 3)")
     group.add_argument("--unit-mult", type=float, default=5.0, help="module outlier = |delta| > this x module mean (default 5)")
     group.add_argument("--scope", default=DEFAULT_SCOPE, metavar="REGEX",
-                       help="tensors the pruning touches; needs a group capturing the layer index "
-                            "(default: LLaMA-style q/k/v/o and gate/up/down projections)")
+                       help="tensors the pruning touches: a regex with a group (?P<layer>\\d+) capturing the block "
+                            "index, or auto (default): every weight matrix of every block of the language model, "
+                            "worked out from config.json")
 
 
 def float_list(text: str) -> list[float]:

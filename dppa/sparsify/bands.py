@@ -86,7 +86,7 @@ class BandPlan:
 def plan_bands(reader: CheckpointReader, densities: list[float], *, lamda: float = 0.08, layer_mult: float = 3.0,
                unit_mult: float = 5.0, scope: str = DEFAULT_SCOPE, device: str = "cpu", progress: bool = False) -> BandPlan:
     check_bands(densities)
-    regex = compile_scope(scope)
+    regex = compile_scope(scope, reader)
     stats = gather_dp_stats(reader, regex, layer_mult, unit_mult, resolve_device(device), progress=progress)
     if not stats.layer:
         raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture")
@@ -122,9 +122,9 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
     check_output_free(out, overwrite)
     reader = open_checkpoint(delta)
     check_is_delta(reader)
-    plan = plan_bands(reader, densities, lamda=lamda, layer_mult=layer_mult, unit_mult=unit_mult, scope=scope,
+    regex = compile_scope(scope, reader)
+    plan = plan_bands(reader, densities, lamda=lamda, layer_mult=layer_mult, unit_mult=unit_mult, scope=regex,
                       device=device, progress=progress)
-    regex = compile_scope(scope)
 
     def amplify(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
         index = None if layer is None else band_index(values, plan.keep_counts[name])
@@ -132,7 +132,7 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
 
     manifest = {"kind": "amplified", "pruned": True, "method": "dppa", "densities": list(densities),
                 "factors": list(factors), "band_factors": band_factors(factors, combine), "combine": combine,
-                "lamda": lamda, "layer_mult": layer_mult, "unit_mult": unit_mult, "scope": scope,
+                "lamda": lamda, "layer_mult": layer_mult, "unit_mult": unit_mult, **regex.record(),
                 "module_density": plan.module_density, **(extra_manifest or {})}
     return transform_delta(reader, out, amplify, scope=regex, device=resolve_device(device), manifest=manifest,
                            desc=f"amplify {Path(delta).name}", overwrite=overwrite, progress=progress,

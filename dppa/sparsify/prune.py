@@ -52,12 +52,12 @@ def prune_delta(delta: str | os.PathLike, out: str | os.PathLike, *, method: str
     out = Path(out)
     check_output_free(out, overwrite)
     dev = resolve_device(device)
-    regex = compile_scope(scope)
     reader = open_checkpoint(delta)
     check_is_delta(reader)
+    regex = compile_scope(scope, reader)
     if not any(regex.search(n) for n in reader.names()):
         raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture")
-    manifest: dict = {"kind": "pruned", "pruned": True, "method": method, "density": density, "scope": scope}
+    manifest: dict = {"kind": "pruned", "pruned": True, "method": method, "density": density, **regex.record()}
     if method == "dp":
         stats = gather_dp_stats(reader, regex, layer_mult, unit_mult, dev, progress=progress)
         density_of = module_densities(stats, density, lamda)
