@@ -5,7 +5,7 @@ and MLP projections, fused ones (`qkv_proj`, `gate_up_proj`, `query_key_value`, 
 and the MoE router (`gate`, `shared_expert_gate`), because the reference prunes every `nn.Linear` found in a block and
 the router is one. A family is therefore described by one thing only: the name prefix of its language model's blocks,
 with the block index captured as `layer`. Everything else follows from the tensor names and shapes: the matrices
-(2-D tensors whose name ends in `weight`) under a block prefix are in scope; embeddings, the LM head and final norm
+(2-D tensors that are not biases) under a block prefix are in scope; embeddings, the LM head and final norm
 live outside the blocks, and norms and biases are 1-D. GPT-2 stores its projections as `Conv1D` weights, transposed
 (in, out): the magnitudes are the same, so nothing changes for pruning. A vision tower's blocks
 (`vision_tower.encoder.layers.N`) sit under another prefix and stay out of scope, so they never pool with the language
@@ -37,8 +37,11 @@ _NON_LANGUAGE = re.compile(r"vision|visual|image|audio|speech|encoder")
 
 
 def is_matrix(name: str, shape: tuple[int, ...]) -> bool:
-    """A weight matrix (2-D, or a stack of them such as fused experts); biases and norm scales are 1-D."""
-    return len(shape) >= 2 and name.rsplit(".", 1)[-1].endswith("weight")
+    """A weight matrix (2-D, or a stack of them such as fused experts `experts.gate_up_proj`), not a bias.
+
+    Norm scales and most biases are 1-D; stacked expert biases (`experts.gate_up_proj_bias`) are 2-D.
+    """
+    return len(shape) >= 2 and "bias" not in name.rsplit(".", 1)[-1]
 
 
 def block_prefix(config: dict | None) -> re.Pattern | None:
