@@ -75,7 +75,7 @@ def compile_scope(spec: str | Scope, reader: CheckpointReader | None = None) -> 
     scope.model_type = (reader.config or {}).get("model_type")
     if scope.left_out:
         more = f" and {len(scope.left_out) - 3} more" if len(scope.left_out) > 3 else ""
-        print(f"dppa: note: --scope {spec!r} leaves {len(scope.left_out)} block weight matrices with their dense "
+        print(f"dppa: note: --scope '{spec}' leaves {len(scope.left_out)} block weight matrices with their dense "
               f"delta: {', '.join(scope.left_out[:3])}{more} (listed in the manifest as scope_left_out)",
               file=sys.stderr)
     return scope
