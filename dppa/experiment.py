@@ -19,23 +19,33 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dppa.sparsify.bands import check_bands
-from dppa.extract import extract_delta
 from dppa.errors import DppaError
 from dppa.evaluation.cache import EvalCache, EvalContext
+from dppa.extract import extract_delta
 from dppa.io.manifest import read_manifest
 from dppa.io.reader import open_checkpoint
 from dppa.merging.merge import merge_deltas
+from dppa.search.runner import (
+    SearchSettings,
+    checkpoint_hash,
+    load_model,
+    primary_scores,
+    recorded_hash,
+    rows_to_csv,
+    search_amplification,
+    task_data_versions,
+    write_text_atomic,
+)
+from dppa.sparsify.bands import check_bands
 from dppa.sparsify.prune import prune_delta
-from dppa.search.runner import (SearchSettings, checkpoint_hash, load_model, primary_scores, recorded_hash,
-                                rows_to_csv, search_amplification, task_data_versions, write_text_atomic)
 
 PRUNE_METHODS = ("magnitude", "dare", "dp")
 MERGE_COMBOS = ("dense+task_arithmetic", "dense+ties", "dare+task_arithmetic", "dare+ties", "dp+ties",

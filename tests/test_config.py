@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dppa.pipeline.config import Layout, load_params, parse_params
 from dppa.errors import DppaError
+from dppa.pipeline.config import Layout, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

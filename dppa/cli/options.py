@@ -22,8 +22,9 @@ def add_common(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
 
 def add_scope(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scope", default=DEFAULT_SCOPE, metavar="REGEX",
-                        help="tensors the pruning touches; needs a group capturing the layer index "
-                             "(default: LLaMA-style q/k/v/o and gate/up/down projections)")
+                        help="tensors the pruning touches: auto (default: every weight matrix of every block of the "
+                             "language model, worked out from config.json), or a regex with a group (?P<layer>\\d+) "
+                             "capturing the block index")
 
 
 def add_method_options(parser: argparse.ArgumentParser, registry: Registry) -> None:

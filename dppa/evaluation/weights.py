@@ -18,6 +18,7 @@ import torch
 from dppa.errors import DppaError
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.bands import amplify_tensor, band_factors, compute_bands
+from dppa.sparsify.scope import DEFAULT_SCOPE
 
 # name -> (delta in float32, uint8 band index with 0 = pruned and b = band b, or None when out of scope)
 Bands = Mapping[str, "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -123,9 +124,9 @@ class CandidateWeights:
 
 
 def candidates_for_delta(model: torch.nn.Module, delta: str | os.PathLike, densities: Sequence[float], *,
-                         combine: str = "max", device: str = "cpu", options=None, scope: str | None = None) -> CandidateWeights:
+                         combine: str = "max", device: str = "cpu", options=None,
+                         scope: str = DEFAULT_SCOPE) -> CandidateWeights:
     """CandidateWeights for the delta folder ``delta`` split into bands at ``densities`` (DP options as amplify)."""
-    scope_kw = {} if scope is None else {"scope": scope}
-    bands, _ = compute_bands(delta, list(densities), device=device, options=options, **scope_kw)
+    bands, _ = compute_bands(delta, list(densities), device=device, options=options, scope=scope)
     reader = open_checkpoint(delta)
     return CandidateWeights(model, bands, len(densities), combine, {name: reader.dtype(name) for name in bands})

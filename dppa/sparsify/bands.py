@@ -90,7 +90,7 @@ def plan_bands(reader: CheckpointReader, densities: list[float], *, options: DPO
                scope: str = DEFAULT_SCOPE, device: str = "cpu", progress: bool = False) -> BandPlan:
     check_bands(densities)
     options = PRUNERS.options_for("dp", options)
-    regex = compile_scope(scope)
+    regex = compile_scope(scope, reader)
     stats = gather_dp_stats(reader, regex, options, resolve_device(device), progress=progress)
     if not stats.layer:
         raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; "
@@ -130,8 +130,8 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
     check_output_free(out, overwrite)
     reader = open_checkpoint(delta)
     check_is_delta(reader.folder)
-    plan = plan_bands(reader, densities, options=options, scope=scope, device=device, progress=progress)
-    regex = compile_scope(scope)
+    regex = compile_scope(scope, reader)
+    plan = plan_bands(reader, densities, options=options, scope=regex, device=device, progress=progress)
 
     def amplify(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
         index = None if layer is None else band_index(values, plan.keep_counts[name])
@@ -139,7 +139,7 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
 
     manifest = {"kind": "amplified", "pruned": True, "method": "dppa", "densities": list(densities),
                 "factors": list(factors), "band_factors": band_factors(factors, combine), "combine": combine,
-                **asdict(options), "scope": scope, "module_density": plan.module_density, **(extra_manifest or {})}
+                **asdict(options), **regex.record(), "module_density": plan.module_density, **(extra_manifest or {})}
     return transform_delta(reader, out, amplify, scope=regex, device=resolve_device(device), manifest=manifest,
                            desc=f"amplify {Path(delta).name}", overwrite=overwrite, progress=progress,
                            max_shard_size=max_shard_size)

@@ -32,14 +32,14 @@ def prune_delta(delta: str | os.PathLike, out: str | os.PathLike, *, method: str
     out = Path(out)
     check_output_free(out, overwrite)
     dev = resolve_device(device)
-    regex = compile_scope(scope)
     reader = open_checkpoint(delta)
     check_is_delta(reader.folder)
+    regex = compile_scope(scope, reader)
     if not any(regex.search(n) for n in reader.names()):
         raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; "
                         "pass --scope for this architecture")
     plan = entry.impl(reader, regex, density, options, dev, progress)
-    manifest = {"kind": "pruned", "pruned": True, "method": method, "density": density, "scope": scope,
+    manifest = {"kind": "pruned", "pruned": True, "method": method, "density": density, **regex.record(),
                 **dataclasses.asdict(options), **plan.manifest}
 
     def prune(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
