@@ -17,10 +17,11 @@ def extract(base: Path, finetuned: Path, out: Path, dtype: str, device: str) -> 
 
 
 @task(tags=[GPU_TAG])
-def prune(delta: Path, out: Path, options: dict, device: str) -> Path:
+def prune(delta: Path, out: Path, method: str, density: float, scope: str, options: dict, device: str) -> Path:
     from dppa.sparsify.prune import prune_delta
 
-    return prune_delta(delta, out, **options, device=device, overwrite=True, progress=False)
+    return prune_delta(delta, out, method=method, density=density, scope=scope, **options, device=device,
+                       overwrite=True, progress=False)
 
 
 @task(tags=[GPU_TAG])
