@@ -80,9 +80,9 @@ class BaseInMemory:
     def _scaled_merge(self, merged: Path, scale: float) -> None:
         with open_checkpoint(merged) as reader:
             for name in reader.names():
-                base = self.saved[name].float()
+                base = self.saved[name].float()  # (the saved tensor itself when it is float32: not modified)
                 values = reader.get(name, dtype=torch.float32).to(base.device)
-                self.params[name].copy_(base.add_(values.sub_(base), alpha=scale))
+                self.params[name].copy_(torch.lerp(base, values, scale))  # base + scale * (merged - base)
 
     def _score(self, key, tasks: Sequence[str], split: str, limit: int | None, batch_size: int,
                cache: EvalCache, set_weights: Callable[[], None]) -> dict[str, float]:
