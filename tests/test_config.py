@@ -165,6 +165,17 @@ def test_searched_merge_scale_needs_its_search_section(params):
     assert error_of(params).startswith("params.yaml: merge.search.split:")
 
 
+def test_amplify_tracks_exactly_the_prune_keys_its_dp_bands_use():
+    """The bands are DP selections: amplify reruns on the DP options, density and scope, not on the method."""
+    import dataclasses
+
+    from dppa.sparsify.registry import PRUNERS
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["amplify"]["do"]
+    tracked = {key.removeprefix("prune.") for key in stage["params"] if key.startswith("prune")}
+    assert tracked == {"density", "scope", *(f.name for f in dataclasses.fields(PRUNERS.get("dp").options))}
+
+
 def test_dvc_yaml_is_the_only_place_paths_are_written():
     """The stage commands get every path from dvc.yaml: no data/ path is written in the code that runs them."""
     for module in ("flows/stages.py", "flows/pipeline.py", "dppa/cli/stage.py", "dppa/cli/run.py"):
