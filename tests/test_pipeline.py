@@ -163,6 +163,15 @@ def test_repro_runs_every_stage_once_then_nothing(built_project):
     assert "Data and pipelines are up to date" in dvc(built_project, "status").stdout
 
 
+def test_dppa_run_with_nothing_stale_runs_nothing_and_prints_the_report(built_project, capsys):
+    from dppa.cli import main
+
+    assert main(["run", "-C", str(built_project)]) == 0
+    printed = capsys.readouterr().out
+    assert f"0 of {len(ALL_STAGES)} stages ran" in printed
+    assert "Each fine-tune alone" in printed and "Merge scale" in printed
+
+
 def test_a_code_change_makes_stale_only_the_stages_that_use_the_code(built_project):
     def stale_after_editing(module: str) -> set[str]:
         path = built_project / module
