@@ -11,7 +11,8 @@ The grid file (see experiments/paper.yaml):
             an axis named after a params key takes plain values; any other axis takes mappings of overrides,
             each with a `label`
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
-resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs.
+resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Afterwards
+params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
 """
 
 from __future__ import annotations
