@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo experiment clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 # Prefect, prints the results table. The stages call `dppa`, so the virtualenv's bin folder goes first on PATH.
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dppa run
+
+# The paper's comparison: the grids of experiments/paper.yaml, each point one DVC experiment through the same stages
+# (hours on 2 cores: resumable, a rerun skips recorded points). Tables in experiments/results/.
+experiment: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m dppa.pipeline.grid experiments/paper.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -45,7 +45,8 @@ def pipeline_flow(root: str = ".") -> dict[str, str]:
         futures[stage] = repro_stage.submit(root_path, stage, wait_for=[futures[u] for u in upstream])
     outcome = {stage: future.result() for stage, future in futures.items()}
     ran = [s for s, o in outcome.items() if o == "ran"]
-    logger.info(f"{len(ran)} of {len(outcome)} stages ran in {time.perf_counter() - started:.1f} s: {', '.join(ran) or 'none'}")
+    elapsed = time.perf_counter() - started
+    logger.info(f"{len(ran)} of {len(outcome)} stages ran in {elapsed:.1f} s: {', '.join(ran) or 'none'}")
     return outcome
 
 

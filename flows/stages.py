@@ -1,22 +1,25 @@
-"""One Prefect flow per pipeline stage. `dppa stage NAME [--model M]` (the command each dvc.yaml stage runs) calls
-the flow in STAGES; each flow reads the checked params, resolves artifact paths from the layout under data/, and
-calls the tasks in `tasks/`.
+"""One Prefect flow per pipeline stage. `dppa stage NAME --arg VALUE ...` (the command each dvc.yaml stage runs)
+calls the flow in STAGES with the checked params and the paths dvc.yaml passes: the paths are written in dvc.yaml
+only, and each flow's signature is its command line (dppa/cli/stage.py builds the options from it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
 from prefect import flow
 
-from dppa.pipeline.config import BASE_NAME, Layout, Params
+from dppa.io.atomic import atomic_write_text
+from dppa.pipeline.config import BASE_NAME, ParamsBase
 from dppa.pipeline.hub import model_folder
+from dppa.pipeline.scoring import trace_csv
 from tasks import deltas, evaluation, models
 
 SEARCH_TRACE = "search_trace.csv"
+UNUSED = "UNUSED"
 
 
 def clear_leftovers(*outs: Path) -> None:
@@ -26,140 +29,158 @@ def clear_leftovers(*outs: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _device(params: Params) -> str:
+def write_unused(out: Path, why: str) -> Path:
+    """An explicit placeholder output, so the stage graph is the same for every params file."""
+    from dppa.io.atomic import atomic_dir
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / UNUSED).write_text(why + "\n")
+    return out
+
+
+def dp_options(params: ParamsBase, name: str) -> dict:
+    """The DP options of this fine-tune's pruning settings (DPA's band edges are DP selections)."""
+    from dppa.sparsify.registry import PRUNERS
+
+    return dataclasses.asdict(PRUNERS.make_options("dp", params.prune_for(name).model_dump()))
+
+
+def _device(params: ParamsBase) -> str:
     return params.runtime.device
 
 
-def _dp_options(params: Params, name: str) -> dict:
-    prune = params.prune_for(name)
-    return {"lamda": prune.lamda, "layer_mult": prune.layer_mult, "unit_mult": prune.unit_mult, "scope": prune.scope}
+def _eval_device(params: ParamsBase) -> str | None:
+    return None if params.runtime.device == "auto" else params.runtime.device
 
 
 @flow(name="stage-zoo")
-def zoo_flow(params: Params, root: Path) -> Path:
-    layout = Layout(root)
-    clear_leftovers(layout.zoo)
-    return models.build_zoo(layout.zoo, params.zoo.size, params.zoo.regime, params.zoo.seed)
+def zoo_flow(params: ParamsBase, root: Path, out: Path) -> Path:
+    """The demo models (zoo.size, zoo.regime, zoo.seed)."""
+    clear_leftovers(out)
+    return models.build_zoo(out, params.zoo.size, params.zoo.regime, params.zoo.seed)
 
 
 @flow(name="stage-fetch")
-def fetch_flow(params: Params, root: Path, model: str) -> Path:
-    layout = Layout(root)
+def fetch_flow(params: ParamsBase, root: Path, model: str, zoo: Path, out: Path) -> Path:
+    """A hub snapshot, or the record of a zoo or local model folder (MODEL may be base)."""
     entry = params.all_models()[model]
     source = entry.resolve(root)
-    out = layout.fetched(model)
     clear_leftovers(out)
     if source.kind == "hub":
         return models.fetch_hub(source.ref, entry.revision, out)
-    folder = layout.zoo / source.ref if source.kind == "zoo" else Path(source.ref)
+    folder = zoo / source.ref if source.kind == "zoo" else Path(source.ref)
     return models.record_model(source.kind, entry.source, folder, out, root)
 
 
-def _model(layout: Layout, name: str) -> Path:
-    return model_folder(layout.fetched(name), layout.root)
-
-
 @flow(name="stage-extract")
-def extract_flow(params: Params, root: Path, model: str) -> Path:
-    layout = Layout(root)
-    clear_leftovers(layout.delta(model))
-    return deltas.extract(_model(layout, BASE_NAME), _model(layout, model), layout.delta(model),
-                          params.extract.dtype, _device(params))
+def extract_flow(params: ParamsBase, root: Path, model: str, base: Path, finetune: Path, out: Path) -> Path:
+    """delta = fine-tune - base (extract.dtype)."""
+    clear_leftovers(out)
+    return deltas.extract(model_folder(base, root), model_folder(finetune, root), out, params.extract.dtype,
+                          _device(params))
 
 
 @flow(name="stage-prune")
-def prune_flow(params: Params, root: Path, model: str) -> Path:
-    layout = Layout(root)
-    options = params.prune_for(model).model_dump()
-    clear_leftovers(layout.pruned(model))
-    return deltas.prune(layout.delta(model), layout.pruned(model), options, _device(params))
-
-
-def _write_trace(layout: Layout, model: str, trace: Path | None) -> None:
-    """The search trace as a DVC plot file; fixed factors give a header-only trace (nothing was searched)."""
-    out = layout.search_trace(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if trace is not None and trace.exists():
-        shutil.copyfile(trace, tmp)
-    else:
-        tmp.write_text("index,score,best_score\n")
-    os.replace(tmp, out)
+def prune_flow(params: ParamsBase, root: Path, model: str, delta: Path, out: Path) -> Path:
+    """The delta pruned by prune.method at its density (with the fine-tune's overrides)."""
+    clear_leftovers(out)
+    prune = params.prune_for(model)
+    options = dataclasses.asdict(prune.options())
+    return deltas.prune(delta, out, prune.method, prune.density, prune.scope, options, _device(params))
 
 
 @flow(name="stage-amplify")
-def amplify_flow(params: Params, root: Path, model: str) -> Path:
-    layout = Layout(root)
-    out = layout.amplified(model)
+def amplify_flow(params: ParamsBase, root: Path, model: str, base: Path, finetune: Path, delta: Path, out: Path,
+                 trace: Path, cache: Path) -> Path:
+    """DP bands x factors, fixed or searched on the validation split; the search trace as a DVC plot."""
     clear_leftovers(out)
     if params.merge.inputs != "amplified":
         # The merge does not use amplified deltas: record that instead of spending a search on them.
-        from dppa.io.atomic import atomic_dir
-
-        with atomic_dir(out, overwrite=True) as tmp:
-            (tmp / "UNUSED").write_text(f"merge.inputs is {params.merge.inputs}: no amplification was run\n")
-        _write_trace(layout, model, None)
-        return out
+        atomic_write_text(trace, "index,score,best_score\n")
+        return write_unused(out, f"merge.inputs is {params.merge.inputs}: no amplification was run")
     densities = params.band_densities(model)
     factors = params.fixed_factors(model)
     if factors is not None:
-        result = deltas.amplify_fixed(layout.delta(model), out, densities, factors, _dp_options(params, model),
-                                      _device(params))
-        _write_trace(layout, model, None)
-        return result
+        atomic_write_text(trace, "index,score,best_score\n")  # nothing was searched
+        return deltas.amplify_fixed(delta, out, densities, factors, dp_options(params, model),
+                                    params.prune_for(model).scope, _device(params))
     result = deltas.amplify_searched(
-        _model(layout, BASE_NAME), layout.delta(model), _model(layout, model), out, densities=densities,
+        model_folder(base, root), delta, model_folder(finetune, root), out, densities=densities,
         tasks=params.finetune(model).tasks, search=params.amplify.search.model_dump(),
-        dp_options=_dp_options(params, model), batch_size=params.evaluate.batch_size, cache=layout.eval_cache,
-        device=_device(params))
-    _write_trace(layout, model, out / SEARCH_TRACE)
+        dp_options=dp_options(params, model), scope=params.prune_for(model).scope,
+        batch_size=params.evaluate.batch_size, cache=cache, device=_device(params))
+    atomic_write_text(trace, (out / SEARCH_TRACE).read_text())
     return result
 
 
-MERGE_INPUTS = {"amplified": Layout.amplified, "pruned": Layout.pruned, "delta": Layout.delta}
+@flow(name="stage-score")
+def score_flow(params: ParamsBase, root: Path, model: str, base: Path, finetune: Path, pruned: Path,
+               amplified: Path, out: Path, cache: Path) -> Path:
+    """The fine-tune alone, dense, pruned and amplified, on its own tasks (evaluate.split): what pruning cost it."""
+    ev = params.evaluate
+    prune = params.prune_for(model)
+    variants = {"pruned": pruned}
+    if not (amplified / UNUSED).exists():
+        variants["amplified"] = amplified
+    scores = evaluation.score_finetune(model_folder(base, root), model_folder(finetune, root), variants,
+                                       params.finetune(model).tasks, ev.split, ev.limit, ev.batch_size,
+                                       _eval_device(params), cache)
+    record = {"method": prune.method, "density": prune.density, "split": ev.split, "limit": ev.limit, **scores}
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    return out
 
 
 @flow(name="stage-merge")
-def merge_flow(params: Params, root: Path) -> Path:
-    layout = Layout(root)
+def merge_flow(params: ParamsBase, root: Path, fetched: Path, inputs: Path, out: Path, trace: Path, record: Path,
+               cache: Path) -> Path:
+    """Merge every fine-tune's input (inputs/NAME) into the base (fetched/base); with `merge.scale: search` the
+    scale is chosen first, against the dense fine-tunes (fetched/NAME)."""
+    m = params.merge
     names = list(params.models.finetunes)
-    inputs = [MERGE_INPUTS[params.merge.inputs](layout, n) for n in names]
-    weights = [params.merge.weights[n] for n in names] if params.merge.weights else None
-    clear_leftovers(layout.merged)
-    return deltas.merge(_model(layout, BASE_NAME), inputs, layout.merged, method=params.merge.method,
-                        weights=weights, scale=params.merge.scale, density=params.merge.density,
-                        device=_device(params))
+    folders = [inputs / n for n in names]
+    weights = [m.weights[n] for n in names] if m.weights else None
+    base_folder = model_folder(fetched / BASE_NAME, root)
+    clear_leftovers(out)
+    scale, rows = m.scale, []
+    if scale == "search":
+        dense = {n: model_folder(fetched / n, root) for n in names}
+        tasks = {n: params.finetune(n).tasks for n in names}
+        scale, rows = evaluation.search_merge_scale(
+            base_folder, folders, dense, tasks, method=m.method, weights=weights, density=m.density,
+            grid=m.search.grid, split=m.search.split, limit=m.search.limit, batch_size=params.evaluate.batch_size,
+            device=_device(params), cache=cache, work=out.parent / f".{out.name}.scale-search")
+    atomic_write_text(trace, trace_csv(rows))
+    atomic_write_text(record, json.dumps({"scale": scale, "searched": m.scale == "search",
+                                          "best_score": max((r["score"] for r in rows), default=None)},
+                                         indent=2) + "\n")
+    return deltas.merge(base_folder, folders, out, method=m.method, weights=weights, scale=scale,
+                        density=m.density, device=_device(params))
 
 
 @flow(name="stage-evaluate")
-def evaluate_flow(params: Params, root: Path) -> Path:
-    """Test-split scores of the base, every dense fine-tune and the merged model (unchanged models come from the
-    evaluation cache, so a new merge costs one evaluation)."""
-    layout = Layout(root)
+def evaluate_flow(params: ParamsBase, root: Path, fetched: Path, merged: Path, out: Path, cache: Path) -> Path:
+    """Scores of the base, every dense fine-tune and the merged model on evaluate.split (unchanged models come
+    from the evaluation cache, so a new merge costs one evaluation)."""
     ev = params.evaluate
     tasks = params.eval_tasks()
-    device = None if params.runtime.device == "auto" else params.runtime.device
-    merged_name = f"merged ({params.merge.inputs}, {params.merge.method})"
-    folders = {name: _model(layout, name) for name in params.all_models()}
-    folders[merged_name] = layout.merged
+    folders = {name: model_folder(fetched / name, root) for name in params.all_models()}
+    folders["merged"] = merged
     # One model at a time: evaluations are model-heavy; parallel ones would only compete for the same device.
-    results = {name: evaluation.score(folder, tasks, ev.split, ev.limit, ev.batch_size, device, layout.eval_cache)
+    results = {name: evaluation.score(folder, tasks, ev.split, ev.limit, ev.batch_size, _eval_device(params), cache)
                for name, folder in folders.items()}
     scores = {"split": ev.split, "limit": ev.limit, "tasks": tasks,
               "finetunes": {n: e.tasks for n, e in params.models.finetunes.items()},
-              "models": results}
-    layout.scores.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.scores.with_name(f".{layout.scores.name}.tmp")
-    tmp.write_text(json.dumps(scores, indent=2) + "\n")
-    os.replace(tmp, layout.scores)
-    return layout.scores
+              "merged": {"method": params.merge.method, "inputs": params.merge.inputs}, "models": results}
+    atomic_write_text(out, json.dumps(scores, indent=2) + "\n")
+    return out
 
 
 @flow(name="stage-report")
-def report_flow(params: Params, root: Path) -> Path:
-    layout = Layout(root)
-    clear_leftovers(layout.report)
-    return evaluation.report(layout.scores, layout.search_trace("x").parent, layout.report, layout.summary)
+def report_flow(params: ParamsBase, root: Path, scores: Path, finetunes: Path, traces: Path, merge: Path,
+                out: Path, summary: Path) -> Path:
+    """Tables and plots of every score, and the summary metrics."""
+    clear_leftovers(out)
+    return evaluation.report(scores, finetunes, traces, merge, out, summary)
 
 
 STAGES = {
@@ -168,8 +189,8 @@ STAGES = {
     "extract": extract_flow,
     "prune": prune_flow,
     "amplify": amplify_flow,
+    "score": score_flow,
     "merge": merge_flow,
     "evaluate": evaluate_flow,
     "report": report_flow,
 }
-PER_MODEL = {"fetch", "extract", "prune", "amplify"}

@@ -1,4 +1,4 @@
-"""Scoring model folders with lm-evaluation-harness (cached by content) and writing the report."""
+"""Scoring with lm-evaluation-harness (cached by content), the merge-scale search, and the report."""
 
 from __future__ import annotations
 
@@ -19,9 +19,40 @@ def score(model: Path, tasks: list[str], split: str, limit: int | None, batch_si
     return scores
 
 
-@task
-def report(scores_json: Path, traces: Path, out: Path, summary_json: Path) -> Path:
-    from dppa.evaluation.report import write_report
+@task(tags=[GPU_TAG])
+def score_finetune(base: Path, finetune: Path, variants: dict[str, Path], tasks: list[str], split: str,
+                   limit: int | None, batch_size: int, device: str | None, cache: Path) -> dict:
+    """{"scores": {base, dense, VARIANT: {task: score}}, "normalised": {VARIANT: score / dense}}; each variant
+    is a delta folder scored as base + delta in memory."""
+    from dppa.evaluation.cache import EvalCache
+    from dppa.evaluation.scores import primary_scores, score_folder
+    from dppa.pipeline.scoring import BaseInMemory, normalised
 
-    write_report(scores_json, traces, out, summary_json)
+    def folder_scores(folder: Path) -> dict[str, float]:
+        return primary_scores(score_folder(folder, tasks, split=split, limit=limit, batch_size=batch_size,
+                                           device=device, cache=cache)[0])
+
+    scores = {"base": folder_scores(base), "dense": folder_scores(finetune)}
+    model = BaseInMemory(base, device)
+    for name, delta in variants.items():
+        scores[name] = model.score_delta(delta, tasks, split=split, limit=limit, batch_size=batch_size,
+                                         cache=EvalCache(cache))
+    return {"scores": scores, "normalised": {name: normalised(scores[name], scores["dense"])
+                                             for name in ("base", *variants)}}
+
+
+@task(tags=[GPU_TAG])
+def search_merge_scale(base: Path, inputs: list[Path], dense: dict[str, Path], tasks: dict[str, list[str]],
+                       **settings) -> tuple[float, list[dict]]:
+    from dppa.pipeline.scoring import search_merge_scale as search
+
+    return search(base, inputs, dense, tasks, **settings)
+
+
+@task
+def report(scores_json: Path, finetunes: Path, traces: Path, merge_json: Path, out: Path, summary_json: Path) -> Path:
+    from dppa.evaluation.report import write_report
+    from dppa.pipeline.scoring import pipeline_notes
+
+    write_report(scores_json, traces, out, summary_json, notes=pipeline_notes(finetunes, merge_json))
     return out

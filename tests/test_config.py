@@ -1,13 +1,14 @@
 """params.yaml checking: every mistake is reported before any work, naming the key path."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dppa.errors import DppaError
-from dppa.pipeline.config import Layout, load_params, parse_params
+from dppa.pipeline.config import load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,17 +120,69 @@ def test_eval_tasks_default_to_every_finetunes_tasks(params):
     assert parse_params(params).eval_tasks() == ["zoo_arith", "zoo_facts", "zoo_strings"]
 
 
-def test_layout_matches_dvc_yaml():
-    """The paths the stage flows write are the outs dvc.yaml declares."""
-    dvc = (ROOT / "dvc.yaml").read_text()
-    layout = Layout(".")
-    for path in (layout.zoo, layout.fetched("${key}"), layout.delta("${key}"), layout.pruned("${key}"),
-                 layout.amplified("${key}"), layout.search_trace("${key}"), layout.merged, layout.scores,
-                 layout.summary, layout.report):
-        assert f"- {path.as_posix()}" in dvc, path
+def test_prune_methods_and_options_come_from_the_registry(params):
+    import importlib
+
+    from dppa.sparsify.registry import PRUNERS
+
+    PRUNERS.unregister("toy_top1")  # another test may have imported the plugin
+    params["prune"] = {"method": "toy_top1", "toy_power": 2.0, "density": 0.2}
+    message = error_of(params)
+    assert message.startswith("params.yaml: prune.method: Input should be 'magnitude', 'dare' or 'dp'")
+    module = "tests.plugins.toy_pruner"  # registers toy_top1 on import
+    importlib.reload(sys.modules[module]) if module in sys.modules else importlib.import_module(module)
+    parsed = parse_params(params)
+    assert parsed.prune.options().toy_power == 2.0
+    params["prune"]["method"] = "no_such_method"
+    message = error_of(params)
+    assert "prune.method:" in message and all(name in message for name in ("magnitude", "dare", "dp", "toy_top1"))
+    params["prune"] = {"method": "toy_top1", "toy_powr": 2.0, "density": 0.2}
+    assert error_of(params).startswith("params.yaml: prune.toy_powr: unknown key; allowed keys here:")
 
 
-@pytest.mark.parametrize("command", [["run"], ["stage", "prune", "--model", "arith"]])
+def test_method_options_are_checked_by_the_methods_own_options(params):
+    params["prune"]["lamda"] = 1.5
+    assert error_of(params).startswith("params.yaml: prune: dp options:")
+
+
+def test_merge_and_search_names_come_from_their_registries(params):
+    params["merge"]["method"] = "average"
+    assert error_of(params).startswith("params.yaml: merge.method: Input should be 'task_arithmetic' or 'ties'")
+    params["merge"]["method"] = "ties"
+    params["amplify"]["search"]["strategy"] = "random"
+    assert error_of(params).startswith("params.yaml: amplify.search.strategy: Input should be 'coordinate' or")
+
+
+def test_searched_merge_scale_needs_its_search_section(params):
+    assert parse_params(params).merge.scale == "search"  # the shipped default
+    del params["merge"]["search"]
+    assert "`scale: search` needs a `search` section" in error_of(params)
+    params["merge"].update(scale=0.5, search={"grid": [0.5]})
+    assert "a `search` section needs `scale: search`" in error_of(params)
+    params["merge"].update(scale="search", search={"grid": [0.5, -1.0]})
+    assert error_of(params).startswith("params.yaml: merge.search.grid: must be distinct scales > 0")
+    params["merge"].update(search={"grid": [0.5], "split": "test"})
+    assert error_of(params).startswith("params.yaml: merge.search.split:")
+
+
+def test_amplify_tracks_exactly_the_prune_keys_its_dp_bands_use():
+    """The bands are DP selections: amplify reruns on the DP options, density and scope, not on the method."""
+    import dataclasses
+
+    from dppa.sparsify.registry import PRUNERS
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["amplify"]["do"]
+    tracked = {key.removeprefix("prune.") for key in stage["params"] if key.startswith("prune")}
+    assert tracked == {"density", "scope", *(f.name for f in dataclasses.fields(PRUNERS.get("dp").options))}
+
+
+def test_dvc_yaml_is_the_only_place_paths_are_written():
+    """The stage commands get every path from dvc.yaml: no data/ path is written in the code that runs them."""
+    for module in ("flows/stages.py", "flows/pipeline.py", "dppa/cli/stage.py", "dppa/cli/run.py"):
+        assert '"data' not in (ROOT / module).read_text() and "'data" not in (ROOT / module).read_text(), module
+
+
+@pytest.mark.parametrize("command", [["run"], ["stage", "prune", "--model", "arith", "--delta", "d", "--out", "o"]])
 def test_commands_refuse_bad_params_before_any_work(tmp_path, params, capsys, command):
     from dppa.cli import main
 

@@ -1,11 +1,13 @@
 """The orchestrated pipeline on the tiny zoo, with real DVC, real Prefect (embedded API) and a real Dask cluster.
 
-A project is a temporary folder with this repository's dvc.yaml, a small params.yaml (two fine-tunes of the tiny
-zoo given as local folders, fixed factors, a few evaluation examples), a git repository and `dvc init`.
+A project is a temporary folder with this repository's dvc.yaml and code (the stages depend on it), a small
+params.yaml (two fine-tunes of the tiny zoo given as local folders, fixed factors, a few evaluation examples), a git
+repository and `dvc init`.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -24,8 +26,10 @@ from tasks.dvc import stage_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNES = ("arith", "facts")
-ALL_STAGES = {"zoo", "fetch_base", *(f"{s}@{ft}" for s in ("fetch", "extract", "prune", "amplify") for ft in FINETUNES),
+PER_FINETUNE = ("fetch", "extract", "prune", "amplify", "score")
+ALL_STAGES = {"zoo", "fetch_base", *(f"{s}@{ft}" for s in PER_FINETUNE for ft in FINETUNES),
               "merge", "evaluate", "report"}
+CODE = ("dppa", "flows", "tasks")
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +42,7 @@ def small_params(zoo: Path) -> dict:
     }
     params["zoo"]["size"] = "none"  # the models come from the session's tiny zoo, as local folders
     params["amplify"] = {"bands": [0.5, 1.0], "factors": [1.8, 1.0]}
+    params["merge"]["search"].update(grid=[0.5, 1.0], limit=4)
     params["evaluate"].update(limit=4, batch_size=8)
     params["runtime"].update(device="cpu", concurrency=2, gpu_concurrency=2)
     return params
@@ -47,6 +52,8 @@ def make_project(folder: Path, zoo: Path) -> Path:
     folder.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", folder / ".dvcignore")
+    for code in CODE:
+        shutil.copytree(ROOT / code, folder / code, ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "params.yaml").write_text(yaml.safe_dump(small_params(zoo), sort_keys=False))
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=folder, check=True)
@@ -130,22 +137,66 @@ def built_project(tmp_path_factory, tiny_zoo, prefect_api):
 
 def test_repro_runs_every_stage_once_then_nothing(built_project):
     scores = json.loads((built_project / "data/metrics/scores.json").read_text())
-    assert set(scores["models"]) == {"base", *FINETUNES, "merged (amplified, ties)"}
-    assert (built_project / "data/report/scores.md").read_text().count("|") > 10
+    assert set(scores["models"]) == {"base", *FINETUNES, "merged"}
+    assert scores["merged"] == {"method": "ties", "inputs": "amplified"}
+    # each fine-tune scored alone, dense, pruned and amplified, on its own tasks
+    for ft in FINETUNES:
+        record = json.loads((built_project / f"data/metrics/finetunes/{ft}.json").read_text())
+        assert (record["method"], record["density"], record["split"]) == ("dp", 0.2, "test")
+        assert set(record["scores"]) == {"base", "dense", "pruned", "amplified"}
+        assert all(set(s) == {f"zoo_{ft}"} for s in record["scores"].values())
+        # the dense fine-tune's score is the evaluate stage's (one cache, one key for a model folder)
+        assert record["scores"]["dense"][f"zoo_{ft}"] == scores["models"][ft][f"zoo_{ft}"]["exact_match"]
+    # the merge scale was searched over the grid on the validation split, and the chosen one was merged
+    trace = list(csv.DictReader((built_project / "data/plots/merge_scale.csv").open()))
+    assert [float(r["scale"]) for r in trace] == [0.5, 1.0]
+    chosen = json.loads((built_project / "data/metrics/merge.json").read_text())
+    best = max(trace, key=lambda r: float(r["score"]))  # the first best in grid order
+    assert chosen["searched"] and chosen["scale"] == float(best["scale"])
+    manifest = json.loads((built_project / "data/merged/model/dppa_manifest.json").read_text())
+    assert manifest["scale"] == chosen["scale"]
+    report = (built_project / "data/report/scores.md").read_text()
+    assert report.count("|") > 10 and "Each fine-tune alone" in report and "searched on the validation split" in report
     assert (built_project / "data/report/scores.png").stat().st_size > 1000
     again = dvc(built_project, "repro")
     assert stages_run(again.stdout) == set()
     assert "Data and pipelines are up to date" in dvc(built_project, "status").stdout
 
 
+def test_dppa_run_with_nothing_stale_runs_nothing_and_prints_the_report(built_project, capsys):
+    from dppa.cli import main
+
+    assert main(["run", "-C", str(built_project)]) == 0
+    printed = capsys.readouterr().out
+    assert f"0 of {len(ALL_STAGES)} stages ran" in printed
+    assert "Each fine-tune alone" in printed and "Merge scale" in printed
+
+
+def test_a_code_change_makes_stale_only_the_stages_that_use_the_code(built_project):
+    def stale_after_editing(module: str) -> set[str]:
+        path = built_project / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            return set(json.loads(dvc(built_project, "status", "--json").stdout))
+        finally:
+            path.write_text(original)
+
+    per_finetune = {f"{stage}@{ft}" for stage in ("prune", "amplify") for ft in FINETUNES}
+    assert stale_after_editing("dppa/sparsify/dp.py") == per_finetune
+    assert stale_after_editing("dppa/zoo/__init__.py") == {"zoo"}
+    assert stale_after_editing("dppa/merging/merge.py") == {"merge"}
+    assert "Data and pipelines are up to date" in dvc(built_project, "status").stdout
+
+
 def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project):
     before = out_hashes(built_project)
-    edit_params(built_project, lambda p: p["merge"].update(scale=0.8))
+    edit_params(built_project, lambda p: p["merge"].update(scale=0.8, search=None))
     done = dvc(built_project, "repro")
     assert_reran(done.stdout, {"merge", "evaluate", "report"})
     after = out_hashes(built_project)
     assert after["data/merged/model"] != before["data/merged/model"]
-    upstream = ("data/models/", "data/deltas/", "data/pruned/", "data/amplified/", "data/plots/")
+    upstream = ("data/models/", "data/deltas/", "data/pruned/", "data/amplified/", "data/plots/search/")
     assert {k: v for k, v in after.items() if k.startswith(upstream)} == \
            {k: v for k, v in before.items() if k.startswith(upstream)}
 
@@ -154,7 +205,8 @@ def test_changing_one_finetunes_density_reruns_only_its_branch(built_project):
     edit_params(built_project, lambda p: p["models"]["finetunes"]["facts"].update(prune={"density": 0.3}))
     done = dvc(built_project, "repro")
     # fetch@facts reruns (its entry changed) but writes the same record, so extract@facts stays up to date.
-    assert_reran(done.stdout, {"fetch@facts", "prune@facts", "amplify@facts", "merge", "evaluate", "report"})
+    assert_reran(done.stdout, {"fetch@facts", "prune@facts", "amplify@facts", "score@facts", "merge", "evaluate",
+                               "report"})
     manifest = json.loads((built_project / "data/pruned/facts/dppa_manifest.json").read_text())
     assert manifest["density"] == 0.3
     assert stages_run(dvc(built_project, "repro").stdout) == set()
@@ -162,7 +214,7 @@ def test_changing_one_finetunes_density_reruns_only_its_branch(built_project):
 
 def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path):
     project = built_project
-    edit_params(project, lambda p: p["merge"].update(scale=0.7))
+    edit_params(project, lambda p: p["merge"].update(scale=0.7, search=None))
     log = tmp_path / "repro.log"
     with log.open("w") as sink:
         repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_environment(),
@@ -190,6 +242,42 @@ def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path):
     assert "Data and pipelines are up to date" in dvc(project, "status").stdout
 
 
+def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_path):
+    from dppa.pipeline.grid import points, recorded, run_grid
+
+    project = tmp_path / "grid"
+    shutil.copytree(built_project, project, symlinks=True)
+    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(command, cwd=project, check=True, env={**os.environ, **identity})
+    params_before = (project / "params.yaml").read_text()
+    spec = {"seeds": [{"prune.seed": 0}, {"prune.seed": 1}],
+            "grids": {"pruning": {"table": "finetunes", "axes": {"prune.method": ["magnitude", "dare"]}}}}
+    log = []
+    os.environ.update(identity)
+    results = run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
+    expected = points(spec, "pruning")
+    assert len(expected) == 4 and len([line for line in log if "skipped" not in line]) == 4
+    shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    assert (project / "params.yaml").read_text() == params_before  # the workspace's params are put back
+    # DVC recorded each point with its overrides and the per-fine-tune metrics of the score stage
+    metrics = recorded(project)
+    for point in expected:
+        record = metrics[point["name"]][f"data/metrics/finetunes/{FINETUNES[0]}.json"]
+        assert record["method"] == point["overrides"]["prune.method"]
+    assert all(p["name"] in json.dumps(shown) for p in expected)
+    text = results.read_text()
+    assert "## pruning (4 of 4 points)" in text
+    assert "| finetune | magnitude 0.2 | dppa 0.2 | dare 0.2 |" in text
+    rows = list(csv.DictReader((tmp_path / "results" / "pruning.csv").open()))
+    assert len(rows) == 4 * len(FINETUNES) * 2  # points x fine-tunes x (pruned, amplified)
+    # a rerun finds every point recorded and runs nothing
+    log.clear()
+    run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
+    assert log == [f"{p['name']}: recorded, skipped" for p in expected]
+
+
 def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_zoo, prefect_api, capsys):
     from dppa.cli.run import run_pipeline
 
@@ -197,7 +285,7 @@ def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_z
     timings = {}
     hashes = {}
     for runner in ("threads", "local-cluster:2"):
-        edit_params(project, lambda p: p["runtime"].update(task_runner=runner))
+        edit_params(project, lambda p, runner=runner: p["runtime"].update(task_runner=runner))
         # Start from nothing, DVC's run cache (.dvc/cache/runs) included, so that every stage really runs.
         for produced in ("dvc.lock", "data", ".dvc/cache"):
             target = project / produced

@@ -13,7 +13,7 @@ ORDER = 5
 DESCRIPTION = """\
 Run the pipeline: every stage of dvc.yaml that is stale (DVC decides, as `dvc repro` would), as Prefect tasks in
 dependency order, the per-fine-tune branches side by side; then print the results table (also written to
-data/report/scores.md and .csv, with plots in data/report/*.png).
+the report stage's scores.md and .csv, with plots).
 
 The configuration is PROJECT/params.yaml, checked before any work. Where the stages run is runtime.task_runner:
   threads               local threads (default; runtime.concurrency of them)
@@ -23,7 +23,7 @@ No Prefect server is needed: a temporary local one records the run unless PREFEC
 
 examples:
   dppa run                         # the demo: builds the zoo if missing, merges it with DPPA, prints the table
-  dppa run -C ~/merges/llama2      # another project folder
+  dppa run -C ~/src/dppa-nightly   # another checkout of this repository (its stages depend on its code)
   dvc metrics show; dvc plots show # the same results through DVC
 """
 
@@ -33,6 +33,15 @@ def check_project(root: Path) -> None:
                            (".dvc", "a DVC repository: run `dvc init`")):
         if not (root / required).exists():
             raise DppaError(f"{root / required}: missing ({hint}); run from the project folder or pass -C PROJECT")
+
+
+def report_folder(root: Path) -> Path:
+    """The report stage's output, as dvc.yaml declares it."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stage = next(s for s in repo.index.stages if s.name == "report" and Path(s.path).parent == root)
+        return root / stage.outs[0].def_path
 
 
 def run_pipeline(root: Path) -> dict[str, str]:
@@ -55,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     outcome = run_pipeline(root)
     ran = [stage for stage, result in outcome.items() if result == "ran"]
-    print(f"\n{len(ran)} of {len(outcome)} stages ran ({time.perf_counter() - started:.0f} s): {', '.join(ran) or 'none'}")
-    table = root / "data" / "report" / "scores.md"
+    elapsed = time.perf_counter() - started
+    print(f"\n{len(ran)} of {len(outcome)} stages ran ({elapsed:.0f} s): {', '.join(ran) or 'none'}")
+    table = report_folder(root) / "scores.md"
     print(table.read_text() if table.exists() else f"{table}: no report was written")
     return 0
 

@@ -1,48 +1,58 @@
-"""`dppa stage NAME [--model M]`: run one pipeline stage (the command each dvc.yaml stage runs)."""
+"""`dppa stage NAME --ARG VALUE ...`: run one pipeline stage (the command each dvc.yaml stage runs).
+
+The paths are written once, in dvc.yaml, and passed here; each stage's options are its flow's arguments
+(flows/stages.py), so this module names no path and no stage argument itself.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from pathlib import Path
 
-from dppa.errors import DppaError
-
 ORDER = 60
-STAGE_NAMES = ("zoo", "fetch", "extract", "prune", "amplify", "merge", "evaluate", "report")
-PER_MODEL = ("fetch", "extract", "prune", "amplify")
 
 DESCRIPTION = """\
-Run one stage of the pipeline as a Prefect flow, reading params.yaml (checked first) and writing its artifact
-under data/. This is what each stage in dvc.yaml runs; normally you run `dvc repro` (only stale stages) or
-`dppa run` (the whole pipeline through Prefect) instead of calling it yourself.
-
-stages (per fine-tune ones take --model):
-  zoo                     build the demo models           -> data/models/zoo
-  fetch    --model NAME   hub snapshot / model record     -> data/models/fetched/NAME  (NAME may be base)
-  extract  --model NAME   delta = fine-tune - base        -> data/deltas/NAME
-  prune    --model NAME   prune.method at its density     -> data/pruned/NAME
-  amplify  --model NAME   DP bands x factors (searched)   -> data/amplified/NAME, data/plots/search/NAME.csv
-  merge                   merge every fine-tune's input   -> data/merged/model
-  evaluate                base, fine-tunes, merged (test) -> data/metrics/scores.json
-  report                  tables and plots                -> data/report/, data/metrics/summary.json
+Run one stage of the pipeline as a Prefect flow, reading params.yaml (checked first) and writing the outputs it is
+given. This is what each stage in dvc.yaml runs, with the paths dvc.yaml declares; normally you run `dvc repro`
+(only stale stages) or `dppa run` (the whole pipeline through Prefect) instead of calling it yourself.
 
 examples:
-  dppa stage extract --model arith
-  dvc repro amplify@arith        # the same, through DVC, with its upstream stages when stale
+  dppa stage prune --help                   # the stage's arguments
+  dvc repro prune@arith                     # the stage as dvc.yaml runs it, with its upstream stages when stale
 """
 
 
-def run(args: argparse.Namespace) -> int:
-    from dppa.pipeline.config import load_params
+def stage_arguments(stage) -> list[inspect.Parameter]:
+    """A flow's arguments after (params, root): the stage's command-line options."""
+    return list(inspect.signature(stage.fn).parameters.values())[2:]
 
+
+def stage_parser() -> argparse.ArgumentParser:
+    """The parser of `dppa stage`, built from the flows (imported only when a stage runs: Prefect is slow to load)."""
+    from flows.stages import STAGES
+
+    parser = argparse.ArgumentParser(prog="dppa stage", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, stage in STAGES.items():
+        doc = (inspect.getdoc(stage.fn) or "").split("\n\n")[0].replace("\n", " ")
+        sub = stages.add_parser(name, help=doc, description=doc)
+        for arg in stage_arguments(stage):
+            sub.add_argument(f"--{arg.name.replace('_', '-')}", dest=arg.name, required=True,
+                             metavar="NAME" if arg.name == "model" else "PATH")
+        sub.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from dppa.pipeline.config import BASE_NAME, load_params
+
+    args = stage_parser().parse_args(args.argv)
     params_path = Path(args.params)
     params = load_params(params_path)  # before any work: a bad key fails here, naming it
-    if args.name in PER_MODEL and not args.model:
-        raise DppaError(f"stage {args.name} runs per model: pass --model NAME")
-    if args.model and args.name not in PER_MODEL:
-        raise DppaError(f"stage {args.name} covers every model: drop --model")
-    if args.model and not (args.name == "fetch" and args.model == "base"):
+    if getattr(args, "model", None) and not (args.stage == "fetch" and args.model == BASE_NAME):
         params.finetune(args.model)  # names the valid fine-tunes when it is not one
     root = params_path.resolve().parent
 
@@ -53,19 +63,16 @@ def run(args: argparse.Namespace) -> int:
         # Run alone (e.g. by `dvc repro`): Prefect starts its embedded server for this process; under `dppa run`
         # the pipeline's API (and its GPU limit) is inherited through PREFECT_API_URL.
         set_gpu_limit(params.runtime.gpu_concurrency)
-    kwargs = {"model": args.model} if args.name in PER_MODEL else {}
-    STAGES[args.name](params, root, **kwargs)
+    stage = STAGES[args.stage]
+    kwargs = {p.name: getattr(args, p.name) for p in stage_arguments(stage)}
+    kwargs = {k: v if k == "model" else Path(v).resolve() for k, v in kwargs.items()}
+    stage(params, root, **kwargs)
     return 0
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "stage",
-        help="run one pipeline stage (what dvc.yaml's stages run)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("name", choices=STAGE_NAMES, help="stage to run")
-    parser.add_argument("--model", help="fine-tune name (per-model stages; `base` for fetch)")
-    parser.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+    # Every word after `stage` goes to stage_parser(), `--help` included: no prefix character is "-" here.
+    parser = subparsers.add_parser("stage", help="run one pipeline stage (what dvc.yaml's stages run)",
+                                   add_help=False, prefix_chars="+")
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="STAGE --ARG VALUE ...")
     parser.set_defaults(func=run)

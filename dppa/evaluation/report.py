@@ -100,14 +100,15 @@ def plot_search(traces: dict[str, pd.DataFrame], path: Path) -> None:
 
 
 def write_report(scores_json: str | os.PathLike, traces: str | os.PathLike, out: str | os.PathLike,
-                 summary_json: str | os.PathLike) -> pd.DataFrame:
-    """Write out/{scores.csv, scores.md, scores.png, search.png} and the summary metrics file; returns the table."""
+                 summary_json: str | os.PathLike, notes: str = "") -> pd.DataFrame:
+    """Write out/{scores.csv, scores.md, scores.png, search.png} and the summary metrics file; returns the table.
+    `notes` (Markdown) is appended to scores.md."""
     scores = json.loads(Path(scores_json).read_text())
     table = scores_table(scores)
     with atomic_dir(out, overwrite=True) as tmp:
         table.to_csv(tmp / "scores.csv", float_format="%.4f")
         heading = f"Scores on the {scores['split']} split (limit {scores.get('limit')} examples per task)\n\n"
-        (tmp / "scores.md").write_text(heading + table.to_markdown(floatfmt=".3f") + "\n")
+        (tmp / "scores.md").write_text(heading + table.to_markdown(floatfmt=".3f") + "\n" + notes)
         plot_scores(table, tmp / "scores.png")
         plot_search(read_traces(traces), tmp / "search.png")
     atomic_write_text(summary_json, json.dumps(summary(table), indent=2) + "\n")

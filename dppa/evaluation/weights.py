@@ -96,6 +96,19 @@ class CandidateWeights:
             for name in reader.names():
                 self._set(name, reader.get(name, dtype=torch.float32) * scale, folder, add_base=True)
 
+    def towards(self, folder: str | os.PathLike, scale: float) -> None:
+        """Make the model base + scale x (the model folder's weights - base): for a merge written at scale 1, the
+        same merge at scale `scale` (both merge methods are base + scale x combined deltas, docs/method.md)."""
+        self.restore()
+        with open_checkpoint(folder) as reader:
+            for name in reader.names():
+                self._param(name, reader.shape(name), folder)
+            for name in reader.names():
+                param = self._params[name]
+                base = self._base.setdefault(name, param.detach().clone()).float()
+                target = reader.get(name, dtype=torch.float32).to(param.device)
+                self._set(name, torch.lerp(base, target, scale), folder, add_base=False)
+
     def load_weights(self, folder: str | os.PathLike) -> None:
         """Make the model hold the model folder's weights (same architecture), read tensor by tensor."""
         self.restore()

@@ -15,9 +15,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from dppa.errors import DppaError
+from dppa.registry import pydantic_fields
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
 ZOO_PREFIX = "zoo:"
@@ -73,16 +83,6 @@ def parse_source(text: str, revision: str | None, root: Path) -> Source:
     return Source("local", str(local.resolve()))
 
 
-class PruneOverride(Strict):
-    """Per-fine-tune pruning keys; unset ones come from the global `prune` section."""
-
-    method: Literal["magnitude", "dare", "dp"] | None = None
-    density: float | None = None
-    seed: int | None = None
-
-    _density = field_validator("density")(_check_density)
-
-
 class AmplifyOverride(Strict):
     factors: list[float] | None = None  # fixed factors for this fine-tune (no search for it)
 
@@ -101,17 +101,15 @@ class ModelEntry(Strict):
         return parse_source(self.source, self.revision, root)
 
 
-class FinetuneEntry(ModelEntry):
+class FinetuneEntryBase(ModelEntry):  # `prune` (its overrides) is added by `_models()`
     tasks: list[str] = Field(min_length=1)
-    prune: PruneOverride = PruneOverride()
     amplify: AmplifyOverride = AmplifyOverride()
 
 
-class Models(Strict):
+class ModelsBase(Strict):  # `finetunes` is added by `_models()`
     base: ModelEntry
-    finetunes: dict[str, FinetuneEntry] = Field(min_length=1)
 
-    @field_validator("finetunes")
+    @field_validator("finetunes", check_fields=False)
     @classmethod
     def _names(cls, value: dict) -> dict:
         for name in value:
@@ -131,24 +129,17 @@ class Extract(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class Prune(Strict):
-    method: Literal["magnitude", "dare", "dp"]
+class PruneBase(Strict):
+    """The `prune` section's fixed keys; `method` and every registered method's options are added by `_models()`.
+
+    Options of methods other than the chosen one are accepted (and ignored), so a grid can switch methods
+    without deleting keys.
+    """
+
     density: float
-    seed: int = 0
-    lamda: float = 0.08
-    layer_mult: float = 3.0
-    unit_mult: float = 5.0
     scope: str = DEFAULT_SCOPE
 
     _density = field_validator("density")(_check_density)
-    _mults = field_validator("layer_mult", "unit_mult")(_check_positive)
-
-    @field_validator("lamda")
-    @classmethod
-    def _lamda(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
 
     @field_validator("scope")
     @classmethod
@@ -159,20 +150,43 @@ class Prune(Strict):
             raise ValueError(f"not a valid regular expression ({exc})") from None
         return value
 
+    @model_validator(mode="after")
+    def _options_valid(self):
+        # The method's own options dataclass checks its values (the one place they are written).
+        from dppa.sparsify.registry import PRUNERS
 
-class Search(Strict):
-    strategy: Literal["coordinate", "pattern"] = "coordinate"
+        try:
+            PRUNERS.make_options(self.method, self.model_dump())
+        except (ValueError, TypeError, DppaError) as exc:
+            raise ValueError(f"{self.method} options: {exc}") from None
+        return self
+
+    def options(self):
+        """The chosen method's options dataclass."""
+        from dppa.sparsify.registry import PRUNERS
+
+        return PRUNERS.make_options(self.method, self.model_dump())
+
+
+class PruneOverrideBase(Strict):
+    """Per-fine-tune pruning keys (method, density, method options); unset ones come from the `prune` section."""
+
+    density: float | None = None
+
+    _density = field_validator("density")(_check_density)
+
+
+class SearchBase(Strict):  # `strategy` comes from the strategy registry (`_models()`)
     budget: int | None = Field(default=None, ge=1)
     split: Literal["validation"] = "validation"  # the test split is kept for the final numbers
     limit: int | None = Field(default=None, ge=1)
 
 
-class Amplify(Strict):
+class AmplifyBase(Strict):
     # Band edges as fractions of the fine-tune's prune density: [0.5, 1.0] at density 0.2 gives the paper's
     # bands 0.1 / 0.2, and a fine-tune with its own density gets bands scaled to it.
     bands: list[float] = Field(default=[0.5, 1.0], min_length=1)
     factors: list[float] | None = None
-    search: Search | None = None
 
     @field_validator("bands")
     @classmethod
@@ -190,15 +204,42 @@ class Amplify(Strict):
         return self
 
 
-class Merge(Strict):
-    method: Literal["ties", "task_arithmetic"]
-    scale: float
+class MergeSearch(Strict):
+    """`merge.scale: search`: each scale of the grid is scored on the validation split (through the evaluation
+    cache), by the geometric mean over fine-tunes of their tasks' score over the dense fine-tune's."""
+
+    grid: list[float] = Field(default=[0.3, 0.5, 0.7, 1.0], min_length=1)
+    split: Literal["validation"] = "validation"  # the test split is kept for the final numbers
+    limit: int | None = Field(default=None, ge=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value) or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct scales > 0, got {value}")
+        return value
+
+
+class MergeBase(Strict):  # `method` comes from the merge-method registry (`_models()`)
+    scale: float | Literal["search"]
+    search: MergeSearch | None = None
     weights: dict[str, float] | None = None
     density: float | None = None
     inputs: Literal["amplified", "pruned", "delta"] = "amplified"
 
     _density = field_validator("density")(_check_density)
-    _scale = field_validator("scale")(_check_positive)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, value):
+        return value if value == "search" else _check_positive(value)
+
+    @model_validator(mode="after")
+    def _search_iff_searched(self):
+        if (self.scale == "search") != (self.search is not None):
+            raise ValueError("`scale: search` needs a `search` section (grid, split, limit), and a `search` "
+                             "section needs `scale: search`")
+        return self
 
 
 class Evaluate(Strict):
@@ -218,18 +259,16 @@ class Runtime(Strict):
     @field_validator("task_runner")
     @classmethod
     def _runner(cls, value: str) -> str:
-        if value == "threads" or re.match(r"^local-cluster:[1-9]\d*$", value) or re.match(r"^(tcp|tls|inproc|ucx)://", value):
+        if value == "threads" or re.match(r"^local-cluster:[1-9]\d*$", value):
+            return value
+        if re.match(r"^(tcp|tls|inproc|ucx)://", value):
             return value
         raise ValueError(f"{value!r}: use threads, local-cluster:N or a Dask scheduler address tcp://host:port")
 
 
-class Params(Strict):
-    models: Models
+class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_models()`
     zoo: Zoo = Zoo()
     extract: Extract = Extract()
-    prune: Prune
-    amplify: Amplify
-    merge: Merge
     evaluate: Evaluate = Evaluate()
     runtime: Runtime = Runtime()
 
@@ -254,13 +293,13 @@ class Params(Strict):
     def all_models(self) -> dict[str, ModelEntry]:
         return {BASE_NAME: self.models.base, **self.models.finetunes}
 
-    def finetune(self, name: str) -> FinetuneEntry:
+    def finetune(self, name: str) -> FinetuneEntryBase:
         if name not in self.models.finetunes:
             raise DppaError(f"--model {name}: not a fine-tune in params.yaml (models.finetunes has "
                             f"{', '.join(self.models.finetunes)})")
         return self.models.finetunes[name]
 
-    def prune_for(self, name: str) -> Prune:
+    def prune_for(self, name: str) -> PruneBase:
         """The global `prune` section with this fine-tune's overrides applied."""
         override = self.finetune(name).prune.model_dump(exclude_none=True)
         return self.prune.model_copy(update=override)
@@ -282,6 +321,35 @@ class Params(Strict):
         return list(seen)
 
 
+def _models() -> type[ParamsBase]:
+    """The params schema, with the method names and options of the registries as they are now (a plugin
+    registered after this module was imported is included)."""
+    from dppa.merging.registry import MERGERS
+    from dppa.search.registry import STRATEGIES
+    from dppa.sparsify.registry import PRUNERS
+
+    options = PRUNERS.option_fields()
+    key = (PRUNERS.names(), tuple(options.values()), MERGERS.names(), STRATEGIES.names())
+    if key not in _SCHEMAS:
+        methods = Literal[PRUNERS.names()]
+        fields = pydantic_fields(list(options.values()))
+        prune = create_model("Prune", __base__=PruneBase, method=(methods, ...), **fields)
+        override = create_model("PruneOverride", __base__=PruneOverrideBase, method=(methods | None, None),
+                                **{name: (typ | None, None) for name, (typ, _default) in fields.items()})
+        finetune = create_model("FinetuneEntry", __base__=FinetuneEntryBase, prune=(override, override()))
+        models = create_model("Models", __base__=ModelsBase, finetunes=(dict[str, finetune], Field(min_length=1)))
+        search = create_model("Search", __base__=SearchBase,
+                              strategy=(Literal[STRATEGIES.names()], STRATEGIES.names()[0]))
+        amplify = create_model("Amplify", __base__=AmplifyBase, search=(search | None, None))
+        merge = create_model("Merge", __base__=MergeBase, method=(Literal[MERGERS.names()], ...))
+        _SCHEMAS[key] = create_model("Params", __base__=ParamsBase, models=(models, ...), prune=(prune, ...),
+                                     amplify=(amplify, ...), merge=(merge, ...))
+    return _SCHEMAS[key]
+
+
+_SCHEMAS: dict[tuple, type[ParamsBase]] = {}
+
+
 def _root(info: ValidationInfo) -> Path:
     return Path((info.context or {}).get("root", "."))
 
@@ -297,7 +365,7 @@ def _model_in(annotation) -> type[BaseModel] | None:
 
 def _allowed_keys(loc: tuple) -> list[str]:
     """The keys the section holding the unknown key at `loc` accepts, for the error message."""
-    model, parts = Params, list(loc[:-1])
+    model, parts = _models(), list(loc[:-1])
     while parts and model is not None:
         field = model.model_fields.get(str(parts.pop(0)))
         if field is None:
@@ -329,14 +397,14 @@ def describe_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_params(data: dict, *, source: str = "params.yaml", root: str | Path = ".") -> Params:
+def parse_params(data: dict, *, source: str = "params.yaml", root: str | Path = ".") -> ParamsBase:
     try:
-        return Params.model_validate(data, context={"root": Path(root)})
+        return _models().model_validate(data, context={"root": Path(root)})
     except ValidationError as exc:
         raise DppaError(describe_errors(exc, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml") -> ParamsBase:
     """Read and check `path`; relative model paths are relative to its folder."""
     path = Path(path)
     if not path.is_file():
@@ -348,51 +416,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(data, dict):
         raise DppaError(f"{path}: expected a mapping of sections (models, prune, amplify, merge, ...)")
     return parse_params(data, source=path.name, root=path.resolve().parent)
-
-
-class Layout:
-    """Where each stage's artifacts live under data/ (the same paths `dvc.yaml` declares)."""
-
-    def __init__(self, root: str | Path = "."):
-        self.root = Path(root)
-        self.data = self.root / "data"
-
-    @property
-    def zoo(self) -> Path:
-        return self.data / "models" / "zoo"
-
-    def fetched(self, name: str) -> Path:
-        return self.data / "models" / "fetched" / name
-
-    def delta(self, name: str) -> Path:
-        return self.data / "deltas" / name
-
-    def pruned(self, name: str) -> Path:
-        return self.data / "pruned" / name
-
-    def amplified(self, name: str) -> Path:
-        return self.data / "amplified" / name
-
-    def search_trace(self, name: str) -> Path:
-        return self.data / "plots" / "search" / f"{name}.csv"
-
-    @property
-    def merged(self) -> Path:
-        return self.data / "merged" / "model"
-
-    @property
-    def scores(self) -> Path:
-        return self.data / "metrics" / "scores.json"
-
-    @property
-    def summary(self) -> Path:
-        return self.data / "metrics" / "summary.json"
-
-    @property
-    def report(self) -> Path:
-        return self.data / "report"
-
-    @property
-    def eval_cache(self) -> Path:
-        # Outside every DVC output, so a stage rerun keeps the scores of models that did not change.
-        return self.data / "cache" / "evalcache.jsonl"

@@ -1,0 +1,240 @@
+"""Experiments as parameter grids over the pipeline: each point of a grid is a set of params.yaml overrides run
+as one DVC experiment (`dvc exp run -S key=value ...`) through the same stages as `dvc repro`; the tables come
+from the metrics DVC records for each experiment (`dvc exp show --json`), as mean +- std over the seeds.
+
+    python -m dppa.pipeline.grid experiments/paper.yaml [--only GRID] [--tables-only]
+
+The grid file (see experiments/paper.yaml):
+    set:    {key: value}              overrides applied at every point
+    seeds:  [{key: value}, ...]       repeats of every point, averaged in the tables
+    grids:  {name: {table: finetunes | merges, axes: {axis: [values]}}}
+            an axis named after a params key takes plain values; any other axis takes mappings of overrides,
+            each with a `label`
+A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
+resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Afterwards
+params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dppa.errors import DppaError
+
+TABLES = ("finetunes", "merges")
+
+
+def load_grid(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DppaError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("grids"), dict):
+        raise DppaError(f"{path}: expected `grids: {{name: {{table: ..., axes: ...}}}}`")
+    unknown = set(spec) - {"set", "seeds", "grids"}
+    if unknown:
+        raise DppaError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: set, seeds, grids")
+    for name, grid in spec["grids"].items():
+        if grid.get("table") not in TABLES or not isinstance(grid.get("axes"), dict):
+            raise DppaError(f"{path}: grids.{name}: give `table` ({' | '.join(TABLES)}) and `axes`")
+        for axis, values in grid["axes"].items():
+            if "." not in axis and not all(isinstance(v, dict) and "label" in v for v in values):
+                raise DppaError(f"{path}: grids.{name}.axes.{axis}: not a params key, so each value must be a "
+                                "mapping of overrides with a `label`")
+    return spec
+
+
+def points(spec: dict, grid: str) -> list[dict]:
+    """[{"name", "grid", "labels": {axis: label}, "seed": index, "overrides": {key: value}}] of one grid."""
+    axes = spec["grids"][grid]["axes"]
+    out = []
+    for combination in itertools.product(*axes.values()):
+        labels, overrides = {}, dict(spec.get("set") or {})
+        for axis, value in zip(axes, combination):
+            if "." in axis:
+                labels[axis], overrides[axis] = value, value
+            else:
+                labels[axis] = value["label"]
+                overrides.update({k: v for k, v in value.items() if k != "label"})
+        for seed, repeat in enumerate(spec.get("seeds") or [{}]):
+            point = {**overrides, **repeat}
+            digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:10]
+            out.append({"name": f"{grid}-{digest}", "grid": grid, "labels": labels, "seed": seed,
+                        "overrides": point})
+    return out
+
+
+def dvc(project: Path, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DppaError(f"dvc {' '.join(args)} failed in {project}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def recorded(project: Path) -> dict[str, dict]:
+    """{experiment name: its metrics {file: data}} of the experiments DVC holds for the current commit."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            if node.get("name") and isinstance(node.get("data"), dict) and "metrics" in node["data"]:
+                found[node["name"]] = {f: m.get("data", {}) for f, m in (node["data"]["metrics"] or {}).items()}
+            for value in node.values():
+                walk(value)
+
+    walk(json.loads(dvc(project, "exp", "show", "--json")))
+    return found
+
+
+def run_point(project: Path, point: dict, log=print) -> None:
+    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards."""
+    params = project / "params.yaml"
+    saved = params.read_text()
+    sets = [f"{key}={json.dumps(value)}" for key, value in point["overrides"].items()]
+    log(f"{point['name']}: {' '.join(sets)}")
+    try:
+        dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)))
+    finally:
+        params.write_text(saved)
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _ratios(scores: dict[str, float], dense: dict[str, float]) -> list[float]:
+    return [scores[t] / dense[t] for t in scores if dense.get(t, 0) > 0]
+
+
+def finetune_rows(point: dict, metrics: dict) -> list[dict]:
+    """Per fine-tune: the pruned and amplified fine-tune's mean score over its tasks, over the dense one's."""
+    rows = []
+    for file, record in sorted(metrics.items()):
+        if "/finetunes/" not in file:
+            continue
+        scores = record["scores"]
+        for variant in ("pruned", "amplified"):
+            ratios = _ratios(scores.get(variant, {}), scores["dense"])
+            method = record["method"] if variant == "pruned" else "dppa"
+            rows.append({**point["labels"], "seed": point["seed"], "finetune": Path(file).stem, "method": method,
+                         "density": record["density"],
+                         "normalised": sum(ratios) / len(ratios) if ratios else None})
+    return rows
+
+
+def merge_rows(point: dict, metrics: dict) -> list[dict]:
+    """Per task: the merged model's score over the dense fine-tune that owns the task, and the merge scale."""
+    scores = next(m for f, m in metrics.items() if f.endswith("scores.json"))
+    merge = next((m for f, m in metrics.items() if f.endswith("merge.json")), {})
+    owners = {task: ft for ft, tasks in scores["finetunes"].items() for task in tasks}
+    rows = []
+    for task, owner in owners.items():
+        dense = next(iter(scores["models"][owner][task].values()))
+        merged = next(iter(scores["models"]["merged"][task].values()))
+        rows.append({**point["labels"], "seed": point["seed"], "task": task,
+                     "normalised": merged / dense if dense > 0 else None})
+    # the merge scale used, in a column of its own
+    return rows + [{**point["labels"], "seed": point["seed"], "task": "scale", "normalised": merge.get("scale")}]
+
+
+def table(rows: list[dict], index: list[str], columns: list[str]) -> str:
+    """Markdown: mean +- std of `normalised` over seeds, per (index) row and (columns) column."""
+    cells: dict[tuple, dict[tuple, list[float]]] = {}
+    seen = set()
+    for row in rows:
+        key, column = tuple(row[i] for i in index), tuple(row[c] for c in columns)
+        values = cells.setdefault(key, {}).setdefault(column, [])
+        if (key, column, row["seed"]) in seen:  # DPPA's row comes with every pruning method's point: count it once
+            continue
+        seen.add((key, column, row["seed"]))
+        if row["normalised"] is not None:
+            values.append(row["normalised"])
+    header = list(dict.fromkeys(c for per in cells.values() for c in per))
+    lines = ["| " + " | ".join(index + [" ".join(map(str, c)) for c in header]) + " |",
+             "|" + "---|" * (len(index) + len(header))]
+    for key, per in cells.items():
+        lines.append("| " + " | ".join([str(k) for k in key] + [_cell(per.get(c, [])) for c in header]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(spec: dict, grids: list[str], project: Path, results: Path) -> Path:
+    """results/<grid>.md and .csv from the recorded experiments; returns results/results.md."""
+    import pandas as pd
+
+    metrics = recorded(project)
+    sections = ["# Experiment results\n\nNormalised score = score / the dense fine-tune's score on the same task "
+                "(test split); mean ± std over seeds; '-' = no point recorded, or the dense fine-tune scores 0.\n"]
+    for grid in grids:
+        done = [(p, metrics[p["name"]]) for p in points(spec, grid) if p["name"] in metrics]
+        kind = spec["grids"][grid]["table"]
+        axes = [a for a in spec["grids"][grid]["axes"] if a not in ("prune.method", "prune.density")]
+        if kind == "finetunes":
+            rows = [r for p, m in done for r in finetune_rows(p, m)]
+            text = table(rows, axes + ["finetune"], ["method", "density"])
+        else:
+            rows = [r for p, m in done for r in merge_rows(p, m)]
+            text = table(rows, axes, ["task"])
+        results.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(results / f"{grid}.csv", index=False)
+        (results / f"{grid}.md").write_text(text)
+        sections.append(f"## {grid} ({len(done)} of {len(points(spec, grid))} points)\n\n{text}")
+    (results / "results.md").write_text("\n".join(sections))
+    return results / "results.md"
+
+
+def run_grid(spec: dict, grids: list[str], project: Path, results: Path, log=print) -> Path:
+    done = set(recorded(project))
+    for grid in grids:
+        for point in points(spec, grid):
+            if point["name"] in done:
+                log(f"{point['name']}: recorded, skipped")
+                continue
+            run_point(project, point, log)
+    return write_tables(spec, grids, project, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dppa.pipeline.grid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="grid file, e.g. experiments/paper.yaml")
+    parser.add_argument("-C", "--project", default=".", help="the project (a git + DVC repository; default .)")
+    parser.add_argument("--only", action="append", help="run only this grid (repeatable)")
+    parser.add_argument("--results", default="experiments/results", help="tables folder (default experiments/results)")
+    parser.add_argument("--tables-only", action="store_true", help="write the tables from what is recorded")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_grid(Path(args.grid))
+        grids = args.only or list(spec["grids"])
+        unknown = set(grids) - set(spec["grids"])
+        if unknown:
+            raise DppaError(f"--only {sorted(unknown)[0]}: not a grid of {args.grid} ({', '.join(spec['grids'])})")
+        project = Path(args.project).resolve()
+        if args.tables_only:
+            path = write_tables(spec, grids, project, Path(args.results))
+        else:
+            path = run_grid(spec, grids, project, Path(args.results), log=lambda m: print(m, flush=True))
+    except DppaError as exc:
+        print(f"grid: error: {exc}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Scores the pipeline needs beyond whole model folders, every one through the evaluation cache:
+
+- a delta added to the base in memory (each pruned or amplified fine-tune scored alone: what pruning cost it);
+- merges at several scales (the merge-scale search): one merge at scale 1 is written, and each candidate scale s
+  is set in memory as base + s * (merge_1 - base), which equals a merge at scale s because both merge methods are
+  base + scale * combine(deltas) (docs/method.md). The chosen scale is then merged for real.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dppa.evaluation.cache import EvalCache, eval_key
+from dppa.evaluation.scores import content_hash, primary_scores
+
+DELTA_RECIPE = {"candidate": "delta", "dtype": "float32"}
+
+
+def normalised(scores: dict[str, float], dense: dict[str, float]) -> float | None:
+    """Geometric mean over tasks of score / the dense fine-tune's score (docs/method.md); tasks the dense
+    fine-tune scores 0 on carry no information and are left out; None when none is left."""
+    ratios = [scores[t] / dense[t] for t in scores if dense.get(t, 0) > 0]
+    if not ratios:
+        return None
+    if any(r <= 0 for r in ratios):
+        return 0.0
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+class BaseInMemory:
+    """One loaded base model whose weights are set to candidates in turn (`CandidateWeights`), each scored once
+    through the evaluation cache."""
+
+    def __init__(self, base: Path, device: str | None):
+        from dppa.evaluation.harness import load_model
+        from dppa.evaluation.weights import CandidateWeights
+
+        self.hash = content_hash(base)
+        self.model, self.tokenizer = load_model(base, device)
+        self.weights = CandidateWeights(self.model)
+
+    def _score(self, key, tasks: Sequence[str], split: str, limit: int | None, batch_size: int,
+               cache: EvalCache, set_weights: Callable[[], None]) -> dict[str, float]:
+        from dppa.evaluation.harness import evaluate_model
+
+        scores = cache.get(key)
+        if scores is None:
+            try:
+                set_weights()
+                scores = evaluate_model(self.model, self.tokenizer, list(tasks), split=split, limit=limit,
+                                        batch_size=batch_size)
+            finally:
+                self.weights.restore()
+            cache.put(key, scores)
+        return primary_scores(scores)
+
+    def score_delta(self, delta: Path, tasks: Sequence[str], *, split: str, limit: int | None, batch_size: int,
+                    cache: EvalCache) -> dict[str, float]:
+        """{task: score} of base + the delta folder."""
+        key = eval_key(model=content_hash(delta), base=self.hash, tasks=tasks, split=split, limit=limit,
+                       recipe=DELTA_RECIPE)
+        return self._score(key, tasks, split, limit, batch_size, cache, lambda: self.weights.add_delta(delta))
+
+    def score_scaled_merge(self, merged: Path, scale: float, inputs: Sequence[str], recipe: dict,
+                           tasks: Sequence[str], *, split: str, limit: int | None, batch_size: int,
+                           cache: EvalCache) -> dict[str, float]:
+        """{task: score} of base + scale * (merged - base); `inputs` (the merged deltas' hashes) and `recipe`
+        (method, weights, trim) identify the merge in the cache key, the scale is its factor."""
+        key = eval_key(model=inputs, base=self.hash, factors=(scale,), tasks=tasks, split=split, limit=limit,
+                       recipe={"candidate": "merge", **recipe, "dtype": "float32"})
+        return self._score(key, tasks, split, limit, batch_size, cache,
+                           lambda: self.weights.towards(merged, scale))
+
+
+def trace_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["index", "scale", "score", "best_score"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def search_merge_scale(base: Path, inputs: Sequence[Path], dense: dict[str, Path], tasks: dict[str, list[str]], *,
+                       method: str, weights: list[float] | None, density: float | None, grid: Sequence[float],
+                       split: str, limit: int | None, batch_size: int, device: str, cache: Path,
+                       work: Path) -> tuple[float, list[dict]]:
+    """The scale of `grid` whose merge scores best on `split`: the geometric mean over fine-tunes of their
+    normalised score (`normalised`); the first best in grid order wins ties. Returns (scale, trace rows).
+
+    `dense` and `tasks` name each fine-tune's model folder and own tasks, in the order of `inputs`."""
+    from dppa.evaluation.scores import score_folder
+    from dppa.merging.merge import merge_deltas
+
+    evals = EvalCache(cache)
+    eval_device = None if device == "auto" else device
+    references = {n: primary_scores(score_folder(folder, tasks[n], split=split, limit=limit, batch_size=batch_size,
+                                          device=eval_device, cache=cache)[0]) for n, folder in dense.items()}
+    all_tasks = list(dict.fromkeys(t for n in dense for t in tasks[n]))
+    recipe = {"method": method, "weights": weights, "density": density}
+    merged_at_1 = merge_deltas(base, list(inputs), work, method=method, weights=weights, scale=1.0,
+                               options={"density": density} if method == "ties" else None, device=device,
+                               overwrite=True, progress=False)
+    try:
+        model = BaseInMemory(base, eval_device)
+        rows, best, best_score = [], None, -math.inf
+        for index, scale in enumerate(grid):
+            scores = model.score_scaled_merge(merged_at_1, scale, [content_hash(p) for p in inputs], recipe,
+                                              all_tasks, split=split, limit=limit, batch_size=batch_size, cache=evals)
+            per_finetune = [normalised({t: scores[t] for t in tasks[n]}, references[n]) for n in dense]
+            known = [v for v in per_finetune if v is not None]
+            if not known:  # no fine-tune scores above 0 on its own tasks: rank by the raw mean score
+                score = sum(scores.values()) / len(scores)
+            elif min(known) <= 0:
+                score = 0.0
+            else:
+                score = math.exp(sum(math.log(v) for v in known) / len(known))
+            if score > best_score:
+                best, best_score = scale, score
+            rows.append({"index": index, "scale": scale, "score": round(score, 6), "best_score": round(best_score, 6)})
+        return best, rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def finetune_table(finetunes: Path) -> list[dict]:
+    """One row per fine-tune from the score stage's records (FOLDER/NAME.json): each variant's mean score over
+    the fine-tune's tasks, and its normalised score (over the dense fine-tune's)."""
+    import json
+
+    rows = []
+    for path in sorted(Path(finetunes).glob("*.json")):
+        record = json.loads(path.read_text())
+        row = {"fine-tune": path.stem, "pruning": f"{record['method']} {record['density']:g}"}
+        for variant, scores in record["scores"].items():
+            row[variant] = sum(scores.values()) / len(scores)
+        for variant, value in record["normalised"].items():
+            row[f"{variant} / dense"] = value
+        rows.append(row)
+    return rows
+
+
+def pipeline_notes(finetunes: Path, merge_json: Path) -> str:
+    """Markdown for the report: what pruning cost each fine-tune, and the merge scale used."""
+    import json
+
+    import pandas as pd
+
+    rows = finetune_table(finetunes)
+    text = ""
+    if rows:
+        table = pd.DataFrame(rows).set_index("fine-tune")
+        text += "\nEach fine-tune alone (same split), pruned and amplified, against its dense self\n\n"
+        text += table.to_markdown(floatfmt=".3f") + "\n"
+    merge = json.loads(Path(merge_json).read_text()) if Path(merge_json).exists() else None
+    if merge:
+        how = (f"searched on the validation split (objective {merge['best_score']:.3f})" if merge["searched"]
+               else "fixed in params.yaml")
+        text += f"\nMerge scale {merge['scale']:g}, {how}\n"
+    return text

@@ -1,0 +1,67 @@
+"""The experiment grid's expansion and tables (the DVC runs themselves are tested in test_pipeline.py)."""
+
+import pytest
+import yaml
+
+from dppa.errors import DppaError
+from dppa.pipeline.grid import load_grid, points, table
+
+
+def test_points_are_the_product_of_the_axes_times_the_seeds():
+    spec = {"set": {"evaluate.limit": None}, "seeds": [{"zoo.seed": 0}, {"zoo.seed": 1}],
+            "grids": {"g": {"table": "merges", "axes": {
+                "zoo.regime": ["heavy", "light"],
+                "combination": [{"label": "TA", "merge.method": "task_arithmetic"},
+                                {"label": "TIES", "merge.method": "ties", "merge.density": 0.2}]}}}}
+    found = points(spec, "g")
+    assert len(found) == 2 * 2 * 2
+    assert len({p["name"] for p in found}) == 8
+    ties_light_seed1 = next(p for p in found if p["labels"] == {"zoo.regime": "light", "combination": "TIES"}
+                            and p["seed"] == 1)
+    assert ties_light_seed1["overrides"] == {"evaluate.limit": None, "zoo.regime": "light", "merge.method": "ties",
+                                             "merge.density": 0.2, "zoo.seed": 1}
+    assert points(spec, "g") == found  # names are stable: a rerun finds the recorded points
+
+
+def test_table_is_mean_and_sample_std_over_seeds():
+    rows = [{"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 0, "normalised": 0.5},
+            {"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 1, "normalised": 0.7},
+            {"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 1, "normalised": 0.7},
+            {"regime": "heavy", "finetune": "a", "method": "dare", "density": 0.2, "seed": 0, "normalised": None}]
+    text = table(rows, ["regime", "finetune"], ["method", "density"])
+    # (0.5 + 0.7) / 2 = 0.6; sample std = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414; the repeated seed counts once
+    assert text.splitlines() == ["| regime | finetune | dp 0.2 | dare 0.2 |", "|---|---|---|---|",
+                                 "| heavy | a | 0.600 ± 0.141 | - |"]
+
+
+def test_grid_file_errors_name_the_key(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"grids": {"g": {"table": "pruning", "axes": {}}}}))
+    with pytest.raises(DppaError, match="grids.g: give `table`"):
+        load_grid(path)
+    path.write_text(yaml.safe_dump({"grids": {"g": {"table": "merges", "axes": {"combination": ["x"]}}}}))
+    with pytest.raises(DppaError, match="grids.g.axes.combination: not a params key"):
+        load_grid(path)
+    path.write_text(yaml.safe_dump({"grid": {}}))
+    with pytest.raises(DppaError, match="expected `grids"):
+        load_grid(path)
+
+
+def test_the_paper_grid_file_is_valid_and_its_overrides_are_valid_params():
+    from pathlib import Path
+
+    from dppa.pipeline.config import parse_params
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_grid(root / "experiments" / "paper.yaml")
+    base = yaml.safe_load((root / "params.yaml").read_text())
+    for grid in spec["grids"]:
+        for point in points(spec, grid)[:: len(spec["seeds"])]:
+            params = yaml.safe_load(yaml.safe_dump(base))
+            for key, value in point["overrides"].items():
+                *parents, last = key.split(".")
+                node = params
+                for part in parents:
+                    node = node[part]
+                node[last] = value
+            parse_params(params)
