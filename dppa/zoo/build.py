@@ -136,7 +136,7 @@ def _quiet_worker() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # the zoo's own scores are logged, not the harness's
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the zoo's own scores are logged, not the harness's
 
 
 def default_workers() -> int:
