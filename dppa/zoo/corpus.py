@@ -106,12 +106,6 @@ def _skill(rng: random.Random, domain: str, examples: list[Example]) -> str:
     return words(rng, ex)
 
 
-def general_text(seed: int, count: int) -> list[str]:
-    """`count` everyday sentences (no domain skill), the same ones for the same seed."""
-    rng = random.Random(f"corpus-{seed}")
-    return [_everyday(rng) for _ in range(count)]
-
-
 def pretraining_text(seed: int, count: int, skill_share: float) -> list[str]:
     """`count` sentences: everyday ones, and a `skill_share` of them (in expectation) showing a domain skill,
     the domains drawn by `SKILL_WEIGHTS`; the same ones for the same seed."""
