@@ -67,8 +67,16 @@ def test_zoo_layout_and_models_load_offline(tiny_zoo):
 
 def _file_hashes(folder):
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "zoo.json"
     }
+
+
+def _manifest_without_timing(folder):
+    manifest = read_manifest(folder)
+    del manifest["timing"]
+    return manifest
 
 
 @pytest.mark.slow
@@ -76,6 +84,8 @@ def test_build_is_deterministic(tiny_zoo, tmp_path):
     again = tmp_path / "again"
     build_zoo(again, size="tiny", regime="heavy", seed=0, workers=1, log=lambda _msg: None)  # fixture: parallel
     assert _file_hashes(again) == _file_hashes(tiny_zoo)
+    # The manifest too, scores included; only its timings differ between runs.
+    assert _manifest_without_timing(again) == _manifest_without_timing(tiny_zoo)
 
 
 @pytest.mark.slow
@@ -106,3 +116,18 @@ def test_unknown_size_is_a_user_error(tmp_path):
 def test_manifest_is_json_with_regime(tiny_zoo):
     manifest = json.loads((tiny_zoo / "zoo.json").read_text())
     assert manifest["regime"]["name"] == "heavy" and manifest["size"] == "tiny"
+
+
+def test_manifest_records_scores_deltas_and_build_time(tiny_zoo):
+    manifest = read_manifest(tiny_zoo)
+    assert manifest["eval"] == {"split": "test", "limit": 40, "metric": "exact_match"}
+    assert set(manifest["base"]["exact_match"]) == {f"zoo_{d}" for d in DOMAINS}
+    for domain, entry in manifest["domains"].items():
+        assert entry["task"] == f"zoo_{domain}"
+        # Exact match over 40 examples is a multiple of 1/40.
+        assert 0 <= entry["exact_match"] <= 1 and round(entry["exact_match"] * 40, 6).is_integer()
+        assert entry["base_exact_match"] == manifest["base"]["exact_match"][entry["task"]]
+        assert 0 < entry["relative_delta_linear"] and 0 < entry["relative_delta"]
+        assert manifest["timing"][domain]["finetune_seconds"] > 0
+    timing = manifest["timing"]
+    assert 0 < timing["pretrain_seconds"] < timing["build_seconds"] < 60  # the tiny zoo builds in under a minute

@@ -28,9 +28,12 @@ class Regime:
     weight_decay: float
 
 
+# Light: supervised fine-tuning that mostly teaches the answer format to a base that already holds the skill
+# (mean|delta|/mean|base| a few percent, as for SFT of a real LLM). Heavy: continued training at a learning rate near
+# pre-training's, the paper's "significant parameter bias" (a few tenths).
 REGIMES = {
-    "heavy": Regime("heavy", lr=3e-3, weight_decay=0.0),
-    "light": Regime("light", lr=1e-4, weight_decay=0.0),
+    "heavy": Regime("heavy", lr=2e-3, weight_decay=0.0),
+    "light": Regime("light", lr=7e-5, weight_decay=0.0),
 }
 
 
