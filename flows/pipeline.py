@@ -55,8 +55,16 @@ def scheduled_pipeline(root: str) -> dict[str, str]:
     """What `dppa serve` runs: reads params.yaml at run time (so edits apply to the next run), then the pipeline
     with the task runner and GPU limit they choose."""
     from dppa.pipeline.config import load_params
+    from dppa.pipeline.run_lock import RunSkipped, run_lock
     from flows.runtime import set_gpu_limit, task_runner
 
     params = load_params(Path(root) / "params.yaml")
-    set_gpu_limit(params.runtime.gpu_concurrency)
-    return pipeline_flow.with_options(task_runner=task_runner(params.runtime))(root)
+    logger = get_run_logger()
+    try:
+        with run_lock(root, on_overlap=params.runtime.on_overlap or "skip", command="dppa serve (scheduled run)",
+                      log=logger.warning):
+            set_gpu_limit(params.runtime.gpu_concurrency)
+            return pipeline_flow.with_options(task_runner=task_runner(params.runtime))(root)
+    except RunSkipped as skipped:
+        logger.warning(str(skipped))
+        return {}

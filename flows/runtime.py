@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 
+from dppa.pipeline import lifeline
 from dppa.pipeline.config import Runtime
+from dppa.pipeline.lifeline import children_die_with_us
 from tasks import GPU_TAG
 
 API_URL_ENV = "PREFECT_API_URL"
@@ -27,7 +29,8 @@ def prefect_api():
 
     server = SubprocessASGIServer()
     # Prefect's settings may have been read before flows/__init__ set the longer start-up time: set it here too.
-    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
+    # The server process must not outlive this one, even when this one is killed (dppa/pipeline/lifeline.py).
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}), children_die_with_us():
         server.start()
     os.environ[API_URL_ENV] = server.api_url
     try:
@@ -56,7 +59,6 @@ def prefect_server(timeout_s: float = 180):
         yield os.environ[API_URL_ENV]
         return
     import socket
-    import subprocess
     import sys
     import time
 
@@ -66,7 +68,7 @@ def prefect_server(timeout_s: float = 180):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+    server = lifeline.popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)])
     try:
         deadline = time.monotonic() + timeout_s

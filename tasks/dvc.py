@@ -4,26 +4,14 @@ dvc.lock. DVC releases its repository lock while a stage's command runs, so seve
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from dppa.errors import DppaError
-
-
-def dvc_command() -> list[str]:
-    return [sys.executable, "-m", "dvc"]
-
-
-def stage_environment() -> dict[str, str]:
-    """The environment with this interpreter's bin folder first on PATH, so that the stage commands (`dppa stage`)
-    resolve to this installation even on a Dask worker or under `make`, whose PATH may lack the virtualenv."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
+from dppa.pipeline import lifeline
+from dppa.pipeline.dvc_process import dvc_command, stage_environment
 
 
 def is_progress_bar(line: str) -> bool:
@@ -37,8 +25,9 @@ def repro_stage(root: Path, stage: str) -> str:
     logger = get_run_logger()
     command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage]
     ran = restored = False
-    with subprocess.Popen(command, cwd=root, env=stage_environment(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    # lifeline.popen: `dvc repro` (and through it the stage) ends when this run is killed
+    with lifeline.popen(command, cwd=root, env=stage_environment(), stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         for line in process.stdout:
             line = line.rstrip()
             ran = ran or line.startswith(f"Running stage '{stage}'")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.dvc import stage_environment
+from dppa.pipeline.dvc_process import stage_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNES = ("arith", "facts")
@@ -300,3 +300,70 @@ def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_z
               f"Dask LocalCluster(2 processes) {timings['local-cluster:2']:.1f} s")
     assert hashes["threads"] == hashes["local-cluster:2"]
     assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(built_project, tmp_path, sig):
+    project = tmp_path / "project"
+    shutil.copytree(built_project, project, symlinks=True)
+    # a scale no other test used, so that DVC's run cache cannot restore the merge instead of running it
+    edit_params(project, lambda p: p["merge"].update(scale={signal.SIGKILL: 0.91, signal.SIGTERM: 0.92,
+                                                            signal.SIGINT: 0.93}[sig]))
+    env = {k: v for k, v in stage_environment().items() if k != "PREFECT_API_URL"}  # its own temporary server
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    run = subprocess.Popen([sys.executable, "-m", "dppa", "run", "-C", str(project)], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in run.stdout:  # until the merge stage's own process runs
+        if "Running stage 'merge'" in line:
+            break
+    deadline = time.monotonic() + 60
+    while not any("stage" in _cmdline(p) and "merge" in _cmdline(p) for p in descendants(run.pid)):
+        assert time.monotonic() < deadline and run.poll() is None, "the merge stage never started"
+        time.sleep(0.05)
+    started = descendants(run.pid)
+    assert any("uvicorn" in _cmdline(p) for p in started)  # the temporary Prefect server is among them
+    run.send_signal(sig)
+    run.wait(timeout=60)
+    run.stdout.close()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {p: _cmdline(p) for p in started if alive(p)}
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"left behind after {sig.name}: {left}"
+    again = subprocess.run([sys.executable, "-m", "dppa", "run", "-C", str(project)], env=env, text=True,
+                           capture_output=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "merge" in again.stdout
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

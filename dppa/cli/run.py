@@ -49,10 +49,11 @@ def run_pipeline(root: Path) -> dict[str, str]:
     from dppa.pipeline.config import load_params
 
     params = load_params(root / "params.yaml")
+    from dppa.pipeline.run_lock import run_lock
     from flows.pipeline import pipeline_flow
     from flows.runtime import prefect_api, set_gpu_limit, task_runner
 
-    with prefect_api():
+    with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command="dppa run"), prefect_api():
         set_gpu_limit(params.runtime.gpu_concurrency)
         flow = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
         return flow(str(root))

@@ -63,10 +63,16 @@ def run(args: argparse.Namespace) -> int:
         # Run alone (e.g. by `dvc repro`): Prefect starts its embedded server for this process; under `dppa run`
         # the pipeline's API (and its GPU limit) is inherited through PREFECT_API_URL.
         set_gpu_limit(params.runtime.gpu_concurrency)
+    from dppa.pipeline.lifeline import die_with_parent
+    from dppa.pipeline.run_lock import TOKEN_ENV, run_lock
+
+    if os.environ.get(TOKEN_ENV):
+        die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed
     stage = STAGES[args.stage]
     kwargs = {p.name: getattr(args, p.name) for p in stage_arguments(stage)}
     kwargs = {k: v if k == "model" else Path(v).resolve() for k, v in kwargs.items()}
-    stage(params, root, **kwargs)
+    with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command=f"dppa stage {args.stage}"):
+        stage(params, root, **kwargs)
     return 0
 
 

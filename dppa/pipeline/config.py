@@ -255,6 +255,9 @@ class Runtime(Strict):
     task_runner: str = "threads"
     concurrency: int = Field(default=2, ge=1)
     gpu_concurrency: int = Field(default=1, ge=1)
+    # When another run holds the project: fail at once naming it, skip this run, or wait for it. Unset: fail for
+    # a run started by hand, skip for a scheduled one (the next schedule picks the work up).
+    on_overlap: Literal["wait", "skip", "fail"] | None = None
 
     @field_validator("task_runner")
     @classmethod

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from dppa.errors import DppaError
+from dppa.pipeline.dvc_process import dvc_command, stage_environment
 
 TABLES = ("finetunes", "merges")
 
@@ -74,7 +75,8 @@ def points(spec: dict, grid: str) -> list[dict]:
 
 
 def dvc(project: Path, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True)
+    done = subprocess.run([*dvc_command(), *args], cwd=project, capture_output=True, text=True,
+                          env=stage_environment())
     if done.returncode != 0:
         raise DppaError(f"dvc {' '.join(args)} failed in {project}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return done.stdout

@@ -2,8 +2,11 @@
 
 A pipeline run starts a temporary Prefect API server and one `dvc repro` per stage, and DVC starts the stage
 command. If `dppa run` is killed (an out-of-memory killer, a lost terminal), nothing in it can clean up, so each
-child asks the kernel beforehand (Linux `PR_SET_PDEATHSIG`) to send it SIGTERM when its parent goes. The chain
-`dppa run` -> `dvc repro` -> `dppa stage` then unwinds link by link. Elsewhere than Linux this is a no-op.
+child asks the kernel beforehand (Linux `PR_SET_PDEATHSIG`) to send it SIGTERM when its parent goes; the chain
+`dppa run` -> `dvc repro` -> `dppa stage` then unwinds link by link. The request is made by a small launcher,
+`python -m dppa.pipeline.lifeline PARENT_PID COMMAND...`, that then replaces itself with COMMAND (the request
+survives exec), rather than in a `preexec_fn`, which is unsafe in a process with threads. Elsewhere than Linux
+the launcher only execs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 PR_SET_PDEATHSIG = 1
 
@@ -23,43 +26,38 @@ def die_with_parent(sig: int = signal.SIGTERM, expected_parent: int | None = Non
     """Ask for `sig` when the parent process ends; exit now if it has already ended (it may die before this)."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
 
 
-def lifeline_preexec() -> None:
-    """For `subprocess.Popen(preexec_fn=...)`: runs in the child between fork and exec."""
-    die_with_parent(expected_parent=_PARENT)
+def wrap(args: Sequence[str]) -> list[str]:
+    """COMMAND as run through the launcher, bound to this process."""
+    return [sys.executable, "-m", "dppa.pipeline.lifeline", str(os.getpid()), *map(str, args)]
 
 
-_PARENT = os.getpid()
-
-
-def popen(*args, **kwargs) -> subprocess.Popen:
-    """`subprocess.Popen` whose child gets SIGTERM when this process ends."""
-    global _PARENT
-    _PARENT = os.getpid()
-    return subprocess.Popen(*args, preexec_fn=lifeline_preexec, **kwargs)
+def popen(args: Sequence[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` of a command (a list) whose process gets SIGTERM when this process ends."""
+    return subprocess.Popen(wrap(args), **kwargs)
 
 
 @contextlib.contextmanager
 def children_die_with_us() -> Iterator[None]:
-    """Within the block, every `subprocess.Popen` started by this thread's callee (e.g. a library that starts a
-    server and offers no hook for it) gets the lifeline. Used only around such a call, when no other thread starts
-    processes."""
-    global _PARENT
-    _PARENT = os.getpid()
+    """Within the block, every list command that `subprocess.Popen` starts goes through the launcher. For a library
+    call that starts a server and offers no hook for it; no other thread may start processes meanwhile."""
     original = subprocess.Popen
 
     class LifelinePopen(original):  # a subclass, so isinstance checks and Popen[...] still work
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("preexec_fn", lifeline_preexec)
-            super().__init__(*args, **kwargs)
+        def __init__(self, args, *rest, **kwargs):
+            super().__init__(wrap(args) if isinstance(args, (list, tuple)) else args, *rest, **kwargs)
 
     subprocess.Popen = LifelinePopen  # type: ignore[misc]
     try:
         yield
     finally:
         subprocess.Popen = original  # type: ignore[misc]
+
+
+if __name__ == "__main__":
+    die_with_parent(expected_parent=int(sys.argv[1]))
+    os.execvp(sys.argv[2], sys.argv[2:])

@@ -40,7 +40,7 @@ def own_scores(model: PreTrainedModel, tokenizer, tasks: list[str], limit: int |
     """Exact match of an in-memory model on each task's test split (first `limit` examples), one thread."""
     import torch
 
-    from dppa.evaluate import evaluate_model
+    from dppa.evaluation.harness import evaluate_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

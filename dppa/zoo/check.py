@@ -78,7 +78,7 @@ def judge(result: dict, targets: Targets) -> list[str]:
 
 def check_zoo(zoo: Path, *, scales=SCALES, limit: int | None = None, batch_size: int = 64, log=print) -> dict:
     """Scores and deltas of a zoo and its task-arithmetic merges: the numbers `judge` compares with the targets."""
-    from dppa.evaluate import evaluate_model, load_model
+    from dppa.evaluation.harness import evaluate_model, load_model
     from dppa.zoo.build import LINEAR_SCOPE, read_manifest, relative_delta
     from dppa.zoo.tasks import task_name
 

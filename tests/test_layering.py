@@ -1,0 +1,34 @@
+"""Arrows point down: the engine imports no orchestration or harness, and only the CLI imports the flows."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = ["dppa.io", "dppa.sparsify", "dppa.merging", "dppa.extract", "dppa.compute", "dppa.registry",
+          "dppa.architectures"]
+FORBIDDEN = ["prefect", "dvc", "lm_eval", "flows", "tasks", "distributed"]
+
+
+def test_engine_packages_load_no_orchestration_or_harness():
+    code = (f"import sys\nimport {', '.join(ENGINE)}\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(FORBIDDEN)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_only_the_cli_imports_flows_and_tasks():
+    below_cli = [p for p in (ROOT / "dppa").rglob("*.py") if "cli" not in p.relative_to(ROOT / "dppa").parts]
+    offenders = {str(p.relative_to(ROOT)) for p in below_cli if imported_roots(p) & {"flows", "tasks"}}
+    assert not offenders
