@@ -40,8 +40,11 @@ PRESETS = {
     "3B": (3072, 8192, 24, 24, 8, 32000),
 }
 
-DTYPES = {"bf16": (torch.bfloat16, "BF16", "bfloat16"), "fp16": (torch.float16, "F16", "float16"),
-          "fp32": (torch.float32, "F32", "float32")}
+DTYPES = {
+    "bf16": (torch.bfloat16, "BF16", "bfloat16"),
+    "fp16": (torch.float16, "F16", "float16"),
+    "fp32": (torch.float32, "F32", "float32"),
+}
 
 NORM_DELTA_REL = 0.05  # norms sit near 1.0; smaller shifts would round away in bf16
 WEIGHT_DELTA_REL = 0.08  # delta RMS as a share of the base tensor's RMS
@@ -201,13 +204,24 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": "<unk>", "model_max_length": 2048}, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<unk>",
+                "model_max_length": 2048,
+            },
+            indent=2,
+        )
+    )
 
 
-def write_models(out: Path, dims: tuple[int, ...], dtype_key: str, finetunes: int, seed: int,
-                 shard_bytes: int, tokenizer: bool) -> None:
+def write_models(
+    out: Path, dims: tuple[int, ...], dtype_key: str, finetunes: int, seed: int, shard_bytes: int, tokenizer: bool
+) -> None:
     torch_dtype, st_dtype, hf_dtype = DTYPES[dtype_key]
     itemsize = torch.empty(0, dtype=torch_dtype).element_size()
     specs = tensor_specs(*dims)
@@ -221,8 +235,10 @@ def write_models(out: Path, dims: tuple[int, ...], dtype_key: str, finetunes: in
         (folder / "config.json").write_text(json.dumps(llama_config(dims, hf_dtype), indent=2))
         if tokenizer:
             write_tokenizer(folder, dims[-1])
-        index = {"metadata": {"total_size": sum(numel(s.shape) for s in specs) * itemsize},
-                 "weight_map": {s.name: shard_files[i] for i, shard in enumerate(shards) for s in shard}}
+        index = {
+            "metadata": {"total_size": sum(numel(s.shape) for s in specs) * itemsize},
+            "weight_map": {s.name: shard_files[i] for i, shard in enumerate(shards) for s in shard},
+        }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     total = sum(numel(s.shape) for s in specs)
@@ -244,8 +260,11 @@ def write_models(out: Path, dims: tuple[int, ...], dtype_key: str, finetunes: in
                 print(f"\r{done / total:6.1%} {spec.name:<50}", end="", file=sys.stderr, flush=True)
         for w in writers.values():
             w.close()
-    print(f"\rwrote {len(names)} models of {total / 1e6:.1f}M parameters ({dtype_key}) in {time.time() - t0:.1f} s"
-          + " " * 30, file=sys.stderr)
+    print(
+        f"\rwrote {len(names)} models of {total / 1e6:.1f}M parameters ({dtype_key}) in {time.time() - t0:.1f} s"
+        + " " * 30,
+        file=sys.stderr,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -272,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tmp = args.out.with_name(args.out.name + f".tmp-{os.getpid()}")
     try:
-        write_models(tmp, tuple(dims), args.dtype, args.finetunes, args.seed, parse_size(args.shard_size),
-                     not args.no_tokenizer)
+        write_models(
+            tmp, tuple(dims), args.dtype, args.finetunes, args.seed, parse_size(args.shard_size), not args.no_tokenizer
+        )
         if args.out.exists():
             shutil.rmtree(args.out)
         tmp.rename(args.out)

@@ -44,8 +44,22 @@ def steps(ckpt: Path, work: Path, density: float) -> list[tuple[str, list[str]]]
         ("extract ft1", DPPA + ["extract", str(base), str(ckpt / "ft1"), "-o", str(d1)]),
         ("extract ft2", DPPA + ["extract", str(base), str(ckpt / "ft2"), "-o", str(d2)]),
         ("prune dp", DPPA + ["prune", str(d1), "-o", str(work / "p1"), "--method", "dp", "--density", str(density)]),
-        ("merge ties", DPPA + ["merge", str(base), str(d1), str(d2), "-o", str(work / "merged"), "--method", "ties",
-                               "--density", str(density)]),
+        (
+            "merge ties",
+            DPPA
+            + [
+                "merge",
+                str(base),
+                str(d1),
+                str(d2),
+                "-o",
+                str(work / "merged"),
+                "--method",
+                "ties",
+                "--density",
+                str(density),
+            ],
+        ),
     ]
 
 
@@ -73,22 +87,37 @@ def main(argv: list[str] | None = None) -> int:
     name, numel = largest_tensor_numel(ckpt / "base")
     budget_mib = (GIB + 4 * 4 * numel) / MIB
     model_bytes = sum(f.stat().st_size for f in (ckpt / "base").glob("*.safetensors"))
-    print(f"checkpoint {ckpt}: {model_bytes / 1e9:.2f} GB per model; largest tensor {name} ({numel} elements, "
-          f"{4 * numel / MIB:.0f} MiB in float32); budget 1 GiB + 4 x that = {budget_mib:.0f} MiB; "
-          f"dppa at {source_label(src)}, threads {args.threads or 'default'}")
+    print(
+        f"checkpoint {ckpt}: {model_bytes / 1e9:.2f} GB per model; largest tensor {name} ({numel} elements, "
+        f"{4 * numel / MIB:.0f} MiB in float32); budget 1 GiB + 4 x that = {budget_mib:.0f} MiB; "
+        f"dppa at {source_label(src)}, threads {args.threads or 'default'}"
+    )
     print(f"{'step':12} {'wall s':>8} {'cpu s':>8} {'peak RSS MiB':>13} {'budget MiB':>11} {'load':>5}  verdict")
     figures = {}
     for label, cmd in steps(ckpt, work, args.density):
         run = measure(cmd, work / f"{label.replace(' ', '-')}.log", env)
         ok = run.peak_rss_mib <= budget_mib
         figures[label] = dict(vars(run), budget_mib=budget_mib, within=ok, command=" ".join(cmd))
-        print(f"{label:12} {run.wall_s:8.1f} {run.cpu_s:8.1f} {run.peak_rss_mib:13.0f} {budget_mib:11.0f} "
-              f"{run.load_avg:5.1f}  "
-              f"{'within' if ok else 'OVER'}", flush=True)
+        print(
+            f"{label:12} {run.wall_s:8.1f} {run.cpu_s:8.1f} {run.peak_rss_mib:13.0f} {budget_mib:11.0f} "
+            f"{run.load_avg:5.1f}  "
+            f"{'within' if ok else 'OVER'}",
+            flush=True,
+        )
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(ckpt), "dppa_at": source_label(src), "largest_tensor": name,
-                                         "numel": numel, "threads": args.threads,
-                                         "steps": figures}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(ckpt),
+                    "dppa_at": source_label(src),
+                    "largest_tensor": name,
+                    "numel": numel,
+                    "threads": args.threads,
+                    "steps": figures,
+                },
+                indent=2,
+            )
+        )
     if not args.keep:
         shutil.rmtree(work)
     return 0 if all(f["within"] for f in figures.values()) else 1

@@ -28,8 +28,9 @@ class Run:
 def snapshot(commit: str, work: Path) -> Path:
     """The repository's files at `commit`, unpacked under `work`, so figures belong to one known version of the
     engine even while the working tree changes."""
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", commit], check=True, capture_output=True,
-                         text=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", commit], check=True, capture_output=True, text=True
+    ).stdout.strip()
     dest = work / f"src-{sha}"
     if not (dest / "dppa").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
@@ -42,10 +43,12 @@ def source_label(src: Path) -> str:
     """Which engine a figure belongs to: a snapshot's commit, or the working tree's HEAD plus local edits."""
     if src != REPO:
         return src.name.removeprefix("src-")
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "dppa"], capture_output=True,
-                           text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "dppa"], capture_output=True, text=True
+    ).stdout.strip()
     return head + ("+uncommitted dppa/ edits" if dirty else "")
 
 
@@ -55,8 +58,13 @@ def bench_env(threads: int | None = None, src: Path = REPO) -> dict[str, str]:
     Why the cap exists: when other work shares the cores, OpenMP threads spin-wait on each other and a 2-thread
     run can be ten times slower than a 1-thread one, so comparisons on a busy machine are fairer at 1 thread.
     """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(src) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
@@ -67,8 +75,12 @@ def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run
     report = log.with_suffix(".time")
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.run(["/usr/bin/time", "-v", "-o", str(report)] + cmd, stdout=out,
-                              stderr=subprocess.STDOUT, env=env or bench_env())
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", "-o", str(report)] + cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env or bench_env(),
+        )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
@@ -77,27 +89,50 @@ def measure(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run
     def field(label: str) -> float:
         return float(re.search(re.escape(label) + r"[^:]*:\s*([\d.]+)", text).group(1))
 
-    return Run(wall, field("User time") + field("System time"), field("Maximum resident set size") / 1024,
-               os.getloadavg()[0])
+    return Run(
+        wall, field("User time") + field("System time"), field("Maximum resident set size") / 1024, os.getloadavg()[0]
+    )
 
 
 def combine(steps: list[Run]) -> Run:
     """A pipeline of steps run one after another: times add, peak memory is the largest step's."""
-    return Run(sum(r.wall_s for r in steps), sum(r.cpu_s for r in steps), max(r.peak_rss_mib for r in steps),
-               max(r.load_avg for r in steps))
+    return Run(
+        sum(r.wall_s for r in steps),
+        sum(r.cpu_s for r in steps),
+        max(r.peak_rss_mib for r in steps),
+        max(r.load_avg for r in steps),
+    )
 
 
 def median_run(runs: list[Run]) -> Run:
     """Median times; peak memory is the worst run's."""
-    return Run(statistics.median(r.wall_s for r in runs), statistics.median(r.cpu_s for r in runs),
-               max(r.peak_rss_mib for r in runs), statistics.median(r.load_avg for r in runs))
+    return Run(
+        statistics.median(r.wall_s for r in runs),
+        statistics.median(r.cpu_s for r in runs),
+        max(r.peak_rss_mib for r in runs),
+        statistics.median(r.load_avg for r in runs),
+    )
 
 
 def ensure_checkpoint(work: Path, params: str, dtype: str, seed: int, finetunes: int = 2) -> Path:
     """bench/out/syn-PARAMS-DTYPE-sSEED made by make_synthetic.py, reused when it is already there."""
     folder = work / f"syn-{params}-{dtype}-s{seed}"
     if not (folder / f"ft{finetunes}" / "model.safetensors.index.json").exists():
-        subprocess.run([sys.executable, str(BENCH / "make_synthetic.py"), str(folder), "--params", params,
-                        "--dtype", dtype, "--finetunes", str(finetunes), "--seed", str(seed), "--overwrite"],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "make_synthetic.py"),
+                str(folder),
+                "--params",
+                params,
+                "--dtype",
+                dtype,
+                "--finetunes",
+                str(finetunes),
+                "--seed",
+                str(seed),
+                "--overwrite",
+            ],
+            check=True,
+        )
     return folder.resolve()

@@ -60,18 +60,31 @@ def main() -> None:
     reference.write_text(json.dumps({f"zoo_{args.domain}": {"exact_match": 1.0}}))
 
     started = time.perf_counter()
-    report = search_amplification(zoo / "base", delta, work / "amplified", tasks=[f"zoo_{args.domain}"],
-                                  reference=reference, strategy="pattern", budget=args.candidates, limit=args.limit,
-                                  batch_size=args.batch_size, cache=work / "cache.jsonl", device="cpu",
-                                  progress=False, log=lambda _m: None)
+    report = search_amplification(
+        zoo / "base",
+        delta,
+        work / "amplified",
+        tasks=[f"zoo_{args.domain}"],
+        reference=reference,
+        strategy="pattern",
+        budget=args.candidates,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        cache=work / "cache.jsonl",
+        device="cpu",
+        progress=False,
+        log=lambda _m: None,
+    )
     wall = time.perf_counter() - started
     candidate_s = sum(t.build_s + t.evaluate_s for t in report.timings)
     n = len(report.timings)
     print(f"candidates evaluated: {n}, limit {args.limit} examples, batch {args.batch_size}")
     print(f"search wall time: {wall:.1f} s (setup {report.setup_s:.1f} s, writing the output included)")
     print(f"per candidate: {candidate_s / n:.2f} s -> {60 * n / candidate_s:.1f} candidates per minute")
-    print(f"forward passes: {clock[0]:.2f} s of {candidate_s:.2f} s candidate time; "
-          f"not forward: {1 - clock[0] / candidate_s:.1%}")
+    print(
+        f"forward passes: {clock[0]:.2f} s of {candidate_s:.2f} s candidate time; "
+        f"not forward: {1 - clock[0] / candidate_s:.1%}"
+    )
 
 
 if __name__ == "__main__":

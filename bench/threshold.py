@@ -66,16 +66,17 @@ def parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="2048x2048,5632x2048,11008x4096,32000x2048",
-                   help="comma-separated tensor shapes")
+    p.add_argument("--sizes", default="2048x2048,5632x2048,11008x4096,32000x2048", help="comma-separated tensor shapes")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of " + ",".join(DTYPES))
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     args = p.parse_args(argv)
     methods = args.methods.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, density {args.density}, "
-          f"median of {args.repeats} (CPU seconds)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, density {args.density}, "
+        f"median of {args.repeats} (CPU seconds)"
+    )
     print(f"{'dtype':>5} {'shape':>11} {'elements':>10} " + " ".join(f"{m:>14}" for m in methods) + "  sort/dppa")
     for dtype_name in args.dtypes.split(","):
         for shape in args.sizes.split(","):
@@ -93,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(set(answers.values())) != 1:
                 raise SystemExit(f"{dtype_name} {shape}: methods disagree on the threshold: {answers}")
             ratio = f"{times['torch.sort'] / times['dppa']:9.1f}" if {"torch.sort", "dppa"} <= set(times) else ""
-            print(f"{dtype_name:>5} {shape:>11} {n:10d} " + " ".join(f"{times[m]:14.3f}" for m in methods)
-                  + f"  {ratio}", flush=True)
+            print(
+                f"{dtype_name:>5} {shape:>11} {n:10d} " + " ".join(f"{times[m]:14.3f}" for m in methods) + f"  {ratio}",
+                flush=True,
+            )
     print("all methods returned the same threshold")
     return 0
 

@@ -73,16 +73,22 @@ def ensure_mergekit(venv: Path) -> Path:
 def _installed_version(py: Path, package: str) -> str:
     if not py.exists():
         return ""
-    out = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version('{package}'))"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(py), "-c", f"import importlib.metadata as m; print(m.version('{package}'))"],
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
 def mergekit_config(ckpt: Path, density: float, dtype: str) -> str:
-    models = "".join(f"  - model: {ckpt / ft}\n    parameters: {{density: {density}, weight: 1.0}}\n"
-                     for ft in ("ft1", "ft2"))
-    return (f"merge_method: ties\nbase_model: {ckpt / 'base'}\nmodels:\n{models}"
-            f"parameters:\n  normalize: true\ndtype: {dtype}\n")
+    models = "".join(
+        f"  - model: {ckpt / ft}\n    parameters: {{density: {density}, weight: 1.0}}\n" for ft in ("ft1", "ft2")
+    )
+    return (
+        f"merge_method: ties\nbase_model: {ckpt / 'base'}\nmodels:\n{models}"
+        f"parameters:\n  normalize: true\ndtype: {dtype}\n"
+    )
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:
@@ -120,8 +126,14 @@ def compare(ours: Path, theirs: Path, rtol: float) -> dict:
         max_abs = max(max_abs, float(diff.max()))
         if bad / a.numel() > worst["share"]:
             worst = {"name": name, "share": bad / a.numel()}
-    return {"elements": total, "differing": differing, "share_differing": differing / total,
-            "not_bit_identical": total - exact, "max_abs_diff": max_abs, "worst_tensor": worst}
+    return {
+        "elements": total,
+        "differing": differing,
+        "share_differing": differing / total,
+        "not_bit_identical": total - exact,
+        "max_abs_diff": max_abs,
+        "worst_tensor": worst,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,62 +184,125 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         for path in (mk_out, dppa_out):
             shutil.rmtree(path, ignore_errors=True)
-        results["mergekit"].append(measure(
-            [str(mergekit_yaml), str(config), str(mk_out), "--no-write-model-card", "--quiet"],
-            run_dir / f"mergekit-{i}.log", env))
+        results["mergekit"].append(
+            measure(
+                [str(mergekit_yaml), str(config), str(mk_out), "--no-write-model-card", "--quiet"],
+                run_dir / f"mergekit-{i}.log",
+                env,
+            )
+        )
         if args.mergekit_only:
             print(f"run {i + 1}/{args.runs}: mergekit {results['mergekit'][-1].wall_s:.1f} s", file=sys.stderr)
             continue
-        results["dppa merge"].append(measure(
-            dppa + ["merge", str(base), *map(str, deltas), "-o", str(dppa_out), "--method", "ties",
-                    "--density", str(args.density)], run_dir / f"dppa-merge-{i}.log", env))
+        results["dppa merge"].append(
+            measure(
+                dppa
+                + [
+                    "merge",
+                    str(base),
+                    *map(str, deltas),
+                    "-o",
+                    str(dppa_out),
+                    "--method",
+                    "ties",
+                    "--density",
+                    str(args.density),
+                ],
+                run_dir / f"dppa-merge-{i}.log",
+                env,
+            )
+        )
         if not args.no_e2e:
             e2e = run_dir / "e2e"
             shutil.rmtree(e2e, ignore_errors=True)
             e2e.mkdir()
-            steps = [measure(dppa + ["extract", str(base), str(ft), "-o", str(e2e / f"d{j}")],
-                             run_dir / f"e2e-extract{j}-{i}.log", env) for j, ft in enumerate(fts, 1)]
-            steps.append(measure(dppa + ["merge", str(base), str(e2e / "d1"), str(e2e / "d2"), "-o",
-                                         str(e2e / "merged"), "--method", "ties", "--density", str(args.density)],
-                                 run_dir / f"e2e-merge-{i}.log", env))
+            steps = [
+                measure(
+                    dppa + ["extract", str(base), str(ft), "-o", str(e2e / f"d{j}")],
+                    run_dir / f"e2e-extract{j}-{i}.log",
+                    env,
+                )
+                for j, ft in enumerate(fts, 1)
+            ]
+            steps.append(
+                measure(
+                    dppa
+                    + [
+                        "merge",
+                        str(base),
+                        str(e2e / "d1"),
+                        str(e2e / "d2"),
+                        "-o",
+                        str(e2e / "merged"),
+                        "--method",
+                        "ties",
+                        "--density",
+                        str(args.density),
+                    ],
+                    run_dir / f"e2e-merge-{i}.log",
+                    env,
+                )
+            )
             results["dppa e2e"].append(combine(steps))
             shutil.rmtree(e2e)
-        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1].wall_s:.1f} s" for k, v in results.items() if v),
-              file=sys.stderr)
+        print(
+            f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1].wall_s:.1f} s" for k, v in results.items() if v),
+            file=sys.stderr,
+        )
 
     summary = {k: median_run(v) for k, v in results.items() if v}
     mk = summary["mergekit"]
-    print(f"\ncheckpoint {ckpt} ({args.dtype}), {args.runs} runs, TIES density {args.density}, "
-          f"mergekit dtype {mk_dtype}, threads {args.threads or 'default'}, dppa at {source_label(src)}")
-    print(f"{'':12} {'median wall s':>14} {'median cpu s':>13} {'peak RSS MiB':>12} {'wall x':>8} {'cpu x':>7} "
-          f"{'RSS x':>7} {'load':>5}")
+    print(
+        f"\ncheckpoint {ckpt} ({args.dtype}), {args.runs} runs, TIES density {args.density}, "
+        f"mergekit dtype {mk_dtype}, threads {args.threads or 'default'}, dppa at {source_label(src)}"
+    )
+    print(
+        f"{'':12} {'median wall s':>14} {'median cpu s':>13} {'peak RSS MiB':>12} {'wall x':>8} {'cpu x':>7} "
+        f"{'RSS x':>7} {'load':>5}"
+    )
     for name, r in summary.items():
-        print(f"{name:12} {r.wall_s:14.2f} {r.cpu_s:13.2f} {r.peak_rss_mib:12.0f} {mk.wall_s / r.wall_s:8.2f} "
-              f"{mk.cpu_s / r.cpu_s:7.2f} {mk.peak_rss_mib / r.peak_rss_mib:7.2f} {r.load_avg:5.1f}")
-    print("(wall x, cpu x, RSS x = mergekit / row: above 1 means dppa is faster / smaller; targets wall x >= 5, "
-          "RSS x >= 2;\n load = median 1-minute load average at the end of the runs, on "
-          f"{os.cpu_count()} cores: above that, other work shared the CPUs and wall times are inflated)")
+        print(
+            f"{name:12} {r.wall_s:14.2f} {r.cpu_s:13.2f} {r.peak_rss_mib:12.0f} {mk.wall_s / r.wall_s:8.2f} "
+            f"{mk.cpu_s / r.cpu_s:7.2f} {mk.peak_rss_mib / r.peak_rss_mib:7.2f} {r.load_avg:5.1f}"
+        )
+    print(
+        "(wall x, cpu x, RSS x = mergekit / row: above 1 means dppa is faster / smaller; targets wall x >= 5, "
+        "RSS x >= 2;\n load = median 1-minute load average at the end of the runs, on "
+        f"{os.cpu_count()} cores: above that, other work shared the CPUs and wall times are inflated)"
+    )
 
     agreement = None if args.mergekit_only else compare(dppa_out, mk_out, args.rtol)
     if agreement:
         report_agreement(agreement, args)
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(ckpt), "dtype": args.dtype, "runs": args.runs,
-                                         "mergekit_dtype": mk_dtype, "threads": args.threads,
-                                         "dppa_at": source_label(src),
-                                         "median": {k: vars(v) for k, v in summary.items()},
-                                         "all": {k: [vars(r) for r in v] for k, v in results.items()},
-                                         "agreement": agreement}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "checkpoint": str(ckpt),
+                    "dtype": args.dtype,
+                    "runs": args.runs,
+                    "mergekit_dtype": mk_dtype,
+                    "threads": args.threads,
+                    "dppa_at": source_label(src),
+                    "median": {k: vars(v) for k, v in summary.items()},
+                    "all": {k: [vars(r) for r in v] for k, v in results.items()},
+                    "agreement": agreement,
+                },
+                indent=2,
+            )
+        )
     if not args.keep:
         shutil.rmtree(run_dir)
     return 0
 
 
 def report_agreement(agreement: dict, args: argparse.Namespace) -> None:
-    print(f"agreement: {agreement['share_differing']:.4%} of {agreement['elements']} elements differ by more than "
-          f"{args.rtol:g} relative ({agreement['differing']}); {agreement['not_bit_identical']} not bit-identical; "
-          f"max |diff| {agreement['max_abs_diff']:.3g}; worst tensor {agreement['worst_tensor']['name']} "
-          f"({agreement['worst_tensor']['share']:.4%})")
+    print(
+        f"agreement: {agreement['share_differing']:.4%} of {agreement['elements']} elements differ by more than "
+        f"{args.rtol:g} relative ({agreement['differing']}); {agreement['not_bit_identical']} not bit-identical; "
+        f"max |diff| {agreement['max_abs_diff']:.3g}; worst tensor {agreement['worst_tensor']['name']} "
+        f"({agreement['worst_tensor']['share']:.4%})"
+    )
     if args.dtype == "fp32":
         print(f"float32 target < 0.1% differing: {'met' if agreement['share_differing'] < 1e-3 else 'MISSED'}")
 

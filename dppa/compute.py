@@ -29,8 +29,17 @@ class Progress:
     def __init__(self, desc: str, total_bytes: int, total_tensors: int, enabled: bool = True):
         self.total_tensors = total_tensors
         self.done = 0
-        self.bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                        disable=not enabled, dynamic_ncols=True, mininterval=0.5, leave=True)
+        self.bar = tqdm(
+            total=total_bytes,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not enabled,
+            dynamic_ncols=True,
+            mininterval=0.5,
+            leave=True,
+        )
 
     def advance(self, nbytes: int) -> None:
         self.bar.update(nbytes)

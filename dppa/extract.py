@@ -23,10 +23,24 @@ from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
 
 VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings|output)\.weight$")
-ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
-             "num_attention_heads", "num_key_value_heads", "head_dim")
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float16": torch.float16, "fp16": torch.float16}
+ARCH_KEYS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -52,8 +66,9 @@ def check_same_architecture(base: CheckpointReader, other: CheckpointReader) -> 
 
 def check_finite(chunk: torch.Tensor, reader: CheckpointReader, name: str) -> None:
     if not bool(torch.isfinite(chunk).all()):
-        raise DppaError(f"{reader.info(name).file}: tensor {name!r} contains NaN or Inf; "
-                        "the checkpoint is corrupt or diverged")
+        raise DppaError(
+            f"{reader.info(name).file}: tensor {name!r} contains NaN or Inf; the checkpoint is corrupt or diverged"
+        )
 
 
 def matching_rows(base: CheckpointReader, ft: CheckpointReader, name: str) -> bool:
@@ -64,8 +79,10 @@ def matching_rows(base: CheckpointReader, ft: CheckpointReader, name: str) -> bo
     grown_rows = len(bshape) == len(fshape) >= 1 and fshape[0] > bshape[0] and fshape[1:] == bshape[1:]
     if VOCAB_TENSOR.search(name) and grown_rows:
         return False
-    raise DppaError(f"{ft.info(name).file}: tensor {name!r} has shape {list(fshape)} but the base has {list(bshape)}; "
-                    "the fine-tune does not match this base")
+    raise DppaError(
+        f"{ft.info(name).file}: tensor {name!r} has shape {list(fshape)} but the base has {list(bshape)}; "
+        "the fine-tune does not match this base"
+    )
 
 
 def check_same_tensors(base: CheckpointReader, ft: CheckpointReader) -> None:
@@ -73,14 +90,24 @@ def check_same_tensors(base: CheckpointReader, ft: CheckpointReader) -> None:
     for name in sorted(base_names - ft_names):
         raise DppaError(f"{ft.folder}: tensor {name!r} of the base is missing; the fine-tune does not match this base")
     for name in sorted(ft_names - base_names):
-        raise DppaError(f"{ft.folder}: tensor {name!r} is not in the base ({base.folder}); "
-                        "the fine-tune does not match this base")
+        raise DppaError(
+            f"{ft.folder}: tensor {name!r} is not in the base ({base.folder}); the fine-tune does not match this base"
+        )
 
 
-def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
-                  dtype: torch.dtype | str | None = None, device: str = "cpu", overwrite: bool = False,
-                  progress: bool = True, allow_pickle: bool = False, max_shard_size: int | str = "5GB",
-                  chunk_elems: int = PARALLEL_CHUNK_ELEMS) -> Path:
+def extract_delta(
+    base: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "5GB",
+    chunk_elems: int = PARALLEL_CHUNK_ELEMS,
+) -> Path:
     """Write `finetuned - base` as a delta folder at `out`; returns `out`."""
     out = Path(out)
     check_output_free(out, overwrite)
@@ -95,9 +122,13 @@ def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: st
     plan = [(n, plan_dtype[n], base_r.shape(n)) for n in names]
     base_hash, ft_hash = ContentHasher(), ContentHasher()
     stats: dict[str, dict] = {}
-    with atomic_dir(out, overwrite) as tmp, chunk_workers() as (pool, workers), \
-            Progress(f"extract {Path(finetuned).name}", base_r.total_bytes() + ft_r.total_bytes(), len(names),
-                     progress) as bar:
+    with (
+        atomic_dir(out, overwrite) as tmp,
+        chunk_workers() as (pool, workers),
+        Progress(
+            f"extract {Path(finetuned).name}", base_r.total_bytes() + ft_r.total_bytes(), len(names), progress
+        ) as bar,
+    ):
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
         for name in names:
             base_hash.start(name, base_r.dtype(name), base_r.shape(name))
@@ -114,13 +145,16 @@ def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: st
                 if not math.isfinite(abs_sum):  # a NaN or Inf in either input shows here; find which one
                     check_finite(b, base_r, name)
                     check_finite(f, ft_r, name)
-                    raise DppaError(f"{ft_r.info(name).file}: tensor {name!r} minus the base overflows float32; "
-                                    "the checkpoint is corrupt or diverged")
+                    raise DppaError(
+                        f"{ft_r.info(name).file}: tensor {name!r} minus the base overflows float32; "
+                        "the checkpoint is corrupt or diverged"
+                    )
                 return raw_base, raw_ft, delta.to(plan_dtype[name]).cpu(), abs_sum, abs_max
 
             abs_sum, abs_max = 0.0, 0.0
             for raw_base, raw_ft, delta, chunk_sum, chunk_max in ordered_map(
-                    pool, workers, delta_chunk, chunk_ranges(base_r.numel(name), chunk_elems)):
+                pool, workers, delta_chunk, chunk_ranges(base_r.numel(name), chunk_elems)
+            ):
                 base_hash.update(tensor_bytes(raw_base))
                 ft_hash.update(tensor_bytes(raw_ft))
                 writer.write(name, delta)
@@ -135,15 +169,17 @@ def extract_delta(base: str | os.PathLike, finetuned: str | os.PathLike, out: st
         content_hash = writer.close()
         if base_r.config is not None:
             (tmp / "config.json").write_text((base_r.folder / "config.json").read_text())
-        write_manifest(tmp, {
-            "kind": "delta",
-            "content_hash": content_hash,
-            "base": source_record(base_r.folder, base_hash.hexdigest()),
-            "finetuned": source_record(ft_r.folder, ft_hash.hexdigest()),
-            "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",
-            "vocab_growth": grown,
-            "pruned": False,
-            "tensors": stats,
-        })
+        write_manifest(
+            tmp,
+            {
+                "kind": "delta",
+                "content_hash": content_hash,
+                "base": source_record(base_r.folder, base_hash.hexdigest()),
+                "finetuned": source_record(ft_r.folder, ft_hash.hexdigest()),
+                "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",
+                "vocab_growth": grown,
+                "pruned": False,
+                "tensors": stats,
+            },
+        )
     return out
-

@@ -107,8 +107,9 @@ class Registry(Generic[T]):
     def _refuse_foreign(self, name: str, key: str) -> None:
         owners = [e.name for e in self if key in {f.name for f in dataclasses.fields(e.options)}]
         if owners:
-            raise DppaError(f"{self.option_fields()[key].flag} is an option of {', '.join(owners)}, "
-                            f"not of {self.kind} {name}")
+            raise DppaError(
+                f"{self.option_fields()[key].flag} is an option of {', '.join(owners)}, not of {self.kind} {name}"
+            )
         own = ", ".join(f.name for f in dataclasses.fields(self.get(name).options)) or "none"
         raise DppaError(f"{key}: not an option of {self.kind} {name} (its options: {own})")
 
@@ -122,9 +123,16 @@ class Registry(Generic[T]):
     def describe(self, columns: int = 116) -> str:
         """One paragraph per entry (name, then its help wrapped beside it), for `--help` texts."""
         width = max((len(n) for n in self._entries), default=0)
-        return "\n".join(textwrap.fill(e.help, columns, initial_indent=f"  {e.name:<{width}}  ",
-                                        subsequent_indent=" " * (width + 4), break_on_hyphens=False)
-                         for e in self)
+        return "\n".join(
+            textwrap.fill(
+                e.help,
+                columns,
+                initial_indent=f"  {e.name:<{width}}  ",
+                subsequent_indent=" " * (width + 4),
+                break_on_hyphens=False,
+            )
+            for e in self
+        )
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,15 @@ def options_of(options: type) -> list[Option]:
             default = f.default_factory()
         else:
             default = ...
-        out.append(Option(f.name, hints[f.name], default, f.metadata.get("help", ""),
-                          f.metadata.get("flag", "--" + f.name.replace("_", "-"))))
+        out.append(
+            Option(
+                f.name,
+                hints[f.name],
+                default,
+                f.metadata.get("help", ""),
+                f.metadata.get("flag", "--" + f.name.replace("_", "-")),
+            )
+        )
     return out
 
 
@@ -165,11 +180,13 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, optio
         if o.default not in (..., None):
             help_text = f"{help_text} (default {o.default})" if help_text else f"default {o.default}"
         if o.type is bool:  # --name / --no-name
-            parser.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
             continue
-        parser.add_argument(o.flag, dest=o.name, type=_scalar_type(o.type), default=None, help=help_text,
-                            required=o.default is ...)
+        parser.add_argument(
+            o.flag, dest=o.name, type=_scalar_type(o.type), default=None, help=help_text, required=o.default is ...
+        )
 
 
 def _scalar_type(annotation) -> Callable[[str], Any]:
@@ -182,6 +199,7 @@ def _scalar_type(annotation) -> Callable[[str], Any]:
 
 def options_from_args(options: type, args: argparse.Namespace) -> Any:
     """The options dataclass from parsed CLI arguments (fields the parser did not set keep their default)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options)
-              if getattr(args, f.name, None) is not None}
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(options) if getattr(args, f.name, None) is not None
+    }
     return options(**values)

@@ -61,8 +61,12 @@ def scheduled_pipeline(root: str) -> dict[str, str]:
     params = load_params(Path(root) / "params.yaml")
     logger = get_run_logger()
     try:
-        with run_lock(root, on_overlap=params.runtime.on_overlap or "skip", command="dppa serve (scheduled run)",
-                      log=logger.warning):
+        with run_lock(
+            root,
+            on_overlap=params.runtime.on_overlap or "skip",
+            command="dppa serve (scheduled run)",
+            log=logger.warning,
+        ):
             set_gpu_limit(params.runtime.gpu_concurrency)
             return pipeline_flow.with_options(task_runner=task_runner(params.runtime))(root)
     except RunSkipped as skipped:

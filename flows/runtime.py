@@ -68,8 +68,9 @@ def prefect_server(timeout_s: float = 180):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
-    server = lifeline.popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)])
+    server = lifeline.popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -115,7 +116,13 @@ def task_runner(runtime: Runtime):
 
     if spec.startswith("local-cluster:"):
         workers = int(spec.split(":", 1)[1])
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1,
-                                              "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": workers,
+                "processes": True,
+                "threads_per_worker": 1,
+                "dashboard_address": None,
+            },
+        )
     return DaskTaskRunner(address=spec)

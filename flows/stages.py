@@ -76,8 +76,9 @@ def fetch_flow(params: ParamsBase, root: Path, model: str, zoo: Path, out: Path)
 def extract_flow(params: ParamsBase, root: Path, model: str, base: Path, finetune: Path, out: Path) -> Path:
     """delta = fine-tune - base (extract.dtype)."""
     clear_leftovers(out)
-    return deltas.extract(model_folder(base, root), model_folder(finetune, root), out, params.extract.dtype,
-                          _device(params))
+    return deltas.extract(
+        model_folder(base, root), model_folder(finetune, root), out, params.extract.dtype, _device(params)
+    )
 
 
 @flow(name="stage-prune")
@@ -90,8 +91,17 @@ def prune_flow(params: ParamsBase, root: Path, model: str, delta: Path, out: Pat
 
 
 @flow(name="stage-amplify")
-def amplify_flow(params: ParamsBase, root: Path, model: str, base: Path, finetune: Path, delta: Path, out: Path,
-                 trace: Path, cache: Path) -> Path:
+def amplify_flow(
+    params: ParamsBase,
+    root: Path,
+    model: str,
+    base: Path,
+    finetune: Path,
+    delta: Path,
+    out: Path,
+    trace: Path,
+    cache: Path,
+) -> Path:
     """DP bands x factors, fixed or searched on the validation split; the search trace as a DVC plot."""
     clear_leftovers(out)
     if params.merge.inputs != "amplified":
@@ -102,37 +112,65 @@ def amplify_flow(params: ParamsBase, root: Path, model: str, base: Path, finetun
     factors = params.fixed_factors(model)
     if factors is not None:
         atomic_write_text(trace, "index,score,best_score\n")  # nothing was searched
-        return deltas.amplify_fixed(delta, out, densities, factors, dp_options(params, model),
-                                    params.prune_for(model).scope, _device(params))
+        return deltas.amplify_fixed(
+            delta, out, densities, factors, dp_options(params, model), params.prune_for(model).scope, _device(params)
+        )
     result = deltas.amplify_searched(
-        model_folder(base, root), delta, model_folder(finetune, root), out, densities=densities,
-        tasks=params.finetune(model).tasks, search=params.amplify.search.model_dump(),
-        dp_options=dp_options(params, model), scope=params.prune_for(model).scope,
-        batch_size=params.evaluate.batch_size, cache=cache, device=_device(params))
+        model_folder(base, root),
+        delta,
+        model_folder(finetune, root),
+        out,
+        densities=densities,
+        tasks=params.finetune(model).tasks,
+        search=params.amplify.search.model_dump(),
+        dp_options=dp_options(params, model),
+        scope=params.prune_for(model).scope,
+        batch_size=params.evaluate.batch_size,
+        cache=cache,
+        device=_device(params),
+    )
     atomic_write_text(trace, (out / SEARCH_TRACE).read_text())
     return result
 
 
 @flow(name="stage-score")
-def score_flow(params: ParamsBase, root: Path, model: str, base: Path, finetune: Path, pruned: Path,
-               amplified: Path, out: Path, cache: Path) -> Path:
+def score_flow(
+    params: ParamsBase,
+    root: Path,
+    model: str,
+    base: Path,
+    finetune: Path,
+    pruned: Path,
+    amplified: Path,
+    out: Path,
+    cache: Path,
+) -> Path:
     """The fine-tune alone, dense, pruned and amplified, on its own tasks (evaluate.split): what pruning cost it."""
     ev = params.evaluate
     prune = params.prune_for(model)
     variants = {"pruned": pruned}
     if not (amplified / UNUSED).exists():
         variants["amplified"] = amplified
-    scores = evaluation.score_finetune(model_folder(base, root), model_folder(finetune, root), variants,
-                                       params.finetune(model).tasks, ev.split, ev.limit, ev.batch_size,
-                                       _eval_device(params), cache)
+    scores = evaluation.score_finetune(
+        model_folder(base, root),
+        model_folder(finetune, root),
+        variants,
+        params.finetune(model).tasks,
+        ev.split,
+        ev.limit,
+        ev.batch_size,
+        _eval_device(params),
+        cache,
+    )
     record = {"method": prune.method, "density": prune.density, "split": ev.split, "limit": ev.limit, **scores}
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     return out
 
 
 @flow(name="stage-merge")
-def merge_flow(params: ParamsBase, root: Path, fetched: Path, inputs: Path, out: Path, trace: Path, record: Path,
-               cache: Path) -> Path:
+def merge_flow(
+    params: ParamsBase, root: Path, fetched: Path, inputs: Path, out: Path, trace: Path, record: Path, cache: Path
+) -> Path:
     """Merge every fine-tune's input (inputs/NAME) into the base (fetched/base); with `merge.scale: search` the
     scale is chosen first, against the dense fine-tunes (fetched/NAME)."""
     m = params.merge
@@ -146,15 +184,44 @@ def merge_flow(params: ParamsBase, root: Path, fetched: Path, inputs: Path, out:
         dense = {n: model_folder(fetched / n, root) for n in names}
         tasks = {n: params.finetune(n).tasks for n in names}
         scale, rows = evaluation.search_merge_scale(
-            base_folder, folders, dense, tasks, method=m.method, weights=weights, density=m.density,
-            grid=m.search.grid, split=m.search.split, limit=m.search.limit, batch_size=params.evaluate.batch_size,
-            device=_device(params), cache=cache, work=out.parent / f".{out.name}.scale-search")
+            base_folder,
+            folders,
+            dense,
+            tasks,
+            method=m.method,
+            weights=weights,
+            density=m.density,
+            grid=m.search.grid,
+            split=m.search.split,
+            limit=m.search.limit,
+            batch_size=params.evaluate.batch_size,
+            device=_device(params),
+            cache=cache,
+            work=out.parent / f".{out.name}.scale-search",
+        )
     atomic_write_text(trace, trace_csv(rows))
-    atomic_write_text(record, json.dumps({"scale": scale, "searched": m.scale == "search",
-                                          "best_score": max((r["score"] for r in rows), default=None)},
-                                         indent=2) + "\n")
-    return deltas.merge(base_folder, folders, out, method=m.method, weights=weights, scale=scale,
-                        density=m.density, device=_device(params))
+    atomic_write_text(
+        record,
+        json.dumps(
+            {
+                "scale": scale,
+                "searched": m.scale == "search",
+                "best_score": max((r["score"] for r in rows), default=None),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    return deltas.merge(
+        base_folder,
+        folders,
+        out,
+        method=m.method,
+        weights=weights,
+        scale=scale,
+        density=m.density,
+        device=_device(params),
+    )
 
 
 @flow(name="stage-evaluate")
@@ -166,18 +233,26 @@ def evaluate_flow(params: ParamsBase, root: Path, fetched: Path, merged: Path, o
     folders = {name: model_folder(fetched / name, root) for name in params.all_models()}
     folders["merged"] = merged
     # One model at a time: evaluations are model-heavy; parallel ones would only compete for the same device.
-    results = {name: evaluation.score(folder, tasks, ev.split, ev.limit, ev.batch_size, _eval_device(params), cache)
-               for name, folder in folders.items()}
-    scores = {"split": ev.split, "limit": ev.limit, "tasks": tasks,
-              "finetunes": {n: e.tasks for n, e in params.models.finetunes.items()},
-              "merged": {"method": params.merge.method, "inputs": params.merge.inputs}, "models": results}
+    results = {
+        name: evaluation.score(folder, tasks, ev.split, ev.limit, ev.batch_size, _eval_device(params), cache)
+        for name, folder in folders.items()
+    }
+    scores = {
+        "split": ev.split,
+        "limit": ev.limit,
+        "tasks": tasks,
+        "finetunes": {n: e.tasks for n, e in params.models.finetunes.items()},
+        "merged": {"method": params.merge.method, "inputs": params.merge.inputs},
+        "models": results,
+    }
     atomic_write_text(out, json.dumps(scores, indent=2) + "\n")
     return out
 
 
 @flow(name="stage-report")
-def report_flow(params: ParamsBase, root: Path, scores: Path, finetunes: Path, traces: Path, merge: Path,
-                out: Path, summary: Path) -> Path:
+def report_flow(
+    params: ParamsBase, root: Path, scores: Path, finetunes: Path, traces: Path, merge: Path, out: Path, summary: Path
+) -> Path:
     """Tables and plots of every score, and the summary metrics."""
     clear_leftovers(out)
     return evaluation.report(scores, finetunes, traces, merge, out, summary)

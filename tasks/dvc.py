@@ -26,8 +26,15 @@ def repro_stage(root: Path, stage: str) -> str:
     command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage]
     ran = restored = False
     # lifeline.popen: `dvc repro` (and through it the stage) ends when this run is killed
-    with lifeline.popen(command, cwd=root, env=stage_environment(), stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    with lifeline.popen(
+        command,
+        cwd=root,
+        env=stage_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    ) as process:
         for line in process.stdout:
             line = line.rstrip()
             ran = ran or line.startswith(f"Running stage '{stage}'")

@@ -10,18 +10,29 @@ from tasks import GPU_TAG
 
 
 @task(tags=[GPU_TAG])
-def score(model: Path, tasks: list[str], split: str, limit: int | None, batch_size: int, device: str | None,
-          cache: Path) -> dict:
+def score(
+    model: Path, tasks: list[str], split: str, limit: int | None, batch_size: int, device: str | None, cache: Path
+) -> dict:
     from dppa.evaluation.scores import score_folder
 
-    scores, _cached = score_folder(model, tasks, split=split, limit=limit, batch_size=batch_size, device=device,
-                                   cache=cache)
+    scores, _cached = score_folder(
+        model, tasks, split=split, limit=limit, batch_size=batch_size, device=device, cache=cache
+    )
     return scores
 
 
 @task(tags=[GPU_TAG])
-def score_finetune(base: Path, finetune: Path, variants: dict[str, Path], tasks: list[str], split: str,
-                   limit: int | None, batch_size: int, device: str | None, cache: Path) -> dict:
+def score_finetune(
+    base: Path,
+    finetune: Path,
+    variants: dict[str, Path],
+    tasks: list[str],
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    device: str | None,
+    cache: Path,
+) -> dict:
     """{"scores": {base, dense, VARIANT: {task: score}}, "normalised": {VARIANT: score / dense}}; each variant
     is a delta folder scored as base + delta in memory."""
     from dppa.evaluation.cache import EvalCache
@@ -29,21 +40,26 @@ def score_finetune(base: Path, finetune: Path, variants: dict[str, Path], tasks:
     from dppa.pipeline.scoring import BaseInMemory, normalised
 
     def folder_scores(folder: Path) -> dict[str, float]:
-        return primary_scores(score_folder(folder, tasks, split=split, limit=limit, batch_size=batch_size,
-                                           device=device, cache=cache)[0])
+        return primary_scores(
+            score_folder(folder, tasks, split=split, limit=limit, batch_size=batch_size, device=device, cache=cache)[0]
+        )
 
     scores = {"base": folder_scores(base), "dense": folder_scores(finetune)}
     model = BaseInMemory(base, device)
     for name, delta in variants.items():
-        scores[name] = model.score_delta(delta, tasks, split=split, limit=limit, batch_size=batch_size,
-                                         cache=EvalCache(cache))
-    return {"scores": scores, "normalised": {name: normalised(scores[name], scores["dense"])
-                                             for name in ("base", *variants)}}
+        scores[name] = model.score_delta(
+            delta, tasks, split=split, limit=limit, batch_size=batch_size, cache=EvalCache(cache)
+        )
+    return {
+        "scores": scores,
+        "normalised": {name: normalised(scores[name], scores["dense"]) for name in ("base", *variants)},
+    }
 
 
 @task(tags=[GPU_TAG])
-def search_merge_scale(base: Path, inputs: list[Path], dense: dict[str, Path], tasks: dict[str, list[str]],
-                       **settings) -> tuple[float, list[dict]]:
+def search_merge_scale(
+    base: Path, inputs: list[Path], dense: dict[str, Path], tasks: dict[str, list[str]], **settings
+) -> tuple[float, list[dict]]:
     from dppa.pipeline.scoring import search_merge_scale as search
 
     return search(base, inputs, dense, tasks, **settings)

@@ -27,8 +27,12 @@ def test_amplify_tensor_scales_each_band():
 # the adjustments of test_dp (0.a: +0, 0.b: -0.12, 1.a: +0.04, 1.b: +0.16), then round(rho_j * n_j):
 # 0.a: 0.2 * 10 = 2, 0.5 * 10 = 5; 0.b: 0.08 * 30 = 2.4 -> 2, 0.38 * 30 = 11.4 -> 11;
 # 1.a: 0.24 * 10 = 2.4 -> 2, 0.54 * 10 = 5.4 -> 5; 1.b: 0.36 * 10 = 3.6 -> 4, 0.66 * 10 = 6.6 -> 7
-HAND_KEEP = {"layers.0.a.weight": (2, 5), "layers.0.b.weight": (2, 11), "layers.1.a.weight": (2, 5),
-             "layers.1.b.weight": (4, 7)}
+HAND_KEEP = {
+    "layers.0.a.weight": (2, 5),
+    "layers.0.b.weight": (2, 11),
+    "layers.1.a.weight": (2, 5),
+    "layers.1.b.weight": (4, 7),
+}
 
 
 def banded(delta, keep, factors):
@@ -42,12 +46,22 @@ def banded(delta, keep, factors):
     return out.view_as(delta)
 
 
-@pytest.mark.parametrize("factors,combine,applied", [([2.0, 1.0], "max", [2.0, 1.0]), ([0.5, 1.5], "max", [1.5, 1.5]),
-                                                     ([0.5, 1.5], "band", [0.5, 1.5])])
+@pytest.mark.parametrize(
+    "factors,combine,applied",
+    [([2.0, 1.0], "max", [2.0, 1.0]), ([0.5, 1.5], "max", [1.5, 1.5]), ([0.5, 1.5], "band", [0.5, 1.5])],
+)
 def test_amplify_delta_equals_hand_computed_bands(tmp_path, factors, combine, applied):
     delta = write_delta(tmp_path / "toy", TOY)
-    out = amplify_delta(delta, tmp_path / "amp", densities=[0.2, 0.5], factors=factors, combine=combine,
-                        scope=SCOPE, options=HAND, progress=False)
+    out = amplify_delta(
+        delta,
+        tmp_path / "amp",
+        densities=[0.2, 0.5],
+        factors=factors,
+        combine=combine,
+        scope=SCOPE,
+        options=HAND,
+        progress=False,
+    )
     reader = open_checkpoint(out)
     for name, keep in HAND_KEEP.items():
         assert torch.equal(reader.get(name), banded(TOY[name], keep, applied)), name

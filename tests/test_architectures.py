@@ -21,8 +21,18 @@ from dppa.cli import main as dppa
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.scope import compile_scope
 
-SMALL = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # model_type -> config overrides: 4 query heads on 2 key/value heads (grouped-query attention) wherever the family
 # has it; qwen2 has q/k/v biases; gemma2, gemma3_text, gpt2 and falcon tie the LM head to the embeddings
@@ -35,8 +45,13 @@ FAMILIES = {
     "gemma3_text": {**SMALL, "head_dim": 8},
     "phi3": SMALL,
     "mixtral": {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen2_moe": {**SMALL, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
-                  "shared_expert_intermediate_size": 32},
+    "qwen2_moe": {
+        **SMALL,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 32,
+    },
     "gpt_neox": {k: v for k, v in SMALL.items() if k != "num_key_value_heads"},
     "gpt2": dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, **IDS),
     "falcon": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **IDS),
@@ -68,10 +83,17 @@ def build_gemma3_vlm(folder: Path) -> Path:
 
     torch.manual_seed(0)
     text = {**SMALL, "vocab_size": 300, "head_dim": 8}
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
-                  patch_size=14)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
-                          boi_token_index=297, eoi_token_index=298)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
+    )
     Gemma3ForConditionalGeneration(config).save_pretrained(folder)
     return folder
 
@@ -140,8 +162,10 @@ def run_family(base: Path, tmp: Path) -> dict:
     amplified = [load_file(tmp / f"amp{i}" / "model.safetensors") for i in (1, 2)]
     for amp in amplified:  # DPA's output is sparse on every block matrix: at most the top band's density + 2 lamda
         assert all(amp[n].count_nonzero() <= 0.36 * amp[n].numel() + 1 for n in expected)
-    reference = {name: (t + ties_by_hand([a[name] for a in amplified])).contiguous()
-                 for name, t in load_file(base / "model.safetensors").items()}
+    reference = {
+        name: (t + ties_by_hand([a[name] for a in amplified])).contiguous()
+        for name, t in load_file(base / "model.safetensors").items()
+    }
     (tmp / "reference").mkdir()
     save_file(reference, tmp / "reference" / "model.safetensors", metadata={"format": "pt"})
     for path in base.iterdir():
@@ -154,8 +178,13 @@ def run_family(base: Path, tmp: Path) -> dict:
     assert torch.allclose(merged_logits, reference_logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(merged_logits, logits(base), atol=1e-3)  # the merge moved the model
     total = len(load_file(base / "model.safetensors"))
-    return {"in": len(expected), "out": total - len(expected), "dp": (min(densities.values()), max(densities.values())),
-            "loads": True, "logits_equal": True}
+    return {
+        "in": len(expected),
+        "out": total - len(expected),
+        "dp": (min(densities.values()), max(densities.values())),
+        "loads": True,
+        "logits_equal": True,
+    }
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

@@ -70,8 +70,11 @@ def test_missing_config_is_refused(deltas, tmp_path, capsys):
 
 def test_no_blocks_at_all_is_refused(tmp_path, capsys):
     (tmp_path / "delta").mkdir()
-    save_file({"encoder.weight": torch.ones(4, 4), "head.weight": torch.ones(2, 4)},
-              tmp_path / "delta" / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {"encoder.weight": torch.ones(4, 4), "head.weight": torch.ones(2, 4)},
+        tmp_path / "delta" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     write_manifest(tmp_path / "delta", {"kind": "delta"})  # a delta, so that the scope is what gets refused
     assert prune(tmp_path / "delta", tmp_path / "out") == 2
     assert "no tensor looks like a transformer block" in capsys.readouterr().err

@@ -122,8 +122,9 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tiny_models, tmp_path, ca
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("command", [["prune", "--method", "dp", "--density", "0.2"],
-                                     ["amplify", "--factors", "1.8,1.0"]])
+@pytest.mark.parametrize(
+    "command", [["prune", "--method", "dp", "--density", "0.2"], ["amplify", "--factors", "1.8,1.0"]]
+)
 def test_a_model_folder_is_not_a_delta(tiny_models, tmp_path, capsys, command):
     base, ft1, ft2 = tiny_models
     out = tmp_path / "out"
@@ -151,12 +152,15 @@ def test_merge_refuses_a_finetuned_model_given_as_a_delta(tiny_models, tmp_path,
     assert_clean_failure(code, err, out, ft1, "is a model folder, not a delta")
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["prune", "--method", "dp", "--density", "0.2", "--seed", "3"], ["--seed", "dare", "dp"]),
-    (["prune", "--method", "dp", "--density", "0.2", "--lamda", "1.5"], ["--lamda 1.5", "[0, 1)"]),
-    (["prune", "--method", "dp", "--density", "0.2", "--unit-mult", "0"], ["--unit-mult 0", "> 0"]),
-    (["amplify", "--factors", "1,1", "--layer-mult", "-1"], ["--layer-mult -1", "> 0"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["prune", "--method", "dp", "--density", "0.2", "--seed", "3"], ["--seed", "dare", "dp"]),
+        (["prune", "--method", "dp", "--density", "0.2", "--lamda", "1.5"], ["--lamda 1.5", "[0, 1)"]),
+        (["prune", "--method", "dp", "--density", "0.2", "--module-mult", "0"], ["--module-mult 0", "> 0"]),
+        (["amplify", "--factors", "1,1", "--layer-mult", "-1"], ["--layer-mult -1", "> 0"]),
+    ],
+)
 def test_bad_or_misplaced_method_options(tiny_models, tmp_path, capsys, args, needles):
     base, ft1, _ = tiny_models
     delta = tmp_path / "delta"

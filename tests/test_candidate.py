@@ -16,9 +16,16 @@ DENSITIES = [0.1, 0.2]
 
 def _save_pair(root, dtype):
     """A tiny LLaMA base and a 'fine-tune' whose delta has heavy tails, so DP's per-module densities differ."""
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).to(dtype)
     base.save_pretrained(root / "base")

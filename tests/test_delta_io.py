@@ -49,8 +49,7 @@ def test_recorded_input_hashes_are_the_inputs_hashes(tiny_models, tmp_path):
     assert manifest["base"]["content_hash"] == content_hash(base)
     assert manifest["finetuned"]["content_hash"] == content_hash(ft1)
     assert manifest["content_hash"] == content_hash(d1)
-    merged = merge_deltas(base, [d1, d2], tmp_path / "merged", method="ties", options={"density": 0.5},
-                          progress=False)
+    merged = merge_deltas(base, [d1, d2], tmp_path / "merged", method="ties", options={"density": 0.5}, progress=False)
     merged_manifest = json.loads((merged / "dppa_manifest.json").read_text())
     assert merged_manifest["base"]["content_hash"] == content_hash(base)
     assert merged_manifest["content_hash"] == content_hash(merged)

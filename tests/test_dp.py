@@ -14,7 +14,7 @@ from dppa.sparsify.scope import compile_scope
 
 SCOPE = r"^layers\.(?P<layer>\d+)\.(a|b)\.weight$"
 # The values the hand computations below use: the reference's defaults
-HAND = DPOptions(lamda=0.08, layer_mult=3.0, unit_mult=5.0)
+HAND = DPOptions(lamda=0.08, layer_mult=3.0, module_mult=5.0)
 
 
 def ones(n, outliers=()):
@@ -60,7 +60,8 @@ def test_statistics_by_hand(toy_delta):
     assert stats.layer_outlier_pct == pytest.approx({0: 2.5, 1: 15.0})
     # module means 1.9, 1, 3.2, 3.9 -> thresholds 9.5, 5, 16, 19.5 -> one outlier in 0.a and in 1.b
     assert stats.unit_outlier_pct == pytest.approx(
-        {"layers.0.a.weight": 10.0, "layers.0.b.weight": 0.0, "layers.1.a.weight": 0.0, "layers.1.b.weight": 10.0})
+        {"layers.0.a.weight": 10.0, "layers.0.b.weight": 0.0, "layers.1.a.weight": 0.0, "layers.1.b.weight": 10.0}
+    )
     assert "norm.weight" not in stats.layer
 
 
@@ -70,27 +71,40 @@ def test_densities_by_hand(toy_delta):
     assert layer_adjustments(stats.layer_outlier_pct, 0.08) == pytest.approx({0: -0.08, 1: 0.08})
     # u / mean(u) = [2, 0, 0, 2]; size-weighted mean = (20 + 20) / 60 = 2/3 -> [4/3, -2/3, -2/3, 4/3] -> x 0.08 / (4/3)
     assert module_adjustments(stats.unit_outlier_pct, stats.numel, 0.08) == pytest.approx(
-        {"layers.0.a.weight": 0.08, "layers.0.b.weight": -0.04, "layers.1.a.weight": -0.04, "layers.1.b.weight": 0.08})
+        {"layers.0.a.weight": 0.08, "layers.0.b.weight": -0.04, "layers.1.a.weight": -0.04, "layers.1.b.weight": 0.08}
+    )
     rho = module_densities(stats, 0.5, 0.08)
     assert rho == pytest.approx(
-        {"layers.0.a.weight": 0.5, "layers.0.b.weight": 0.38, "layers.1.a.weight": 0.54, "layers.1.b.weight": 0.66})
+        {"layers.0.a.weight": 0.5, "layers.0.b.weight": 0.38, "layers.1.a.weight": 0.54, "layers.1.b.weight": 0.66}
+    )
 
 
 def test_dp_prune_keeps_hand_computed_counts(toy_delta, tmp_path):
-    out = prune_delta(toy_delta, tmp_path / "pruned", method="dp", density=0.5, scope=SCOPE, options=HAND,
-                      progress=False)
+    out = prune_delta(
+        toy_delta, tmp_path / "pruned", method="dp", density=0.5, scope=SCOPE, options=HAND, progress=False
+    )
     reader = open_checkpoint(out)
     kept = {n: int(torch.count_nonzero(reader.get(n))) for n in TOY}
     # round(0.5 * 10), round(0.38 * 30), round(0.54 * 10), round(0.66 * 10); out of scope untouched
-    assert kept == {"layers.0.a.weight": 5, "layers.0.b.weight": 11, "layers.1.a.weight": 5,
-                    "layers.1.b.weight": 7, "norm.weight": 4}
+    assert kept == {
+        "layers.0.a.weight": 5,
+        "layers.0.b.weight": 11,
+        "layers.1.a.weight": 5,
+        "layers.1.b.weight": 7,
+        "norm.weight": 4,
+    }
     # the outliers are among the kept entries, with their sign and value unchanged
     assert reader.get("layers.1.b.weight").view(-1)[9] == TOY["layers.1.b.weight"].view(-1)[9]
     assert torch.equal(reader.get("norm.weight"), TOY["norm.weight"])
     manifest = json.loads((out / "dppa_manifest.json").read_text())
     assert manifest["module_density"]["layers.0.b.weight"] == pytest.approx(0.38)
     assert manifest["layer_density"] == pytest.approx({"0": 0.42, "1": 0.58})
-    assert (manifest["method"], manifest["lamda"], manifest["layer_mult"], manifest["unit_mult"]) == ("dp", 0.08, 3, 5)
+    assert (manifest["method"], manifest["lamda"], manifest["layer_mult"], manifest["module_mult"]) == (
+        "dp",
+        0.08,
+        3,
+        5,
+    )
 
 
 def test_no_outliers_anywhere_means_no_adjustment():

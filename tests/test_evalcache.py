@@ -13,8 +13,15 @@ from dppa.search.registry import STRATEGIES
 from dppa.zoo.tasks import data_fingerprint
 
 # One search's keys: everything fixed but the factors.
-KEY = partial(eval_key, model=("d" * 64,), base="b" * 64, tasks=("zoo_arith", "zoo_facts"), split="validation",
-              limit=20, recipe={"densities": [0.1, 0.2], "lamda": 0.08})
+KEY = partial(
+    eval_key,
+    model=("d" * 64,),
+    base="b" * 64,
+    tasks=("zoo_arith", "zoo_facts"),
+    split="validation",
+    limit=20,
+    recipe={"densities": [0.1, 0.2], "lamda": 0.08},
+)
 
 
 def test_harness_version_names_the_installed_lm_eval():
@@ -36,17 +43,21 @@ def test_key_ignores_float_noise_and_task_order():
     assert KEY(factors=(1.8, 1.0), tasks=("zoo_facts", "zoo_arith")).digest() == key.digest()
 
 
-@pytest.mark.parametrize("change", [
-    {"factors": (1.8, 1.1)},
-    {"model": ("e" * 64,)},
-    {"base": "c" * 64},
-    {"tasks": ("zoo_arith",)},
-    {"task_data": {"zoo_data": "an older fingerprint"}},
-    {"split": "test"},
-    {"limit": None},
-    {"harness": "lm-eval 0.4.14"},
-    {"recipe": {"densities": [0.1, 0.3], "lamda": 0.08}},
-], ids=lambda change: next(iter(change)))
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"factors": (1.8, 1.1)},
+        {"model": ("e" * 64,)},
+        {"base": "c" * 64},
+        {"tasks": ("zoo_arith",)},
+        {"task_data": {"zoo_data": "an older fingerprint"}},
+        {"split": "test"},
+        {"limit": None},
+        {"harness": "lm-eval 0.4.14"},
+        {"recipe": {"densities": [0.1, 0.3], "lamda": 0.08}},
+    ],
+    ids=lambda change: next(iter(change)),
+)
 def test_changing_any_one_part_misses_the_cache(tmp_path, change):
     cache = EvalCache(tmp_path / "c.jsonl")
     cache.put(KEY(factors=(1.8, 1.0)), {"zoo_arith": {"acc": 0.5}})

@@ -71,8 +71,11 @@ def test_one_evaluator_rescores_changed_weights_like_a_fresh_evaluation(tiny_zoo
     arith, _ = _load(tiny_zoo / "arith")
     assert switched == evaluate_model(arith, tok, TASKS, split="validation", limit=16)
     weights.restore()
-    assert evaluator.scores() == first == evaluate_model(_load(tiny_zoo / "base")[0], tok, TASKS, split="validation",
-                                                         limit=16)
+    assert (
+        evaluator.scores()
+        == first
+        == evaluate_model(_load(tiny_zoo / "base")[0], tok, TASKS, split="validation", limit=16)
+    )
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])

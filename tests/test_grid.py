@@ -8,30 +8,52 @@ from dppa.pipeline.grid import load_grid, points, table
 
 
 def test_points_are_the_product_of_the_axes_times_the_seeds():
-    spec = {"set": {"evaluate.limit": None}, "seeds": [{"zoo.seed": 0}, {"zoo.seed": 1}],
-            "grids": {"g": {"table": "merges", "axes": {
-                "zoo.regime": ["heavy", "light"],
-                "combination": [{"label": "TA", "merge.method": "task_arithmetic"},
-                                {"label": "TIES", "merge.method": "ties", "merge.density": 0.2}]}}}}
+    spec = {
+        "set": {"evaluate.limit": None},
+        "seeds": [{"zoo.seed": 0}, {"zoo.seed": 1}],
+        "grids": {
+            "g": {
+                "table": "merges",
+                "axes": {
+                    "zoo.regime": ["heavy", "light"],
+                    "combination": [
+                        {"label": "TA", "merge.method": "task_arithmetic"},
+                        {"label": "TIES", "merge.method": "ties", "merge.density": 0.2},
+                    ],
+                },
+            }
+        },
+    }
     found = points(spec, "g")
     assert len(found) == 2 * 2 * 2
     assert len({p["name"] for p in found}) == 8
-    ties_light_seed1 = next(p for p in found if p["labels"] == {"zoo.regime": "light", "combination": "TIES"}
-                            and p["seed"] == 1)
-    assert ties_light_seed1["overrides"] == {"evaluate.limit": None, "zoo.regime": "light", "merge.method": "ties",
-                                             "merge.density": 0.2, "zoo.seed": 1}
+    ties_light_seed1 = next(
+        p for p in found if p["labels"] == {"zoo.regime": "light", "combination": "TIES"} and p["seed"] == 1
+    )
+    assert ties_light_seed1["overrides"] == {
+        "evaluate.limit": None,
+        "zoo.regime": "light",
+        "merge.method": "ties",
+        "merge.density": 0.2,
+        "zoo.seed": 1,
+    }
     assert points(spec, "g") == found  # names are stable: a rerun finds the recorded points
 
 
 def test_table_is_mean_and_sample_std_over_seeds():
-    rows = [{"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 0, "normalised": 0.5},
-            {"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 1, "normalised": 0.7},
-            {"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 1, "normalised": 0.7},
-            {"regime": "heavy", "finetune": "a", "method": "dare", "density": 0.2, "seed": 0, "normalised": None}]
+    rows = [
+        {"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 0, "normalised": 0.5},
+        {"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 1, "normalised": 0.7},
+        {"regime": "heavy", "finetune": "a", "method": "dp", "density": 0.2, "seed": 1, "normalised": 0.7},
+        {"regime": "heavy", "finetune": "a", "method": "dare", "density": 0.2, "seed": 0, "normalised": None},
+    ]
     text = table(rows, ["regime", "finetune"], ["method", "density"])
     # (0.5 + 0.7) / 2 = 0.6; sample std = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414; the repeated seed counts once
-    assert text.splitlines() == ["| regime | finetune | dp 0.2 | dare 0.2 |", "|---|---|---|---|",
-                                 "| heavy | a | 0.600 ± 0.141 | - |"]
+    assert text.splitlines() == [
+        "| regime | finetune | dp 0.2 | dare 0.2 |",
+        "|---|---|---|---|",
+        "| heavy | a | 0.600 ± 0.141 | - |",
+    ]
 
 
 def test_grid_file_errors_name_the_key(tmp_path):

@@ -39,7 +39,9 @@ def test_local_record_points_at_the_folder(tmp_path):
 
 
 SCORES = {
-    "split": "test", "limit": 10, "tasks": ["t_a", "t_b"],
+    "split": "test",
+    "limit": 10,
+    "tasks": ["t_a", "t_b"],
     "finetunes": {"a": ["t_a"], "b": ["t_b"]},
     "models": {
         "base": {"t_a": {"exact_match": 0.1, "exact_match_stderr": 0.01}, "t_b": {"exact_match": 0.0}},
@@ -64,8 +66,9 @@ def test_report_writes_tables_plots_and_summary(tmp_path):
     scores.write_text(json.dumps(SCORES))
     traces = tmp_path / "traces"
     traces.mkdir()
-    (traces / "a.csv").write_text("index,alpha_1,alpha_2,score,accepted,best_score\n0,1.8,0.0,0.9,True,0.9\n"
-                                  "1,1.9,0.0,0.95,True,0.95\n")
+    (traces / "a.csv").write_text(
+        "index,alpha_1,alpha_2,score,accepted,best_score\n0,1.8,0.0,0.9,True,0.9\n1,1.9,0.0,0.95,True,0.95\n"
+    )
     (traces / "b.csv").write_text("index,score,best_score\n")  # fixed factors: nothing searched
     table = write_report(scores, traces, tmp_path / "report", tmp_path / "summary.json")
     files = {p.name for p in (tmp_path / "report").iterdir()}

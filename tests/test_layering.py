@@ -6,14 +6,23 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = ["dppa.io", "dppa.sparsify", "dppa.merging", "dppa.extract", "dppa.compute", "dppa.registry",
-          "dppa.architectures"]
+ENGINE = [
+    "dppa.io",
+    "dppa.sparsify",
+    "dppa.merging",
+    "dppa.extract",
+    "dppa.compute",
+    "dppa.registry",
+    "dppa.architectures",
+]
 FORBIDDEN = ["prefect", "dvc", "lm_eval", "flows", "tasks", "distributed"]
 
 
 def test_engine_packages_load_no_orchestration_or_harness():
-    code = (f"import sys\nimport {', '.join(ENGINE)}\n"
-            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(FORBIDDEN)!r}))")
+    code = (
+        f"import sys\nimport {', '.join(ENGINE)}\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(FORBIDDEN)!r}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -54,8 +54,20 @@ def test_merged_model_logits_equal_plain_torch_merge(tmp_path, dtype, method, de
     for i, ft in enumerate(fts):
         assert main(["extract", str(base), str(ft), "-o", str(tmp_path / f"d{i}"), "-q"]) == 0
         deltas.append(str(tmp_path / f"d{i}"))
-    args = ["merge", str(base), *deltas, "-o", str(tmp_path / "merged"), "--method", method, "--scale", "0.7",
-            "--weights", "1.0,0.5", "-q"]
+    args = [
+        "merge",
+        str(base),
+        *deltas,
+        "-o",
+        str(tmp_path / "merged"),
+        "--method",
+        method,
+        "--scale",
+        "0.7",
+        "--weights",
+        "1.0,0.5",
+        "-q",
+    ]
     assert main(args + (["--density", str(density)] if density else [])) == 0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert loaded.dtype == dtype
@@ -71,7 +83,10 @@ def test_merged_model_logits_equal_plain_torch_merge(tmp_path, dtype, method, de
 
 def test_plain_torch_ties_by_hand():
     # the test's own TIES, checked on a hand case: sums [2, 0, 1, 5] -> signs [+, 0, +, +]
-    deltas = [torch.tensor([1.0, -2.0, 3.0, 0.0]), torch.tensor([2.0, 1.0, -4.0, 0.0]),
-              torch.tensor([-1.0, 1.0, 2.0, 5.0])]
+    deltas = [
+        torch.tensor([1.0, -2.0, 3.0, 0.0]),
+        torch.tensor([2.0, 1.0, -4.0, 0.0]),
+        torch.tensor([-1.0, 1.0, 2.0, 5.0]),
+    ]
     assert ties(deltas, [1.0, 1.0, 1.0]).tolist() == [1.5, 0.0, 2.5, 5.0]
     assert trim(torch.tensor([0.5, -3.0, 1.0, 3.0]), 0.5).tolist() == [0.0, -3.0, 0.0, 3.0]

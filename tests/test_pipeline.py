@@ -27,8 +27,14 @@ from dppa.pipeline.dvc_process import stage_environment
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNES = ("arith", "facts")
 PER_FINETUNE = ("fetch", "extract", "prune", "amplify", "score")
-ALL_STAGES = {"zoo", "fetch_base", *(f"{s}@{ft}" for s in PER_FINETUNE for ft in FINETUNES),
-              "merge", "evaluate", "report"}
+ALL_STAGES = {
+    "zoo",
+    "fetch_base",
+    *(f"{s}@{ft}" for s in PER_FINETUNE for ft in FINETUNES),
+    "merge",
+    "evaluate",
+    "report",
+}
 CODE = ("dppa", "flows", "tasks")
 
 pytestmark = pytest.mark.slow
@@ -68,8 +74,9 @@ def edit_params(project: Path, change) -> None:
 
 
 def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=stage_environment(),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project, env=stage_environment(), capture_output=True, text=True
+    )
     if check and done.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done
@@ -197,16 +204,18 @@ def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project):
     after = out_hashes(built_project)
     assert after["data/merged/model"] != before["data/merged/model"]
     upstream = ("data/models/", "data/deltas/", "data/pruned/", "data/amplified/", "data/plots/search/")
-    assert {k: v for k, v in after.items() if k.startswith(upstream)} == \
-           {k: v for k, v in before.items() if k.startswith(upstream)}
+    assert {k: v for k, v in after.items() if k.startswith(upstream)} == {
+        k: v for k, v in before.items() if k.startswith(upstream)
+    }
 
 
 def test_changing_one_finetunes_density_reruns_only_its_branch(built_project):
     edit_params(built_project, lambda p: p["models"]["finetunes"]["facts"].update(prune={"density": 0.3}))
     done = dvc(built_project, "repro")
     # fetch@facts reruns (its entry changed) but writes the same record, so extract@facts stays up to date.
-    assert_reran(done.stdout, {"fetch@facts", "prune@facts", "amplify@facts", "score@facts", "merge", "evaluate",
-                               "report"})
+    assert_reran(
+        done.stdout, {"fetch@facts", "prune@facts", "amplify@facts", "score@facts", "merge", "evaluate", "report"}
+    )
     manifest = json.loads((built_project / "data/pruned/facts/dppa_manifest.json").read_text())
     assert manifest["density"] == 0.3
     assert stages_run(dvc(built_project, "repro").stdout) == set()
@@ -217,8 +226,14 @@ def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path):
     edit_params(project, lambda p: p["merge"].update(scale=0.7, search=None))
     log = tmp_path / "repro.log"
     with log.open("w") as sink:
-        repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_environment(),
-                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        repro = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro"],
+            cwd=project,
+            env=stage_environment(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     merged = project / "data/merged/model"
     writing = []
     deadline = time.monotonic() + 600
@@ -247,13 +262,19 @@ def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_
 
     project = tmp_path / "grid"
     shutil.copytree(built_project, project, symlinks=True)
-    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t"}
+    identity = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         subprocess.run(command, cwd=project, check=True, env={**os.environ, **identity})
     params_before = (project / "params.yaml").read_text()
-    spec = {"seeds": [{"prune.seed": 0}, {"prune.seed": 1}],
-            "grids": {"pruning": {"table": "finetunes", "axes": {"prune.method": ["magnitude", "dare"]}}}}
+    spec = {
+        "seeds": [{"prune.seed": 0}, {"prune.seed": 1}],
+        "grids": {"pruning": {"table": "finetunes", "axes": {"prune.method": ["magnitude", "dare"]}}},
+    }
     log = []
     os.environ.update(identity)
     results = run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
@@ -296,8 +317,10 @@ def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_z
         assert set(outcome) == ALL_STAGES and set(outcome.values()) == {"ran"}
         hashes[runner] = artifact_contents(project)
     with capsys.disabled():
-        print(f"\npipeline wall time, 2 fine-tunes: threads {timings['threads']:.1f} s, "
-              f"Dask LocalCluster(2 processes) {timings['local-cluster:2']:.1f} s")
+        print(
+            f"\npipeline wall time, 2 fine-tunes: threads {timings['threads']:.1f} s, "
+            f"Dask LocalCluster(2 processes) {timings['local-cluster:2']:.1f} s"
+        )
     assert hashes["threads"] == hashes["local-cluster:2"]
     assert "Data and pipelines are up to date" in dvc(project, "status").stdout
 
@@ -331,12 +354,19 @@ def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(bui
     project = tmp_path / "project"
     shutil.copytree(built_project, project, symlinks=True)
     # a scale no other test used, so that DVC's run cache cannot restore the merge instead of running it
-    edit_params(project, lambda p: p["merge"].update(scale={signal.SIGKILL: 0.91, signal.SIGTERM: 0.92,
-                                                            signal.SIGINT: 0.93}[sig]))
+    edit_params(
+        project,
+        lambda p: p["merge"].update(scale={signal.SIGKILL: 0.91, signal.SIGTERM: 0.92, signal.SIGINT: 0.93}[sig]),
+    )
     env = {k: v for k, v in stage_environment().items() if k != "PREFECT_API_URL"}  # its own temporary server
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    run = subprocess.Popen([sys.executable, "-m", "dppa", "run", "-C", str(project)], env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dppa", "run", "-C", str(project)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     for line in run.stdout:  # until the merge stage's own process runs
         if "Running stage 'merge'" in line:
             break
@@ -356,8 +386,9 @@ def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(bui
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"left behind after {sig.name}: {left}"
-    again = subprocess.run([sys.executable, "-m", "dppa", "run", "-C", str(project)], env=env, text=True,
-                           capture_output=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "dppa", "run", "-C", str(project)], env=env, text=True, capture_output=True
+    )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "merge" in again.stdout
 

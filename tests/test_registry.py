@@ -20,7 +20,7 @@ def test_built_in_methods_in_order():
 
 def test_options_from_none_dict_or_instance():
     assert PRUNERS.options_for("dp", None) == DPOptions()
-    assert PRUNERS.options_for("dp", {"lamda": 0.1, "unit_mult": None}) == DPOptions(lamda=0.1)
+    assert PRUNERS.options_for("dp", {"lamda": 0.1, "module_mult": None}) == DPOptions(lamda=0.1)
     mine = DPOptions(layer_mult=2.0)
     assert PRUNERS.options_for("dp", mine) is mine
     assert MERGERS.options_for("ties", {"density": 0.3}).density == 0.3

@@ -54,12 +54,34 @@ def test_help_without_the_plugin_has_the_built_in_methods_only(capsys):
 def test_prune_with_the_plugin_keeps_the_largest_entry_times_power(toy_plugin, tmp_path, capsys):
     delta = write_delta(tmp_path / "toy", TOY)
     out = tmp_path / "pruned"
-    assert main(["prune", str(delta), "-o", str(out), "--method", "toy_top1", "--density", "0.5",
-                 "--toy-power", "2", "--scope", SCOPE, "-q"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(delta),
+                "-o",
+                str(out),
+                "--method",
+                "toy_top1",
+                "--density",
+                "0.5",
+                "--toy-power",
+                "2",
+                "--scope",
+                SCOPE,
+                "-q",
+            ]
+        )
+        == 0
+    )
     reader = open_checkpoint(out)
     # by hand: the largest |delta| of each in-scope tensor (first one on ties), signs alternate +, -, +, ...
-    expected_top = {"layers.0.a.weight": (9, -10.0), "layers.0.b.weight": (0, 1.0),
-                    "layers.1.a.weight": (8, 12.0), "layers.1.b.weight": (9, -30.0)}
+    expected_top = {
+        "layers.0.a.weight": (9, -10.0),
+        "layers.0.b.weight": (0, 1.0),
+        "layers.1.a.weight": (8, 12.0),
+        "layers.1.b.weight": (9, -30.0),
+    }
     for name, (index, value) in expected_top.items():
         expected = torch.zeros(TOY[name].numel())
         expected[index] = 2 * value
@@ -72,8 +94,23 @@ def test_prune_with_the_plugin_keeps_the_largest_entry_times_power(toy_plugin, t
 def test_an_option_of_another_method_is_refused(toy_plugin, tmp_path, capsys):
     delta = write_delta(tmp_path / "toy", TOY)
     capsys.readouterr()
-    code = main(["prune", str(delta), "-o", str(tmp_path / "out"), "--method", "dp", "--density", "0.5",
-                 "--toy-power", "2", "--scope", SCOPE, "-q"])
+    code = main(
+        [
+            "prune",
+            str(delta),
+            "-o",
+            str(tmp_path / "out"),
+            "--method",
+            "dp",
+            "--density",
+            "0.5",
+            "--toy-power",
+            "2",
+            "--scope",
+            SCOPE,
+            "-q",
+        ]
+    )
     assert code == 2
     assert "--toy-power is an option of toy_top1, not of pruning method dp" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

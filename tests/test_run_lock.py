@@ -22,8 +22,9 @@ HOLDER = textwrap.dedent("""
 
 def start_holder(root, seconds):
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), str(seconds)], stdout=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root), str(seconds)], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 

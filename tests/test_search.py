@@ -115,8 +115,15 @@ def test_reference_long_walk_has_no_float_drift():
 def test_budget_stops_an_objective_that_keeps_improving_after_probing_band_two():
     # Band 1 improves forever; band 2's first probe (to 1.0) is kept in reserve and scores no better.
     result = coordinate_ascent_reference(lambda f: f[0], budget=7)
-    assert [ev.factors for ev in result.trace] == [(1.8, 0.0), (1.9, 0.0), (2.0, 0.0), (2.1, 0.0), (2.2, 0.0),
-                                                   (2.3, 0.0), (2.3, 1.0)]
+    assert [ev.factors for ev in result.trace] == [
+        (1.8, 0.0),
+        (1.9, 0.0),
+        (2.0, 0.0),
+        (2.1, 0.0),
+        (2.2, 0.0),
+        (2.3, 0.0),
+        (2.3, 1.0),
+    ]
     assert result.stop_reason == "budget"
     assert result.best_factors == (2.3, 0.0)
     with pytest.raises(ValueError):

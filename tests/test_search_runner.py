@@ -21,8 +21,9 @@ LIMIT = 8
 
 @pytest.fixture(scope="module")
 def facts_delta(tiny_zoo, tmp_path_factory):
-    return extract_delta(tiny_zoo / "base", tiny_zoo / "facts", tmp_path_factory.mktemp("search") / "delta",
-                         progress=False)
+    return extract_delta(
+        tiny_zoo / "base", tiny_zoo / "facts", tmp_path_factory.mktemp("search") / "delta", progress=False
+    )
 
 
 @pytest.fixture
@@ -35,8 +36,19 @@ def reference_json(tmp_path):
 
 
 def _search(tiny_zoo, delta, out, reference, cache, **options):
-    return search_amplification(tiny_zoo / "base", delta, out, tasks=[TASK], reference=reference, limit=LIMIT,
-                                cache=cache, device="cpu", progress=False, log=lambda _m: None, **options)
+    return search_amplification(
+        tiny_zoo / "base",
+        delta,
+        out,
+        tasks=[TASK],
+        reference=reference,
+        limit=LIMIT,
+        cache=cache,
+        device="cpu",
+        progress=False,
+        log=lambda _m: None,
+        **options,
+    )
 
 
 @pytest.mark.slow
@@ -46,9 +58,26 @@ def test_rerun_with_the_cache_evaluates_no_candidate(tiny_zoo, facts_delta, refe
     assert first.real_evaluations == first.result.n_evals >= 2
     assert len(EvalCache(cache)) == first.result.n_evals
 
-    code = main(["search", str(tiny_zoo / "base"), str(facts_delta), "-o", str(tmp_path / "amp2"), "--tasks", TASK,
-                 "--reference", str(reference_json), "--limit", str(LIMIT), "--cache", str(cache), "--device", "cpu",
-                 "-q"])
+    code = main(
+        [
+            "search",
+            str(tiny_zoo / "base"),
+            str(facts_delta),
+            "-o",
+            str(tmp_path / "amp2"),
+            "--tasks",
+            TASK,
+            "--reference",
+            str(reference_json),
+            "--limit",
+            str(LIMIT),
+            "--cache",
+            str(cache),
+            "--device",
+            "cpu",
+            "-q",
+        ]
+    )
     assert code == 0
     assert f"({0} evaluated, {first.result.n_evals} cached)" in capsys.readouterr().out
     again = read_manifest(tmp_path / "amp2")
@@ -86,8 +115,16 @@ def expected_amplified(delta_folder, module_density, factors):
 @pytest.mark.slow
 def test_outputs_record_the_search_and_hold_the_amplified_delta(tiny_zoo, facts_delta, reference_json, tmp_path):
     trace = tmp_path / "plots" / "facts.csv"
-    report = _search(tiny_zoo, facts_delta, tmp_path / "amp", reference_json, tmp_path / "c.jsonl", trace=trace,
-                     strategy="pattern", budget=3)
+    report = _search(
+        tiny_zoo,
+        facts_delta,
+        tmp_path / "amp",
+        reference_json,
+        tmp_path / "c.jsonl",
+        trace=trace,
+        strategy="pattern",
+        budget=3,
+    )
     assert report.result.n_evals == 3 and report.result.stop_reason == "budget"
     manifest = read_manifest(tmp_path / "amp")
     assert manifest["kind"] == "amplified" and manifest["densities"] == [0.1, 0.2]
@@ -111,8 +148,15 @@ def test_outputs_record_the_search_and_hold_the_amplified_delta(tiny_zoo, facts_
 @pytest.mark.slow
 def test_three_bands_are_searched_and_written(tiny_zoo, facts_delta, reference_json, tmp_path):
     # The search used to start every strategy at two factors, whatever the number of bands.
-    report = _search(tiny_zoo, facts_delta, tmp_path / "amp", reference_json, tmp_path / "c.jsonl",
-                     densities=[0.05, 0.1, 0.2], budget=4)
+    report = _search(
+        tiny_zoo,
+        facts_delta,
+        tmp_path / "amp",
+        reference_json,
+        tmp_path / "c.jsonl",
+        densities=[0.05, 0.1, 0.2],
+        budget=4,
+    )
     assert report.result.trace[0].factors == (1.8, 0.0, 0.0)
     assert all(len(ev.factors) == 3 for ev in report.result.trace)
     manifest = read_manifest(tmp_path / "amp")

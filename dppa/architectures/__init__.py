@@ -20,8 +20,24 @@ from collections import Counter
 # model_type (config.json) -> regex of the language model's block prefix, anchored at the start of the name
 _DECODER_LAYERS = r"^model\.layers\.(?P<layer>\d+)\."
 BLOCK_PREFIXES: dict[str, str] = {
-    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-                     "gemma3_text", "phi3", "olmo", "olmo2"), _DECODER_LAYERS),
+    **dict.fromkeys(
+        (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+        ),
+        _DECODER_LAYERS,
+    ),
     # Gemma 3 with its vision tower: transformers saves the language model as `language_model.model`, and
     # checkpoints written by later versions use `model.language_model`
     "gemma3": r"^(?:language_model\.model|model\.language_model)\.layers\.(?P<layer>\d+)\.",
@@ -65,6 +81,6 @@ def suggest_scope(names: list[str]) -> str:
     matches = [ANY_BLOCK.match(n) for n in names]
     by_prefix = Counter(m.group("prefix") for m in matches)
     prefix = max(by_prefix, key=lambda p: (not _NON_LANGUAGE.search(p), by_prefix[p]))
-    leaves = {tuple(re.split(r"\d+", m.string[m.end():])) for m in matches if m.group("prefix") == prefix}
+    leaves = {tuple(re.split(r"\d+", m.string[m.end() :])) for m in matches if m.group("prefix") == prefix}
     alternatives = "|".join(r"\d+".join(map(re.escape, parts)) for parts in sorted(leaves))
     return rf"^{re.escape(prefix)}\.(?P<layer>\d+)\.(?:{alternatives})$"

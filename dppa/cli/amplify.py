@@ -21,21 +21,42 @@ example (the paper's setting, factors found by a search):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("amplify", help="DPA: amplify DP bands of a delta by per-band factors",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "amplify",
+        help="DPA: amplify DP bands of a delta by per-band factors",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("delta", metavar="DELTA", help="delta folder written by `dppa extract` (unpruned)")
     add_common(p)
-    p.add_argument("--densities", type=float_list, default=[0.1, 0.2], metavar="D1,D2,..",
-                   help="increasing band densities (default 0.1,0.2)")
+    p.add_argument(
+        "--densities",
+        type=float_list,
+        default=[0.1, 0.2],
+        metavar="D1,D2,..",
+        help="increasing band densities (default 0.1,0.2)",
+    )
     p.add_argument("--factors", type=float_list, required=True, metavar="A1,A2,..", help="one factor per band")
-    p.add_argument("--combine", choices=COMBINE_RULES, default="max",
-                   help="max: reference rule, band b gets max(alpha_b..alpha_K); band: band b gets alpha_b")
+    p.add_argument(
+        "--combine",
+        choices=COMBINE_RULES,
+        default="max",
+        help="max: reference rule, band b gets max(alpha_b..alpha_K); band: band b gets alpha_b",
+    )
     add_dp_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    out = amplify_delta(args.delta, args.output, densities=args.densities, factors=args.factors, combine=args.combine,
-                        options=options_from_args(DPOptions, args), scope=args.scope, **common_kwargs(args))
+    out = amplify_delta(
+        args.delta,
+        args.output,
+        densities=args.densities,
+        factors=args.factors,
+        combine=args.combine,
+        options=options_from_args(DPOptions, args),
+        scope=args.scope,
+        **common_kwargs(args),
+    )
     print(out)
     return 0

@@ -21,19 +21,28 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("extract", help="delta = finetuned - base, as a safetensors folder",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "extract",
+        help="delta = finetuned - base, as a safetensors folder",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("base", metavar="BASE", help="base model folder")
     p.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned model folder (same architecture)")
     add_common(p)
-    p.add_argument("--dtype", default="source", choices=["source", "float32", "bfloat16", "float16"],
-                   help="storage dtype of the delta (default: the fine-tune's)")
+    p.add_argument(
+        "--dtype",
+        default="source",
+        choices=["source", "float32", "bfloat16", "float16"],
+        help="storage dtype of the delta (default: the fine-tune's)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle checkpoints (can run code!)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    out = extract_delta(args.base, args.finetuned, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                        **common_kwargs(args))
+    out = extract_delta(
+        args.base, args.finetuned, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle, **common_kwargs(args)
+    )
     print(out)
     return 0

@@ -29,9 +29,12 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("merge", help=f"merge deltas into the base ({', '.join(MERGERS.names())})",
-                              description=MERGE_DESCRIPTION.format(methods=MERGERS.describe()),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "merge",
+        help=f"merge deltas into the base ({', '.join(MERGERS.names())})",
+        description=MERGE_DESCRIPTION.format(methods=MERGERS.describe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("base", metavar="BASE", help="base model folder")
     p.add_argument("deltas", metavar="DELTA", nargs="+", help="delta folders (extract / prune / amplify outputs)")
     add_common(p)
@@ -42,8 +45,12 @@ def register(subparsers) -> None:
     add_method_options(p, MERGERS)
     p.set_defaults(func=run_merge)
 
-    a = subparsers.add_parser("apply", help="base + delta, as a model folder", description=APPLY_DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = subparsers.add_parser(
+        "apply",
+        help="base + delta, as a model folder",
+        description=APPLY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     a.add_argument("base", metavar="BASE", help="base model folder")
     a.add_argument("delta", metavar="DELTA", help="delta folder")
     add_common(a)
@@ -53,15 +60,24 @@ def register(subparsers) -> None:
 
 
 def run_merge(args) -> int:
-    out = merge_deltas(args.base, args.deltas, args.output, method=args.method, weights=args.weights,
-                       scale=args.scale, options=MERGERS.options_from_args(args.method, args),
-                       allow_pickle=args.allow_pickle, **common_kwargs(args))
+    out = merge_deltas(
+        args.base,
+        args.deltas,
+        args.output,
+        method=args.method,
+        weights=args.weights,
+        scale=args.scale,
+        options=MERGERS.options_from_args(args.method, args),
+        allow_pickle=args.allow_pickle,
+        **common_kwargs(args),
+    )
     print(out)
     return 0
 
 
 def run_apply(args) -> int:
-    out = apply_delta(args.base, args.delta, args.output, scale=args.scale, allow_pickle=args.allow_pickle,
-                      **common_kwargs(args))
+    out = apply_delta(
+        args.base, args.delta, args.output, scale=args.scale, allow_pickle=args.allow_pickle, **common_kwargs(args)
+    )
     print(out)
     return 0

@@ -10,21 +10,34 @@ from dppa.sparsify.scope import DEFAULT_SCOPE
 
 
 def add_common(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
-    parser.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="output folder (written to a temporary folder, then renamed into place)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output folder (written to a temporary folder, then renamed into place)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (refused otherwise)")
     if device:
-        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                            help="where tensor math runs (default: auto = cuda when available)")
+        parser.add_argument(
+            "--device",
+            default="auto",
+            choices=["auto", "cpu", "cuda"],
+            help="where tensor math runs (default: auto = cuda when available)",
+        )
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def add_scope(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scope", default=DEFAULT_SCOPE, metavar="REGEX",
-                        help="tensors the pruning touches: auto (default: every weight matrix of every block of the "
-                             "language model, worked out from config.json), or a regex with a group (?P<layer>\\d+) "
-                             "capturing the block index")
+    parser.add_argument(
+        "--scope",
+        default=DEFAULT_SCOPE,
+        metavar="REGEX",
+        help="tensors the pruning touches: auto (default: every weight matrix of every block of the "
+        "language model, worked out from config.json), or a regex with a group (?P<layer>\\d+) "
+        "capturing the block index",
+    )
 
 
 def add_method_options(parser: argparse.ArgumentParser, registry: Registry) -> None:

@@ -22,9 +22,12 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("prune", help=f"prune a delta ({', '.join(PRUNERS.names())})",
-                              description=DESCRIPTION.format(methods=PRUNERS.describe()),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "prune",
+        help=f"prune a delta ({', '.join(PRUNERS.names())})",
+        description=DESCRIPTION.format(methods=PRUNERS.describe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("delta", metavar="DELTA", help="delta folder written by `dppa extract`")
     add_common(p)
     p.add_argument("--method", required=True, choices=PRUNERS.names(), help="pruning method")
@@ -35,7 +38,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    out = prune_delta(args.delta, args.output, method=args.method, density=args.density, scope=args.scope,
-                      options=PRUNERS.options_from_args(args.method, args), **common_kwargs(args))
+    out = prune_delta(
+        args.delta,
+        args.output,
+        method=args.method,
+        density=args.density,
+        scope=args.scope,
+        options=PRUNERS.options_from_args(args.method, args),
+        **common_kwargs(args),
+    )
     print(out)
     return 0

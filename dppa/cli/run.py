@@ -29,8 +29,11 @@ examples:
 
 
 def check_project(root: Path) -> None:
-    for required, hint in (("dvc.yaml", "the stage graph"), ("params.yaml", "the configuration"),
-                           (".dvc", "a DVC repository: run `dvc init`")):
+    for required, hint in (
+        ("dvc.yaml", "the stage graph"),
+        ("params.yaml", "the configuration"),
+        (".dvc", "a DVC repository: run `dvc init`"),
+    ):
         if not (root / required).exists():
             raise DppaError(f"{root / required}: missing ({hint}); run from the project folder or pass -C PROJECT")
 

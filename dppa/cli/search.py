@@ -34,30 +34,58 @@ example (demo zoo):
 def register(subparsers) -> None:
     from dppa.search.registry import ALIASES, STRATEGIES
 
-    p = subparsers.add_parser("search", help="search DPPA's band factors on validation, write the amplified delta",
-                              description=DESCRIPTION.format(strategies=STRATEGIES.describe()),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "search",
+        help="search DPPA's band factors on validation, write the amplified delta",
+        description=DESCRIPTION.format(strategies=STRATEGIES.describe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("base", metavar="BASE", help="base model folder (the delta's base)")
     p.add_argument("delta", metavar="DELTA", help="unpruned delta folder written by `dppa extract`")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="amplified delta folder to write (atomic)")
     p.add_argument("--tasks", required=True, metavar="T1,T2", help="the fine-tune's own lm-eval tasks, e.g. zoo_arith")
-    p.add_argument("--reference", required=True, metavar="FT_OR_JSON",
-                   help="the dense fine-tune's model folder (evaluated once, cached), or a JSON of its scores on "
-                        "the same split and limit ({task: {metric: value}}, as `dppa eval --output` writes)")
-    p.add_argument("--strategy", default="coordinate", choices=[*STRATEGIES.names(), *ALIASES],
-                   help="search strategy (default coordinate; reference = coordinate)")
-    p.add_argument("--densities", type=float_list, default=[0.1, 0.2], metavar="D1,D2,..",
-                   help="increasing band densities (default 0.1,0.2)")
+    p.add_argument(
+        "--reference",
+        required=True,
+        metavar="FT_OR_JSON",
+        help="the dense fine-tune's model folder (evaluated once, cached), or a JSON of its scores on "
+        "the same split and limit ({task: {metric: value}}, as `dppa eval --output` writes)",
+    )
+    p.add_argument(
+        "--strategy",
+        default="coordinate",
+        choices=[*STRATEGIES.names(), *ALIASES],
+        help="search strategy (default coordinate; reference = coordinate)",
+    )
+    p.add_argument(
+        "--densities",
+        type=float_list,
+        default=[0.1, 0.2],
+        metavar="D1,D2,..",
+        help="increasing band densities (default 0.1,0.2)",
+    )
     p.add_argument("--combine", choices=["max", "band"], default="max", help="band combination rule (see dppa amplify)")
-    p.add_argument("--split", default="validation", choices=["validation"],
-                   help="split the objective is computed on (validation only: test is for final numbers)")
+    p.add_argument(
+        "--split",
+        default="validation",
+        choices=["validation"],
+        help="split the objective is computed on (validation only: test is for final numbers)",
+    )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="examples per task (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default 32)")
-    p.add_argument("--cache", default=None, metavar="FILE",
-                   help="evaluation cache, JSON lines (default: $DPPA_EVAL_CACHE or ~/.cache/dppa/evalcache.jsonl)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="FILE",
+        help="evaluation cache, JSON lines (default: $DPPA_EVAL_CACHE or ~/.cache/dppa/evalcache.jsonl)",
+    )
     p.add_argument("--trace", default=None, metavar="FILE.csv", help="also write the trace here (and FILE.json)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the model runs (default: auto = cuda when available)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (default: auto = cuda when available)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and --trace files) if they exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-candidate lines or progress bar")
     add_options(p.add_argument_group("strategy options"), _strategy_options(STRATEGIES))
@@ -89,14 +117,30 @@ def run(args) -> int:
 
     options = {o: getattr(args, o) for o in STRATEGIES.option_fields()}
     report = search_amplification(
-        args.base, args.delta, args.output, tasks=parse_task_list(args.tasks), reference=args.reference,
-        strategy=canonical(args.strategy), options=options, densities=args.densities, split=args.split,
-        limit=args.limit, combine=args.combine, dp_options=options_from_args(DPOptions, args),
-        scope=args.scope, batch_size=args.batch_size, cache=args.cache,
-        device=args.device, trace=args.trace, overwrite=args.overwrite, progress=not args.quiet,
+        args.base,
+        args.delta,
+        args.output,
+        tasks=parse_task_list(args.tasks),
+        reference=args.reference,
+        strategy=canonical(args.strategy),
+        options=options,
+        densities=args.densities,
+        split=args.split,
+        limit=args.limit,
+        combine=args.combine,
+        dp_options=options_from_args(DPOptions, args),
+        scope=args.scope,
+        batch_size=args.batch_size,
+        cache=args.cache,
+        device=args.device,
+        trace=args.trace,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
         log=(lambda _msg: None) if args.quiet else print,
     )
-    print(f"factors {list(report.result.best_factors)}  objective {report.result.best_score:.4f}  "
-          f"candidates {report.result.n_evals} ({report.real_evaluations} evaluated, {report.cache_hits} cached)")
+    print(
+        f"factors {list(report.result.best_factors)}  objective {report.result.best_score:.4f}  "
+        f"candidates {report.result.n_evals} ({report.real_evaluations} evaluated, {report.cache_hits} cached)"
+    )
     print(report.output)
     return 0

@@ -33,15 +33,20 @@ def stage_parser() -> argparse.ArgumentParser:
     """The parser of `dppa stage`, built from the flows (imported only when a stage runs: Prefect is slow to load)."""
     from flows.stages import STAGES
 
-    parser = argparse.ArgumentParser(prog="dppa stage", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dppa stage", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, stage in STAGES.items():
         doc = (inspect.getdoc(stage.fn) or "").split("\n\n")[0].replace("\n", " ")
         sub = stages.add_parser(name, help=doc, description=doc)
         for arg in stage_arguments(stage):
-            sub.add_argument(f"--{arg.name.replace('_', '-')}", dest=arg.name, required=True,
-                             metavar="NAME" if arg.name == "model" else "PATH")
+            sub.add_argument(
+                f"--{arg.name.replace('_', '-')}",
+                dest=arg.name,
+                required=True,
+                metavar="NAME" if arg.name == "model" else "PATH",
+            )
         sub.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
     return parser
 
@@ -78,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     # Every word after `stage` goes to stage_parser(), `--help` included: no prefix character is "-" here.
-    parser = subparsers.add_parser("stage", help="run one pipeline stage (what dvc.yaml's stages run)",
-                                   add_help=False, prefix_chars="+")
+    parser = subparsers.add_parser(
+        "stage", help="run one pipeline stage (what dvc.yaml's stages run)", add_help=False, prefix_chars="+"
+    )
     parser.add_argument("argv", nargs=argparse.REMAINDER, help="STAGE --ARG VALUE ...")
     parser.set_defaults(func=run)

@@ -69,17 +69,34 @@ class EvalKey:
     recipe: str = "{}"  # canonical JSON of the remaining score-determining inputs
 
     def to_dict(self) -> dict:
-        return {"model": list(self.model), "base": self.base, "factors": list(self.factors), "tasks": list(self.tasks),
-                "task_data": json.loads(self.task_data), "split": self.split, "limit": self.limit,
-                "harness": self.harness, "recipe": json.loads(self.recipe)}
+        return {
+            "model": list(self.model),
+            "base": self.base,
+            "factors": list(self.factors),
+            "tasks": list(self.tasks),
+            "task_data": json.loads(self.task_data),
+            "split": self.split,
+            "limit": self.limit,
+            "harness": self.harness,
+            "recipe": json.loads(self.recipe),
+        }
 
     def digest(self) -> str:
         return hashlib.sha256(_canonical(self.to_dict()).encode()).hexdigest()
 
 
-def eval_key(*, model: str | Sequence[str], tasks: Sequence[str], split: str, limit: int | None,
-             recipe: Mapping[str, Any], base: str = "", factors: Sequence[float] = (),
-             harness: str | None = None, task_data: Mapping[str, Any] | None = None) -> EvalKey:
+def eval_key(
+    *,
+    model: str | Sequence[str],
+    tasks: Sequence[str],
+    split: str,
+    limit: int | None,
+    recipe: Mapping[str, Any],
+    base: str = "",
+    factors: Sequence[float] = (),
+    harness: str | None = None,
+    task_data: Mapping[str, Any] | None = None,
+) -> EvalKey:
     """The cache key of one evaluation. ``model``: the content hash of a model folder, or the hashes of the deltas a
     candidate is built from (with ``base`` and ``factors``); ``recipe``: how the candidate is made and loaded
     (e.g. {"candidate": "model-folder", "dtype": "float32"}). ``harness`` and ``task_data`` default to the installed
@@ -172,8 +189,7 @@ class CachedEvaluator:
 
     ``key(factors) -> EvalKey`` gives each candidate's key, e.g. ``functools.partial(eval_key, model=..., ...)``."""
 
-    def __init__(self, evaluate: Callable[[tuple[float, ...]], Any], cache: EvalCache,
-                 key: Callable[..., EvalKey]):
+    def __init__(self, evaluate: Callable[[tuple[float, ...]], Any], cache: EvalCache, key: Callable[..., EvalKey]):
         self.evaluate = evaluate
         self.cache = cache
         self.key = key

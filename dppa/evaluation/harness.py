@@ -99,8 +99,17 @@ class Evaluator:
     ``simple_evaluate`` sets are set here before each call, so results equal its results.
     """
 
-    def __init__(self, model, tokenizer, tasks: Sequence[str], *, split: str, limit: int | None = None,
-                 batch_size: int = 32, include_path: Sequence[str | os.PathLike] = ()):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        tasks: Sequence[str],
+        *,
+        split: str,
+        limit: int | None = None,
+        batch_size: int = 32,
+        include_path: Sequence[str | os.PathLike] = (),
+    ):
         from lm_eval.models.huggingface import HFLM
 
         _compile_templates_once()
@@ -153,8 +162,9 @@ def evaluate_model(
     full_results: bool = False,
 ) -> dict:
     """Scores of a model object already in memory, {task: {metric: value}} (or the harness's full results)."""
-    evaluator = Evaluator(model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size,
-                          include_path=include_path)
+    evaluator = Evaluator(
+        model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size, include_path=include_path
+    )
     return evaluator.results() if full_results else evaluator.scores()
 
 

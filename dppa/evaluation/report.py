@@ -41,8 +41,10 @@ def scores_table(scores: dict) -> pd.DataFrame:
 
 def summary(table: pd.DataFrame) -> dict:
     """{model: {mean, normalised_mean}}: the numbers `dvc metrics show/diff` compare across runs."""
-    return {model: {"mean": _number(row[MEAN]), "normalised_mean": _number(row[NORMALISED_MEAN])}
-            for model, row in table.iterrows()}
+    return {
+        model: {"mean": _number(row[MEAN]), "normalised_mean": _number(row[NORMALISED_MEAN])}
+        for model, row in table.iterrows()
+    }
 
 
 def _number(value) -> float | None:
@@ -99,8 +101,13 @@ def plot_search(traces: dict[str, pd.DataFrame], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(scores_json: str | os.PathLike, traces: str | os.PathLike, out: str | os.PathLike,
-                 summary_json: str | os.PathLike, notes: str = "") -> pd.DataFrame:
+def write_report(
+    scores_json: str | os.PathLike,
+    traces: str | os.PathLike,
+    out: str | os.PathLike,
+    summary_json: str | os.PathLike,
+    notes: str = "",
+) -> pd.DataFrame:
     """Write out/{scores.csv, scores.md, scores.png, search.png} and the summary metrics file; returns the table.
     `notes` (Markdown) is appended to scores.md."""
     scores = json.loads(Path(scores_json).read_text())

@@ -70,9 +70,17 @@ def folder_key(digest: str, tasks: Sequence[str], *, split: str, limit: int | No
     return eval_key(model=digest, tasks=tasks, split=split, limit=limit, recipe=FOLDER_RECIPE)
 
 
-def score_folder(folder: str | os.PathLike, tasks: Sequence[str], *, split: str, limit: int | None,
-                 batch_size: int, device: str | None, cache: str | os.PathLike | None,
-                 digest: str | None = None) -> tuple[Scores, bool]:
+def score_folder(
+    folder: str | os.PathLike,
+    tasks: Sequence[str],
+    *,
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    device: str | None,
+    cache: str | os.PathLike | None,
+    digest: str | None = None,
+) -> tuple[Scores, bool]:
     """(scores {task: {metric: value}}, whether they came from the cache); ``digest``: the folder's content hash
     when the caller knows it."""
     from dppa.evaluation.harness import evaluate_folder

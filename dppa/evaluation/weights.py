@@ -37,8 +37,14 @@ class CandidateWeights:
     parameters).
     """
 
-    def __init__(self, model: torch.nn.Module, bands: Bands | None = None, n_bands: int = 0, combine: str = "max",
-                 delta_dtypes: Mapping[str, torch.dtype] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        bands: Bands | None = None,
+        n_bands: int = 0,
+        combine: str = "max",
+        delta_dtypes: Mapping[str, torch.dtype] | None = None,
+    ):
         band_factors([1.0], combine)  # validates `combine`
         self.model = model
         self.n_bands = n_bands
@@ -49,18 +55,22 @@ class CandidateWeights:
         self._bands: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.dtype]] = {}
         for name, (delta, index) in (bands or {}).items():
             param = self._param(name, delta.shape, "the delta")
-            self._bands[name] = (delta.to(param.device, torch.float32),
-                                 None if index is None else index.to(param.device),
-                                 (delta_dtypes or {}).get(name, torch.float32))
+            self._bands[name] = (
+                delta.to(param.device, torch.float32),
+                None if index is None else index.to(param.device),
+                (delta_dtypes or {}).get(name, torch.float32),
+            )
 
     def _param(self, name: str, shape, source) -> torch.nn.Parameter:
         if name not in self._params:
-            raise DppaError(f"{source}: tensor {name!r} is not a parameter of the model; was it made from this "
-                            "model's base?")
+            raise DppaError(
+                f"{source}: tensor {name!r} is not a parameter of the model; was it made from this model's base?"
+            )
         param = self._params[name]
         if tuple(param.shape) != tuple(shape):
-            raise DppaError(f"{source}: tensor {name!r} has shape {list(shape)} but the model's parameter has "
-                            f"{list(param.shape)}")
+            raise DppaError(
+                f"{source}: tensor {name!r} has shape {list(shape)} but the model's parameter has {list(param.shape)}"
+            )
         return param
 
     @torch.no_grad()
@@ -136,9 +146,16 @@ class CandidateWeights:
             self.restore()
 
 
-def candidates_for_delta(model: torch.nn.Module, delta: str | os.PathLike, densities: Sequence[float], *,
-                         combine: str = "max", device: str = "cpu", options=None,
-                         scope: str = DEFAULT_SCOPE) -> CandidateWeights:
+def candidates_for_delta(
+    model: torch.nn.Module,
+    delta: str | os.PathLike,
+    densities: Sequence[float],
+    *,
+    combine: str = "max",
+    device: str = "cpu",
+    options=None,
+    scope: str = DEFAULT_SCOPE,
+) -> CandidateWeights:
     """CandidateWeights for the delta folder ``delta`` split into bands at ``densities`` (DP options as amplify)."""
     bands, _ = compute_bands(delta, list(densities), device=device, options=options, scope=scope)
     reader = open_checkpoint(delta)

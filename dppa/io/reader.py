@@ -215,8 +215,9 @@ def open_checkpoint(folder: str | os.PathLike, allow_pickle: bool = False) -> Ch
             file_infos, _ = read_safetensors_header(f)
             for name, info in file_infos.items():
                 if name in infos:
-                    raise DppaError(f"{f}: tensor {name!r} also appears in {infos[name].file.name}; "
-                                    "remove the duplicate")
+                    raise DppaError(
+                        f"{f}: tensor {name!r} also appears in {infos[name].file.name}; remove the duplicate"
+                    )
                 infos[name] = info
         return CheckpointReader(folder, infos)
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())

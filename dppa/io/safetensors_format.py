@@ -45,8 +45,9 @@ def parse_header(head: bytes, file_size: int) -> tuple[dict, dict, int]:
         raise FormatError(f"file is {file_size} bytes, too short for a safetensors header")
     (length,) = struct.unpack("<Q", head[:8])
     if length > MAX_HEADER_BYTES or 8 + length > file_size:
-        raise FormatError(f"header length {length} does not fit the file ({file_size} bytes); "
-                          "the file is corrupt or truncated")
+        raise FormatError(
+            f"header length {length} does not fit the file ({file_size} bytes); the file is corrupt or truncated"
+        )
     try:
         header = json.loads(head[8 : 8 + length])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -66,8 +67,9 @@ def parse_header(head: bytes, file_size: int) -> tuple[dict, dict, int]:
             raise FormatError(f"tensor {name!r} has a malformed header entry; the file is corrupt") from None
         expected = math.prod(shape) * itemsize(dtype)
         if end - begin != expected or begin < 0:
-            raise FormatError(f"tensor {name!r} spans {end - begin} bytes but its shape needs {expected}; "
-                              "the file is corrupt")
+            raise FormatError(
+                f"tensor {name!r} spans {end - begin} bytes but its shape needs {expected}; the file is corrupt"
+            )
         if end > data_size:
             raise FormatError(
                 f"tensor {name!r} ends at byte {data_start + end} but the file has {file_size} bytes; "

@@ -85,8 +85,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class ShardedWriter:
     """Streams tensors into `folder` as safetensors shards with an index, hashing content as it goes."""
 
-    def __init__(self, folder: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(
+        self,
+        folder: Path,
+        plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ):
         self.folder = Path(folder)
         self.entries: list[_Entry] = []
         shard, used = 0, 0

@@ -38,23 +38,39 @@ def _open_deltas(base: CheckpointReader, paths: list) -> list[CheckpointReader]:
         check_same_architecture(base, reader)
         names = set(reader.names())
         for name in sorted(base_names - names):
-            raise DppaError(f"{reader.folder}: delta has no tensor {name!r} of the base; "
-                            "was it extracted from this base?")
+            raise DppaError(
+                f"{reader.folder}: delta has no tensor {name!r} of the base; was it extracted from this base?"
+            )
         for name in sorted(names - base_names):
-            raise DppaError(f"{reader.folder}: tensor {name!r} is not in the base ({base.folder}); "
-                            "was it extracted from this base?")
+            raise DppaError(
+                f"{reader.folder}: tensor {name!r} is not in the base ({base.folder}); was it extracted from this base?"
+            )
         for name in names:
             if reader.shape(name) != base.shape(name):
-                raise DppaError(f"{reader.info(name).file}: tensor {name!r} has shape {list(reader.shape(name))} "
-                                f"but the base has {list(base.shape(name))}")
+                raise DppaError(
+                    f"{reader.info(name).file}: tensor {name!r} has shape {list(reader.shape(name))} "
+                    f"but the base has {list(base.shape(name))}"
+                )
         readers.append(reader)
     return readers
 
 
-def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, *, method: str = "ties",
-                 weights: list[float] | None = None, scale: float = 1.0, options: Any = None, device: str = "cpu",
-                 overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-                 max_shard_size: str = "5GB", chunk_elems: int = PARALLEL_CHUNK_ELEMS) -> Path:
+def merge_deltas(
+    base: str | os.PathLike,
+    deltas: list,
+    out: str | os.PathLike,
+    *,
+    method: str = "ties",
+    weights: list[float] | None = None,
+    scale: float = 1.0,
+    options: Any = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    max_shard_size: str = "5GB",
+    chunk_elems: int = PARALLEL_CHUNK_ELEMS,
+) -> Path:
     """Merge delta folders into `base` and write a model folder at `out`; returns `out`.
 
     `options`: the method's options dataclass, a dict of its option values, or None for its defaults.
@@ -77,12 +93,17 @@ def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, 
     plan = [(n, base_r.dtype(n), base_r.shape(n)) for n in names]
     total_bytes = base_r.total_bytes() + sum(r.total_bytes() * (1 + t) for r, t in zip(readers, trim))
     base_hash = ContentHasher()
-    with atomic_dir(out, overwrite) as tmp, Progress(f"merge {method}", total_bytes, len(names), progress) as bar, \
-            chunk_workers() as (pool, workers):
+    with (
+        atomic_dir(out, overwrite) as tmp,
+        Progress(f"merge {method}", total_bytes, len(names), progress) as bar,
+        chunk_workers() as (pool, workers),
+    ):
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
         for name in names:
-            pending = [pool.submit(trim_threshold, r, name, density, THRESHOLD_CHUNK_ELEMS) if t else None
-                       for r, t in zip(readers, trim)]
+            pending = [
+                pool.submit(trim_threshold, r, name, density, THRESHOLD_CHUNK_ELEMS) if t else None
+                for r, t in zip(readers, trim)
+            ]
             thresholds = [p.result() if p else None for p in pending]
             bar.advance(sum(r.info(name).nbytes for r, t in zip(readers, trim) if t))
             base_hash.start(name, base_r.dtype(name), base_r.shape(name))
@@ -109,16 +130,25 @@ def merge_deltas(base: str | os.PathLike, deltas: list, out: str | os.PathLike, 
             bar.tensor_done()
         content_hash = writer.close()
         copy_model_files(base_r.folder, tmp)
-        write_manifest(tmp, {
-            "kind": "model", "content_hash": content_hash, "method": method, "weights": weights, "scale": scale,
-            **dataclasses.asdict(options), "trimmed": trim,
-            "base": source_record(base_r.folder, base_hash.hexdigest()),
-            "deltas": [source_record(r.folder, read_manifest(r.folder).get("content_hash", "")) for r in readers],
-        })
+        write_manifest(
+            tmp,
+            {
+                "kind": "model",
+                "content_hash": content_hash,
+                "method": method,
+                "weights": weights,
+                "scale": scale,
+                **dataclasses.asdict(options),
+                "trimmed": trim,
+                "base": source_record(base_r.folder, base_hash.hexdigest()),
+                "deltas": [source_record(r.folder, read_manifest(r.folder).get("content_hash", "")) for r in readers],
+            },
+        )
     return out
 
 
-def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *, scale: float = 1.0,
-                **kwargs) -> Path:
+def apply_delta(
+    base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *, scale: float = 1.0, **kwargs
+) -> Path:
     """base + scale * delta, written as a model folder."""
     return merge_deltas(base, [delta], out, method="task_arithmetic", scale=scale, **kwargs)

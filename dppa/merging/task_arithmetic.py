@@ -8,8 +8,7 @@ from dppa.merging.registry import MERGERS, MergePlan
 from dppa.registry import NoOptions
 
 
-def task_arithmetic(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
-                    scale: float) -> torch.Tensor:
+def task_arithmetic(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scale: float) -> torch.Tensor:
     for w, d in zip(weights, deltas):
         base.add_(d, alpha=w * scale)
     return base

@@ -14,8 +14,9 @@ from dppa.sparsify.transform import check_density
 
 @dataclass(frozen=True)
 class TiesOptions:
-    density: float | None = field(default=None, metadata={
-        "help": "TIES trim density for unpruned deltas (default: no trim)"})
+    density: float | None = field(
+        default=None, metadata={"help": "TIES trim density for unpruned deltas (default: no trim)"}
+    )
 
     def __post_init__(self):
         if self.density is not None:
@@ -33,6 +34,7 @@ def trim_threshold(reader: CheckpointReader, name: str, density: float, chunk_el
 
     def key_chunks():
         return (magnitude_keys(c) for _, c in reader.iter_chunks(name, chunk_elems))
+
     return find_threshold(key_chunks, numel, ties_trim_count(density, numel), key_bits(reader.dtype(name)))
 
 
@@ -60,9 +62,12 @@ def ties_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[flo
     return base.add_(ties_combine(weighted, weights), alpha=scale)
 
 
-@MERGERS.register("ties", options=TiesOptions,
-                  help="trim each unpruned delta to its top --density by magnitude (every tensor; skipped for deltas "
-                       "already pruned by `dppa prune`/`dppa amplify`), elect a sign per entry from the weighted "
-                       "sum, take the weighted mean of the nonzero deltas agreeing with it, times L")
+@MERGERS.register(
+    "ties",
+    options=TiesOptions,
+    help="trim each unpruned delta to its top --density by magnitude (every tensor; skipped for deltas "
+    "already pruned by `dppa prune`/`dppa amplify`), elect a sign per entry from the weighted "
+    "sum, take the weighted mean of the nonzero deltas agreeing with it, times L",
+)
 def plan_ties(options: TiesOptions) -> MergePlan:
     return MergePlan(ties_merge, trim_density=options.density)

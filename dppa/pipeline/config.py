@@ -66,11 +66,11 @@ class Source:
 def parse_source(text: str, revision: str | None, root: Path) -> Source:
     """`zoo:<domain>` | `hub:<org>/<name>` or `<org>/<name>` (needs a revision) | a local folder (must exist)."""
     if text.startswith(ZOO_PREFIX):
-        return Source("zoo", text[len(ZOO_PREFIX):])
+        return Source("zoo", text[len(ZOO_PREFIX) :])
     local = Path(text).expanduser()
     local = local if local.is_absolute() else root / local
     explicit_hub = text.startswith(HUB_PREFIX)
-    repo_id = text[len(HUB_PREFIX):] if explicit_hub else text
+    repo_id = text[len(HUB_PREFIX) :] if explicit_hub else text
     if explicit_hub or (HUB_ID.match(text) and not local.exists()):
         if not HUB_ID.match(repo_id):
             raise ValueError(f"{text!r} is not a hub id of the form org/name")
@@ -78,8 +78,10 @@ def parse_source(text: str, revision: str | None, root: Path) -> Source:
             raise ValueError(f"hub model {repo_id!r} needs a pinned revision (a commit sha or tag) in `revision`")
         return Source("hub", repo_id)
     if not local.is_dir():
-        raise ValueError(f"no model folder at {local}; give an existing local folder, zoo:<domain> "
-                         "or a hub id org/name with a revision")
+        raise ValueError(
+            f"no model folder at {local}; give an existing local folder, zoo:<domain> "
+            "or a hub id org/name with a revision"
+        )
     return Source("local", str(local.resolve()))
 
 
@@ -114,8 +116,10 @@ class ModelsBase(Strict):  # `finetunes` is added by `_models()`
     def _names(cls, value: dict) -> dict:
         for name in value:
             if not NAME.match(name) or name == BASE_NAME:
-                raise ValueError(f"fine-tune name {name!r}: use lower-case letters, digits, - or _ (not 'base'); "
-                                 "it names folders and DVC stages")
+                raise ValueError(
+                    f"fine-tune name {name!r}: use lower-case letters, digits, - or _ (not 'base'); "
+                    "it names folders and DVC stages"
+                )
         return value
 
 
@@ -237,8 +241,10 @@ class MergeBase(Strict):  # `method` comes from the merge-method registry (`_mod
     @model_validator(mode="after")
     def _search_iff_searched(self):
         if (self.scale == "search") != (self.search is not None):
-            raise ValueError("`scale: search` needs a `search` section (grid, split, limit), and a `search` "
-                             "section needs `scale: search`")
+            raise ValueError(
+                "`scale: search` needs a `search` section (grid, split, limit), and a `search` "
+                "section needs `scale: search`"
+            )
         return self
 
 
@@ -279,13 +285,17 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
     def _consistent(self):
         names = set(self.models.finetunes)
         if self.merge.weights is not None and set(self.merge.weights) != names:
-            raise ValueError(f"merge.weights: give one weight per fine-tune ({', '.join(sorted(names))}), "
-                             f"got {', '.join(sorted(self.merge.weights))}")
+            raise ValueError(
+                f"merge.weights: give one weight per fine-tune ({', '.join(sorted(names))}), "
+                f"got {', '.join(sorted(self.merge.weights))}"
+            )
         for name, entry in self.models.finetunes.items():
             factors = entry.amplify.factors
             if factors is not None and len(factors) != len(self.amplify.bands):
-                raise ValueError(f"models.finetunes.{name}.amplify.factors: {len(factors)} factors for "
-                                 f"{len(self.amplify.bands)} bands")
+                raise ValueError(
+                    f"models.finetunes.{name}.amplify.factors: {len(factors)} factors for "
+                    f"{len(self.amplify.bands)} bands"
+                )
         uses_zoo = [n for n, e in self.all_models().items() if e.source.startswith(ZOO_PREFIX)]
         if uses_zoo and self.zoo.size == "none":
             raise ValueError(f"zoo.size: none, but {', '.join(uses_zoo)} use a zoo: source; set zoo.size")
@@ -298,8 +308,10 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
 
     def finetune(self, name: str) -> FinetuneEntryBase:
         if name not in self.models.finetunes:
-            raise DppaError(f"--model {name}: not a fine-tune in params.yaml (models.finetunes has "
-                            f"{', '.join(self.models.finetunes)})")
+            raise DppaError(
+                f"--model {name}: not a fine-tune in params.yaml (models.finetunes has "
+                f"{', '.join(self.models.finetunes)})"
+            )
         return self.models.finetunes[name]
 
     def prune_for(self, name: str) -> PruneBase:
@@ -337,16 +349,27 @@ def _models() -> type[ParamsBase]:
         methods = Literal[PRUNERS.names()]
         fields = pydantic_fields(list(options.values()))
         prune = create_model("Prune", __base__=PruneBase, method=(methods, ...), **fields)
-        override = create_model("PruneOverride", __base__=PruneOverrideBase, method=(methods | None, None),
-                                **{name: (typ | None, None) for name, (typ, _default) in fields.items()})
+        override = create_model(
+            "PruneOverride",
+            __base__=PruneOverrideBase,
+            method=(methods | None, None),
+            **{name: (typ | None, None) for name, (typ, _default) in fields.items()},
+        )
         finetune = create_model("FinetuneEntry", __base__=FinetuneEntryBase, prune=(override, override()))
         models = create_model("Models", __base__=ModelsBase, finetunes=(dict[str, finetune], Field(min_length=1)))
-        search = create_model("Search", __base__=SearchBase,
-                              strategy=(Literal[STRATEGIES.names()], STRATEGIES.names()[0]))
+        search = create_model(
+            "Search", __base__=SearchBase, strategy=(Literal[STRATEGIES.names()], STRATEGIES.names()[0])
+        )
         amplify = create_model("Amplify", __base__=AmplifyBase, search=(search | None, None))
         merge = create_model("Merge", __base__=MergeBase, method=(Literal[MERGERS.names()], ...))
-        _SCHEMAS[key] = create_model("Params", __base__=ParamsBase, models=(models, ...), prune=(prune, ...),
-                                     amplify=(amplify, ...), merge=(merge, ...))
+        _SCHEMAS[key] = create_model(
+            "Params",
+            __base__=ParamsBase,
+            models=(models, ...),
+            prune=(prune, ...),
+            amplify=(amplify, ...),
+            merge=(merge, ...),
+        )
     return _SCHEMAS[key]
 
 

@@ -49,8 +49,10 @@ def load_grid(path: Path) -> dict:
             raise DppaError(f"{path}: grids.{name}: give `table` ({' | '.join(TABLES)}) and `axes`")
         for axis, values in grid["axes"].items():
             if "." not in axis and not all(isinstance(v, dict) and "label" in v for v in values):
-                raise DppaError(f"{path}: grids.{name}.axes.{axis}: not a params key, so each value must be a "
-                                "mapping of overrides with a `label`")
+                raise DppaError(
+                    f"{path}: grids.{name}.axes.{axis}: not a params key, so each value must be a "
+                    "mapping of overrides with a `label`"
+                )
     return spec
 
 
@@ -69,14 +71,12 @@ def points(spec: dict, grid: str) -> list[dict]:
         for seed, repeat in enumerate(spec.get("seeds") or [{}]):
             point = {**overrides, **repeat}
             digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:10]
-            out.append({"name": f"{grid}-{digest}", "grid": grid, "labels": labels, "seed": seed,
-                        "overrides": point})
+            out.append({"name": f"{grid}-{digest}", "grid": grid, "labels": labels, "seed": seed, "overrides": point})
     return out
 
 
 def dvc(project: Path, *args: str) -> str:
-    done = subprocess.run([*dvc_command(), *args], cwd=project, capture_output=True, text=True,
-                          env=stage_environment())
+    done = subprocess.run([*dvc_command(), *args], cwd=project, capture_output=True, text=True, env=stage_environment())
     if done.returncode != 0:
         raise DppaError(f"dvc {' '.join(args)} failed in {project}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return done.stdout
@@ -134,9 +134,16 @@ def finetune_rows(point: dict, metrics: dict) -> list[dict]:
         for variant in ("pruned", "amplified"):
             ratios = _ratios(scores.get(variant, {}), scores["dense"])
             method = record["method"] if variant == "pruned" else "dppa"
-            rows.append({**point["labels"], "seed": point["seed"], "finetune": Path(file).stem, "method": method,
-                         "density": record["density"],
-                         "normalised": sum(ratios) / len(ratios) if ratios else None})
+            rows.append(
+                {
+                    **point["labels"],
+                    "seed": point["seed"],
+                    "finetune": Path(file).stem,
+                    "method": method,
+                    "density": record["density"],
+                    "normalised": sum(ratios) / len(ratios) if ratios else None,
+                }
+            )
     return rows
 
 
@@ -149,8 +156,14 @@ def merge_rows(point: dict, metrics: dict) -> list[dict]:
     for task, owner in owners.items():
         dense = next(iter(scores["models"][owner][task].values()))
         merged = next(iter(scores["models"]["merged"][task].values()))
-        rows.append({**point["labels"], "seed": point["seed"], "task": task,
-                     "normalised": merged / dense if dense > 0 else None})
+        rows.append(
+            {
+                **point["labels"],
+                "seed": point["seed"],
+                "task": task,
+                "normalised": merged / dense if dense > 0 else None,
+            }
+        )
     # the merge scale used, in a column of its own
     return rows + [{**point["labels"], "seed": point["seed"], "task": "scale", "normalised": merge.get("scale")}]
 
@@ -168,8 +181,10 @@ def table(rows: list[dict], index: list[str], columns: list[str]) -> str:
         if row["normalised"] is not None:
             values.append(row["normalised"])
     header = list(dict.fromkeys(c for per in cells.values() for c in per))
-    lines = ["| " + " | ".join(index + [" ".join(map(str, c)) for c in header]) + " |",
-             "|" + "---|" * (len(index) + len(header))]
+    lines = [
+        "| " + " | ".join(index + [" ".join(map(str, c)) for c in header]) + " |",
+        "|" + "---|" * (len(index) + len(header)),
+    ]
     for key, per in cells.items():
         lines.append("| " + " | ".join([str(k) for k in key] + [_cell(per.get(c, [])) for c in header]) + " |")
     return "\n".join(lines) + "\n"
@@ -180,8 +195,10 @@ def write_tables(spec: dict, grids: list[str], project: Path, results: Path) -> 
     import pandas as pd
 
     metrics = recorded(project)
-    sections = ["# Experiment results\n\nNormalised score = score / the dense fine-tune's score on the same task "
-                "(test split); mean ± std over seeds; '-' = no point recorded, or the dense fine-tune scores 0.\n"]
+    sections = [
+        "# Experiment results\n\nNormalised score = score / the dense fine-tune's score on the same task "
+        "(test split); mean ± std over seeds; '-' = no point recorded, or the dense fine-tune scores 0.\n"
+    ]
     for grid in grids:
         done = [(p, metrics[p["name"]]) for p in points(spec, grid) if p["name"] in metrics]
         kind = spec["grids"][grid]["table"]
@@ -212,8 +229,9 @@ def run_grid(spec: dict, grids: list[str], project: Path, results: Path, log=pri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dppa.pipeline.grid", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dppa.pipeline.grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("grid", help="grid file, e.g. experiments/paper.yaml")
     parser.add_argument("-C", "--project", default=".", help="the project (a git + DVC repository; default .)")
     parser.add_argument("--only", action="append", help="run only this grid (repeatable)")

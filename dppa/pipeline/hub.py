@@ -16,8 +16,17 @@ from dppa.errors import DppaError
 from dppa.io.atomic import atomic_dir
 
 RECORD = "dppa_fetch.json"
-SAFE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
-                 "*.txt", "merges.txt", "vocab.*"]
+SAFE_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "merges.txt",
+    "vocab.*",
+]
 PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt"]
 
 
@@ -29,8 +38,10 @@ def allow_patterns(files: list[str], *, allow_pickle: bool = False, repo_id: str
     if not any(fnmatch.fnmatch(f, p) for f in files for p in PICKLE_PATTERNS):
         raise DppaError(f"{repo_id}: the repository has no weight files (no *.safetensors, no *.bin)")
     if not allow_pickle:
-        raise DppaError(f"{repo_id}: only pickled weights (*.bin / *.pt); loading them runs arbitrary code. Convert "
-                        "the model to safetensors, or allow pickles explicitly if you trust the repository")
+        raise DppaError(
+            f"{repo_id}: only pickled weights (*.bin / *.pt); loading them runs arbitrary code. Convert "
+            "the model to safetensors, or allow pickles explicitly if you trust the repository"
+        )
     return SAFE_PATTERNS + PICKLE_PATTERNS
 
 
@@ -46,12 +57,20 @@ def fetch_hub(repo_id: str, revision: str, out: Path, *, allow_pickle: bool = Fa
         with atomic_dir(out, overwrite=True) as tmp:
             # Download the resolved commit, not the revision name: a branch may move between the two calls.
             snapshot_download(repo_id, revision=info.sha, local_dir=tmp / "model", allow_patterns=patterns)
-            record = {"kind": "hub", "source": repo_id, "revision": revision, "commit": info.sha,
-                      "path": str(out / "model"), "files": sorted(p.name for p in (tmp / "model").iterdir())}
+            record = {
+                "kind": "hub",
+                "source": repo_id,
+                "revision": revision,
+                "commit": info.sha,
+                "path": str(out / "model"),
+                "files": sorted(p.name for p in (tmp / "model").iterdir()),
+            }
             write_record(tmp, record)
     except OfflineModeIsEnabled as exc:
-        raise DppaError(f"{repo_id}: the hub is not reachable in offline mode (HF_HUB_OFFLINE=1); unset it, or use "
-                        f"a local folder or zoo: source ({exc})") from None
+        raise DppaError(
+            f"{repo_id}: the hub is not reachable in offline mode (HF_HUB_OFFLINE=1); unset it, or use "
+            f"a local folder or zoo: source ({exc})"
+        ) from None
     except HfHubHTTPError as exc:
         raise DppaError(f"{repo_id}@{revision}: hub request failed: {exc}") from None
     return record
@@ -59,8 +78,11 @@ def fetch_hub(repo_id: str, revision: str, out: Path, *, allow_pickle: bool = Fa
 
 def local_fingerprint(folder: Path) -> list[dict]:
     """Names, sizes and modification times of a local model's files: what changed, not a content hash."""
-    return [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-            for p in sorted(folder.iterdir()) if p.is_file()]
+    return [
+        {"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    ]
 
 
 def record_local(kind: str, source: str, folder: Path, out: Path, root: Path | None = None) -> dict:

@@ -48,8 +48,10 @@ def read_holder(root: Path) -> dict | None:
 def describe(holder: dict | None) -> str:
     if not holder:
         return "another run (no record)"
-    return (f"{holder.get('command', 'a run')} (pid {holder.get('pid')} on {holder.get('host')}, "
-            f"started {holder.get('started')})")
+    return (
+        f"{holder.get('command', 'a run')} (pid {holder.get('pid')} on {holder.get('host')}, "
+        f"started {holder.get('started')})"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -63,8 +65,14 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(root: str | os.PathLike, *, on_overlap: str = "fail", command: str = "dppa run",
-             poll_s: float = 2.0, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[None]:
+def run_lock(
+    root: str | os.PathLike,
+    *,
+    on_overlap: str = "fail",
+    command: str = "dppa run",
+    poll_s: float = 2.0,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> Iterator[None]:
     """Hold the project's run lock for the block.
 
     on_overlap decides what happens when another run holds it: "wait" until it ends, "skip" (raise RunSkipped),
@@ -88,8 +96,10 @@ def run_lock(root: str | os.PathLike, *, on_overlap: str = "fail", command: str 
             except BlockingIOError:
                 holder = read_holder(root)
                 if on_overlap == "fail":
-                    raise DppaError(f"{root}: {describe(holder)} is running on this project; wait for it to end "
-                                    "or set runtime.on_overlap: wait") from None
+                    raise DppaError(
+                        f"{root}: {describe(holder)} is running on this project; wait for it to end "
+                        "or set runtime.on_overlap: wait"
+                    ) from None
                 if on_overlap == "skip":
                     raise RunSkipped(f"{describe(holder)} is running on this project; this run was skipped") from None
                 if not announced:
@@ -100,8 +110,13 @@ def run_lock(root: str | os.PathLike, *, on_overlap: str = "fail", command: str 
         if previous and previous.get("host") == socket.gethostname() and not _alive(int(previous.get("pid", 0))):
             log(f"taking over the run lock from {describe(previous)}, which is no longer running")
         token = uuid.uuid4().hex
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "token": token,
-                  "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "token": token,
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         tmp = record_file.with_name(f".{record_file.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, record_file)

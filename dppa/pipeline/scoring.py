@@ -44,37 +44,64 @@ class BaseInMemory:
         self.model, self.tokenizer = load_model(base, device)
         self.weights = CandidateWeights(self.model)
 
-    def _score(self, key, tasks: Sequence[str], split: str, limit: int | None, batch_size: int,
-               cache: EvalCache, set_weights: Callable[[], None]) -> dict[str, float]:
+    def _score(
+        self,
+        key,
+        tasks: Sequence[str],
+        split: str,
+        limit: int | None,
+        batch_size: int,
+        cache: EvalCache,
+        set_weights: Callable[[], None],
+    ) -> dict[str, float]:
         from dppa.evaluation.harness import evaluate_model
 
         scores = cache.get(key)
         if scores is None:
             try:
                 set_weights()
-                scores = evaluate_model(self.model, self.tokenizer, list(tasks), split=split, limit=limit,
-                                        batch_size=batch_size)
+                scores = evaluate_model(
+                    self.model, self.tokenizer, list(tasks), split=split, limit=limit, batch_size=batch_size
+                )
             finally:
                 self.weights.restore()
             cache.put(key, scores)
         return primary_scores(scores)
 
-    def score_delta(self, delta: Path, tasks: Sequence[str], *, split: str, limit: int | None, batch_size: int,
-                    cache: EvalCache) -> dict[str, float]:
+    def score_delta(
+        self, delta: Path, tasks: Sequence[str], *, split: str, limit: int | None, batch_size: int, cache: EvalCache
+    ) -> dict[str, float]:
         """{task: score} of base + the delta folder."""
-        key = eval_key(model=content_hash(delta), base=self.hash, tasks=tasks, split=split, limit=limit,
-                       recipe=DELTA_RECIPE)
+        key = eval_key(
+            model=content_hash(delta), base=self.hash, tasks=tasks, split=split, limit=limit, recipe=DELTA_RECIPE
+        )
         return self._score(key, tasks, split, limit, batch_size, cache, lambda: self.weights.add_delta(delta))
 
-    def score_scaled_merge(self, merged: Path, scale: float, inputs: Sequence[str], recipe: dict,
-                           tasks: Sequence[str], *, split: str, limit: int | None, batch_size: int,
-                           cache: EvalCache) -> dict[str, float]:
+    def score_scaled_merge(
+        self,
+        merged: Path,
+        scale: float,
+        inputs: Sequence[str],
+        recipe: dict,
+        tasks: Sequence[str],
+        *,
+        split: str,
+        limit: int | None,
+        batch_size: int,
+        cache: EvalCache,
+    ) -> dict[str, float]:
         """{task: score} of base + scale * (merged - base); `inputs` (the merged deltas' hashes) and `recipe`
         (method, weights, trim) identify the merge in the cache key, the scale is its factor."""
-        key = eval_key(model=inputs, base=self.hash, factors=(scale,), tasks=tasks, split=split, limit=limit,
-                       recipe={"candidate": "merge", **recipe, "dtype": "float32"})
-        return self._score(key, tasks, split, limit, batch_size, cache,
-                           lambda: self.weights.towards(merged, scale))
+        key = eval_key(
+            model=inputs,
+            base=self.hash,
+            factors=(scale,),
+            tasks=tasks,
+            split=split,
+            limit=limit,
+            recipe={"candidate": "merge", **recipe, "dtype": "float32"},
+        )
+        return self._score(key, tasks, split, limit, batch_size, cache, lambda: self.weights.towards(merged, scale))
 
 
 def trace_csv(rows: list[dict]) -> str:
@@ -85,10 +112,23 @@ def trace_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def search_merge_scale(base: Path, inputs: Sequence[Path], dense: dict[str, Path], tasks: dict[str, list[str]], *,
-                       method: str, weights: list[float] | None, density: float | None, grid: Sequence[float],
-                       split: str, limit: int | None, batch_size: int, device: str, cache: Path,
-                       work: Path) -> tuple[float, list[dict]]:
+def search_merge_scale(
+    base: Path,
+    inputs: Sequence[Path],
+    dense: dict[str, Path],
+    tasks: dict[str, list[str]],
+    *,
+    method: str,
+    weights: list[float] | None,
+    density: float | None,
+    grid: Sequence[float],
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    cache: Path,
+    work: Path,
+) -> tuple[float, list[dict]]:
     """The scale of `grid` whose merge scores best on `split`: the geometric mean over fine-tunes of their
     normalised score (`normalised`); the first best in grid order wins ties. Returns (scale, trace rows).
 
@@ -98,19 +138,43 @@ def search_merge_scale(base: Path, inputs: Sequence[Path], dense: dict[str, Path
 
     evals = EvalCache(cache)
     eval_device = None if device == "auto" else device
-    references = {n: primary_scores(score_folder(folder, tasks[n], split=split, limit=limit, batch_size=batch_size,
-                                          device=eval_device, cache=cache)[0]) for n, folder in dense.items()}
+    references = {
+        n: primary_scores(
+            score_folder(
+                folder, tasks[n], split=split, limit=limit, batch_size=batch_size, device=eval_device, cache=cache
+            )[0]
+        )
+        for n, folder in dense.items()
+    }
     all_tasks = list(dict.fromkeys(t for n in dense for t in tasks[n]))
     recipe = {"method": method, "weights": weights, "density": density}
-    merged_at_1 = merge_deltas(base, list(inputs), work, method=method, weights=weights, scale=1.0,
-                               options={"density": density} if method == "ties" else None, device=device,
-                               overwrite=True, progress=False)
+    merged_at_1 = merge_deltas(
+        base,
+        list(inputs),
+        work,
+        method=method,
+        weights=weights,
+        scale=1.0,
+        options={"density": density} if method == "ties" else None,
+        device=device,
+        overwrite=True,
+        progress=False,
+    )
     try:
         model = BaseInMemory(base, eval_device)
         rows, best, best_score = [], None, -math.inf
         for index, scale in enumerate(grid):
-            scores = model.score_scaled_merge(merged_at_1, scale, [content_hash(p) for p in inputs], recipe,
-                                              all_tasks, split=split, limit=limit, batch_size=batch_size, cache=evals)
+            scores = model.score_scaled_merge(
+                merged_at_1,
+                scale,
+                [content_hash(p) for p in inputs],
+                recipe,
+                all_tasks,
+                split=split,
+                limit=limit,
+                batch_size=batch_size,
+                cache=evals,
+            )
             per_finetune = [normalised({t: scores[t] for t in tasks[n]}, references[n]) for n in dense]
             known = [v for v in per_finetune if v is not None]
             if not known:  # no fine-tune scores above 0 on its own tasks: rank by the raw mean score
@@ -158,7 +222,10 @@ def pipeline_notes(finetunes: Path, merge_json: Path) -> str:
         text += table.to_markdown(floatfmt=".3f") + "\n"
     merge = json.loads(Path(merge_json).read_text()) if Path(merge_json).exists() else None
     if merge:
-        how = (f"searched on the validation split (objective {merge['best_score']:.3f})" if merge["searched"]
-               else "fixed in params.yaml")
+        how = (
+            f"searched on the validation split (objective {merge['best_score']:.3f})"
+            if merge["searched"]
+            else "fixed in params.yaml"
+        )
         text += f"\nMerge scale {merge['scale']:g}, {how}\n"
     return text

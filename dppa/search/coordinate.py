@@ -13,8 +13,9 @@ from dppa.search.registry import STRATEGIES
 class CoordinateOptions:
     budget: int = field(default=100, metadata={"help": "most candidate evaluations"})
     step: float = field(default=0.1, metadata={"help": "factor grid step (0.1 is the reference's)"})
-    probe_every_band: bool = field(default=True, metadata={
-        "help": "the budget never stops the walk before every band's factor was probed once"})
+    probe_every_band: bool = field(
+        default=True, metadata={"help": "the budget never stops the walk before every band's factor was probed once"}
+    )
 
 
 def reference_start(n_bands: int = 2) -> Factors:
@@ -22,10 +23,17 @@ def reference_start(n_bands: int = 2) -> Factors:
     return (1.8,) + (0.0,) * (n_bands - 1)
 
 
-@STRATEGIES.register("coordinate", options=CoordinateOptions,
-                     help="the reference's greedy coordinate ascent from 1.8, 0, ..., 0 (alias: reference)")
-def coordinate_ascent(objective: Objective, n_bands: int, options: CoordinateOptions = CoordinateOptions(),
-                      start: Sequence[float] | None = None) -> SearchResult:
+@STRATEGIES.register(
+    "coordinate",
+    options=CoordinateOptions,
+    help="the reference's greedy coordinate ascent from 1.8, 0, ..., 0 (alias: reference)",
+)
+def coordinate_ascent(
+    objective: Objective,
+    n_bands: int,
+    options: CoordinateOptions = CoordinateOptions(),
+    start: Sequence[float] | None = None,
+) -> SearchResult:
     """The reference's greedy coordinate ascent over K band factors, rule for rule.
 
     State: ``alpha = start`` (default ``reference_start(K)`` = (1.8, 0, ..., 0)), ``best = 0``, ``k = 0``.

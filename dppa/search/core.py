@@ -19,6 +19,7 @@ Factors = tuple[float, ...]
 Objective = Callable[[Factors], float]
 Units = tuple[int, ...]
 
+
 @dataclass(frozen=True)
 class Evaluation:
     """One real objective call: its position in the search, the point, its score, and the search state after it."""

@@ -23,10 +23,14 @@ def pattern_start(n_bands: int = 2) -> Factors:
     return (1.8,) + (1.0,) * (n_bands - 1)
 
 
-@STRATEGIES.register("pattern", options=PatternOptions,
-                     help="compass search moving factors both ways with shrinking steps, from 1.8, 1, ..., 1")
-def pattern_search(objective: Objective, n_bands: int, options: PatternOptions = PatternOptions(),
-                   start: Sequence[float] | None = None) -> SearchResult:
+@STRATEGIES.register(
+    "pattern",
+    options=PatternOptions,
+    help="compass search moving factors both ways with shrinking steps, from 1.8, 1, ..., 1",
+)
+def pattern_search(
+    objective: Objective, n_bands: int, options: PatternOptions = PatternOptions(), start: Sequence[float] | None = None
+) -> SearchResult:
     """Compass (pattern) search on the factor grid, maximising the objective within ``options.budget`` calls.
 
     From the incumbent, try one move of the current size along each coordinate in both directions, the last

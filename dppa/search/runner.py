@@ -63,8 +63,10 @@ def strategy_options(strategy: str, values: Any = None) -> Any:
     values = {k: v for k, v in dict(values or {}).items() if v is not None}
     unknown = set(values) - set(STRATEGIES.option_fields())
     if unknown:
-        raise DppaError(f"search option(s) {', '.join(sorted(unknown))}: unknown; the {entry.name} strategy takes "
-                        f"{', '.join(f.name for f in dataclasses.fields(entry.options))}")
+        raise DppaError(
+            f"search option(s) {', '.join(sorted(unknown))}: unknown; the {entry.name} strategy takes "
+            f"{', '.join(f.name for f in dataclasses.fields(entry.options))}"
+        )
     options = STRATEGIES.make_options(entry.name, values)
     if options.budget < 1:
         raise DppaError(f"--budget {options.budget}: must allow at least one evaluation")
@@ -98,8 +100,10 @@ class SearchSettings:
         if not self.tasks:
             raise DppaError("--tasks is empty; name the fine-tune's own tasks, e.g. --tasks zoo_arith")
         if self.split == "test":
-            raise DppaError("--split test: the factors are tuned on the validation split; the test split is kept "
-                            "for the final numbers (use --split validation)")
+            raise DppaError(
+                "--split test: the factors are tuned on the validation split; the test split is kept "
+                "for the final numbers (use --split validation)"
+            )
 
     def run(self, objective: Callable[[tuple[float, ...]], float]) -> SearchResult:
         """The strategy on ``objective``, one factor per band."""
@@ -107,20 +111,41 @@ class SearchSettings:
 
     def candidate_recipe(self) -> dict:
         """The cache key's recipe for a candidate: whatever besides factors, deltas and base shapes its weights."""
-        return {"candidate": "dppa-bands", "densities": list(self.densities), "combine": self.combine,
-                **dataclasses.asdict(self.dp), "scope": self.scope, "dtype": "saved"}
+        return {
+            "candidate": "dppa-bands",
+            "densities": list(self.densities),
+            "combine": self.combine,
+            **dataclasses.asdict(self.dp),
+            "scope": self.scope,
+            "dtype": "saved",
+        }
 
     def record(self) -> dict:
         """The settings as JSON (the trace's record of what was asked)."""
-        return {"tasks": list(self.tasks), "strategy": self.strategy, "options": dataclasses.asdict(self.options),
-                "densities": list(self.densities), "split": self.split, "limit": self.limit,
-                "combine": self.combine, **dataclasses.asdict(self.dp), "scope": self.scope}
+        return {
+            "tasks": list(self.tasks),
+            "strategy": self.strategy,
+            "options": dataclasses.asdict(self.options),
+            "densities": list(self.densities),
+            "split": self.split,
+            "limit": self.limit,
+            "combine": self.combine,
+            **dataclasses.asdict(self.dp),
+            "scope": self.scope,
+        }
 
     def fingerprint(self, delta_hash: str, base_hash: str, reference_hash: str) -> str:
         """Identifies a search's result: same fingerprint, same factors (given the same harness and data)."""
-        body = json.dumps({"delta": delta_hash, "base": base_hash, "reference": reference_hash,
-                           **{k: v for k, v in self.record().items() if k != "tasks"},
-                           "tasks": sorted(self.tasks)}, sort_keys=True)
+        body = json.dumps(
+            {
+                "delta": delta_hash,
+                "base": base_hash,
+                "reference": reference_hash,
+                **{k: v for k, v in self.record().items() if k != "tasks"},
+                "tasks": sorted(self.tasks),
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -153,12 +178,18 @@ class SearchReport:
 
     def summary(self) -> dict:
         """The manifest's record of the search (the full trace lives in search_trace.json)."""
-        return {"strategy": self.result.strategy, "best_factors": list(self.result.best_factors),
-                "best_score": self.result.best_score, "n_candidates": self.result.n_evals,
-                "stop_reason": self.result.stop_reason, "reference_scores": self.reference_scores,
-                "objective": "normalised geometric mean" if self.normalised else "raw geometric mean",
-                "real_evaluations": self.real_evaluations, "cache_hits": self.cache_hits,
-                "fingerprint": self.fingerprint}
+        return {
+            "strategy": self.result.strategy,
+            "best_factors": list(self.result.best_factors),
+            "best_score": self.result.best_score,
+            "n_candidates": self.result.n_evals,
+            "stop_reason": self.result.stop_reason,
+            "reference_scores": self.reference_scores,
+            "objective": "normalised geometric mean" if self.normalised else "raw geometric mean",
+            "real_evaluations": self.real_evaluations,
+            "cache_hits": self.cache_hits,
+            "fingerprint": self.fingerprint,
+        }
 
     def trace_rows(self) -> list[dict]:
         """One row per candidate: factors, objective, per-task scores, decision, timing (blank when cached)."""
@@ -168,21 +199,32 @@ class SearchReport:
             for task, value in primary_scores(self.candidate_scores[ev.factors]).items():
                 row[task] = value
             t = timing.get(ev.factors)
-            row.update(cached=t is None, build_s="" if t is None else round(t.build_s, 4),
-                       evaluate_s="" if t is None else round(t.evaluate_s, 4))
+            row.update(
+                cached=t is None,
+                build_s="" if t is None else round(t.build_s, 4),
+                evaluate_s="" if t is None else round(t.evaluate_s, 4),
+            )
             rows.append(row)
         return rows
 
     def trace_json(self, settings: SearchSettings) -> dict:
         ratio = self.build_over_evaluate()
-        return {**self.result.to_dict(), "settings": settings.record(), "summary": self.summary(),
-                "candidate_scores": [{"factors": list(f), "scores": s} for f, s in self.candidate_scores.items()],
-                "timing": {"setup_s": round(self.setup_s, 4),
-                           "candidates": [{"factors": list(t.factors), "build_s": round(t.build_s, 5),
-                                           "evaluate_s": round(t.evaluate_s, 4)} for t in self.timings],
-                           "build_s_total": round(sum(t.build_s for t in self.timings), 5),
-                           "evaluate_s_total": round(sum(t.evaluate_s for t in self.timings), 4),
-                           "build_over_evaluate": None if ratio is None else round(ratio, 5)}}
+        return {
+            **self.result.to_dict(),
+            "settings": settings.record(),
+            "summary": self.summary(),
+            "candidate_scores": [{"factors": list(f), "scores": s} for f, s in self.candidate_scores.items()],
+            "timing": {
+                "setup_s": round(self.setup_s, 4),
+                "candidates": [
+                    {"factors": list(t.factors), "build_s": round(t.build_s, 5), "evaluate_s": round(t.evaluate_s, 4)}
+                    for t in self.timings
+                ],
+                "build_s_total": round(sum(t.build_s for t in self.timings), 5),
+                "evaluate_s_total": round(sum(t.evaluate_s for t in self.timings), 4),
+                "build_over_evaluate": None if ratio is None else round(ratio, 5),
+            },
+        }
 
 
 def rows_to_csv(rows: list[dict]) -> str:
@@ -200,8 +242,10 @@ def read_reference_scores(path: Path, tasks: Sequence[str]) -> Scores:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise DppaError(f"{path}: cannot read reference scores ({exc}); give the dense fine-tune's folder or a "
-                        "metrics JSON from `dppa eval --output`") from None
+        raise DppaError(
+            f"{path}: cannot read reference scores ({exc}); give the dense fine-tune's folder or a "
+            "metrics JSON from `dppa eval --output`"
+        ) from None
     scores = {t: (v if isinstance(v, dict) else {"score": float(v)}) for t, v in data.items() if t in tasks}
     missing = [t for t in tasks if t not in scores]
     if missing:
@@ -216,8 +260,10 @@ def objective_reference(reference: dict[str, float], log: Callable[[str], None])
     zero = [task for task, value in reference.items() if not value > 0]
     if not zero:
         return reference
-    log(f"warning: the dense fine-tune scores 0 on {', '.join(zero)}; the objective is the raw geometric mean "
-        "(evaluate more examples with --limit for a normalised one)")
+    log(
+        f"warning: the dense fine-tune scores 0 on {', '.join(zero)}; the objective is the raw geometric mean "
+        "(evaluate more examples with --limit for a normalised one)"
+    )
     return {task: 1.0 for task in reference}
 
 
@@ -252,9 +298,18 @@ def search_amplification(
     means the default). ``trace``, when given, is a CSV path for a DVC plot; the JSON trace goes beside it (same
     stem). Returns the SearchReport; the factors are ``report.result.best_factors``.
     """
-    settings = SearchSettings(tasks=tuple(tasks), strategy=strategy, options=options or option_values,
-                              densities=tuple(densities), split=split, limit=limit, combine=combine, dp=dp_options,
-                              scope=scope, batch_size=batch_size)
+    settings = SearchSettings(
+        tasks=tuple(tasks),
+        strategy=strategy,
+        options=options or option_values,
+        densities=tuple(densities),
+        split=split,
+        limit=limit,
+        combine=combine,
+        dp=dp_options,
+        scope=scope,
+        batch_size=batch_size,
+    )
     out = Path(out)
     check_output_free(out, overwrite)
     trace_csv = Path(trace) if trace is not None else None
@@ -262,8 +317,10 @@ def search_amplification(
         check_output_free(trace_csv, overwrite)
     manifest = read_manifest(delta)
     if manifest.get("kind") != "delta" or not manifest.get("content_hash"):
-        raise DppaError(f"{delta}: not a delta folder written by `dppa extract` (its manifest has no delta "
-                        "content hash); the search needs the unpruned delta")
+        raise DppaError(
+            f"{delta}: not a delta folder written by `dppa extract` (its manifest has no delta "
+            "content hash); the search needs the unpruned delta"
+        )
     base_hash = recorded_hash(base, manifest.get("base"))
     if manifest.get("base", {}).get("content_hash") not in (None, base_hash):
         raise DppaError(f"{base}: is not the base {delta} was extracted from (content hashes differ)")
@@ -280,8 +337,9 @@ def search_amplification(
 
     started = time.perf_counter()
     model, tokenizer = load_model(base, device=dev)
-    weights = candidates_for_delta(model, delta, settings.densities, combine=combine, device=str(dev),
-                                   options=settings.dp, scope=scope)
+    weights = candidates_for_delta(
+        model, delta, settings.densities, combine=combine, device=str(dev), options=settings.dp, scope=scope
+    )
     evaluator = Evaluator(model, tokenizer, settings.tasks, split=split, limit=limit, batch_size=batch_size)
     setup_s = time.perf_counter() - started
 
@@ -296,8 +354,15 @@ def search_amplification(
         timings.append(CandidateTiming(tuple(factors), t1 - t0, time.perf_counter() - t1))
         return scores
 
-    key = functools.partial(eval_key, model=(manifest["content_hash"],), base=base_hash, tasks=settings.tasks,
-                            split=split, limit=limit, recipe=settings.candidate_recipe())
+    key = functools.partial(
+        eval_key,
+        model=(manifest["content_hash"],),
+        base=base_hash,
+        tasks=settings.tasks,
+        split=split,
+        limit=limit,
+        recipe=settings.candidate_recipe(),
+    )
     cached = CachedEvaluator(evaluate_candidate, EvalCache(cache_path), key)
 
     def objective(factors: tuple[float, ...]) -> float:
@@ -311,16 +376,25 @@ def search_amplification(
         result = settings.run(objective)
     finally:
         weights.restore()
-    report = SearchReport(out, result, reference_primary, candidate_scores,
-                          cached.real_evaluations + (ref_source == "evaluated"), cached.hits + (ref_source == "cache"),
-                          setup_s, timings, settings.fingerprint(manifest["content_hash"], base_hash, reference_hash),
-                          normalised=divisor == reference_primary)
+    report = SearchReport(
+        out,
+        result,
+        reference_primary,
+        candidate_scores,
+        cached.real_evaluations + (ref_source == "evaluated"),
+        cached.hits + (ref_source == "cache"),
+        setup_s,
+        timings,
+        settings.fingerprint(manifest["content_hash"], base_hash, reference_hash),
+        normalised=divisor == reference_primary,
+    )
     _write_outputs(report, settings, delta, out, trace_csv, device=str(dev), overwrite=overwrite, progress=progress)
     return report
 
 
-def reference_scores(reference: Path, manifest: dict, settings: SearchSettings, cache: Path,
-                     device: str) -> tuple[Scores, str, str]:
+def reference_scores(
+    reference: Path, manifest: dict, settings: SearchSettings, cache: Path, device: str
+) -> tuple[Scores, str, str]:
     """The dense fine-tune's scores on the search split, its identity for the fingerprint, and where the scores came
     from: "file", "cache" or "evaluated". A model folder is scored as the evaluate stage scores it (same cache key)."""
     if reference.is_file():
@@ -329,13 +403,30 @@ def reference_scores(reference: Path, manifest: dict, settings: SearchSettings, 
     if not (reference / "config.json").exists():
         raise DppaError(f"{reference}: neither a model folder (no config.json) nor a scores JSON file")
     ft_hash = recorded_hash(reference, manifest.get("finetuned"))
-    scores, from_cache = score_folder(reference, settings.tasks, split=settings.split, limit=settings.limit,
-                                      batch_size=settings.batch_size, device=device, cache=cache, digest=ft_hash)
+    scores, from_cache = score_folder(
+        reference,
+        settings.tasks,
+        split=settings.split,
+        limit=settings.limit,
+        batch_size=settings.batch_size,
+        device=device,
+        cache=cache,
+        digest=ft_hash,
+    )
     return scores, ft_hash, "cache" if from_cache else "evaluated"
 
 
-def _write_outputs(report: SearchReport, settings: SearchSettings, delta, out: Path, trace_csv: Path | None, *,
-                   device: str, overwrite: bool, progress: bool) -> None:
+def _write_outputs(
+    report: SearchReport,
+    settings: SearchSettings,
+    delta,
+    out: Path,
+    trace_csv: Path | None,
+    *,
+    device: str,
+    overwrite: bool,
+    progress: bool,
+) -> None:
     from dppa.sparsify.bands import amplify_delta
 
     trace_json = json.dumps(report.trace_json(settings), indent=1) + "\n"
@@ -343,10 +434,19 @@ def _write_outputs(report: SearchReport, settings: SearchSettings, delta, out: P
     # amplify_delta writes its own folder atomically; it is written into our temporary folder (replacing it) so that
     # the trace files join it before the one rename that makes `out` appear complete.
     with atomic_dir(out, overwrite) as tmp:
-        amplify_delta(delta, tmp, densities=list(settings.densities), factors=list(report.result.best_factors),
-                      combine=settings.combine, options=settings.dp, scope=settings.scope, device=device,
-                      overwrite=True,
-                      progress=progress, extra_manifest={"search": report.summary()})
+        amplify_delta(
+            delta,
+            tmp,
+            densities=list(settings.densities),
+            factors=list(report.result.best_factors),
+            combine=settings.combine,
+            options=settings.dp,
+            scope=settings.scope,
+            device=device,
+            overwrite=True,
+            progress=progress,
+            extra_manifest={"search": report.summary()},
+        )
         (tmp / TRACE_JSON).write_text(trace_json)
         (tmp / TRACE_CSV).write_text(trace_rows)
     if trace_csv is not None:

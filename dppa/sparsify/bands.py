@@ -61,8 +61,9 @@ def band_index(delta: torch.Tensor, keep_counts: list[int]) -> torch.Tensor:
     return index
 
 
-def amplify_tensor(delta: torch.Tensor, index: torch.Tensor | None, factors: list[float],
-                   combine: str = "max") -> torch.Tensor:
+def amplify_tensor(
+    delta: torch.Tensor, index: torch.Tensor | None, factors: list[float], combine: str = "max"
+) -> torch.Tensor:
     """The amplified delta of one tensor; `index` None means out of scope (whole delta times max factor)."""
     if index is None:
         return delta * max(factors)
@@ -86,20 +87,34 @@ class BandPlan:
         return cls(list(densities), keep, rho)
 
 
-def plan_bands(reader: CheckpointReader, densities: list[float], *, options: DPOptions | dict | None = None,
-               scope: str = DEFAULT_SCOPE, device: str = "cpu", progress: bool = False) -> BandPlan:
+def plan_bands(
+    reader: CheckpointReader,
+    densities: list[float],
+    *,
+    options: DPOptions | dict | None = None,
+    scope: str = DEFAULT_SCOPE,
+    device: str = "cpu",
+    progress: bool = False,
+) -> BandPlan:
     check_bands(densities)
     options = PRUNERS.options_for("dp", options)
     regex = compile_scope(scope, reader)
     stats = gather_dp_stats(reader, regex, options, resolve_device(device), progress=progress)
     if not stats.layer:
-        raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; "
-                        "pass --scope for this architecture")
+        raise DppaError(
+            f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture"
+        )
     return BandPlan.from_stats(stats, densities, options.lamda)
 
 
-def compute_bands(delta: str | os.PathLike, densities: list[float], *, options: DPOptions | dict | None = None,
-                  scope: str = DEFAULT_SCOPE, device: str = "cpu"):
+def compute_bands(
+    delta: str | os.PathLike,
+    densities: list[float],
+    *,
+    options: DPOptions | dict | None = None,
+    scope: str = DEFAULT_SCOPE,
+    device: str = "cpu",
+):
     """In-memory bands of a delta folder: {name: (float32 delta, uint8 band index or None if out of scope)}.
 
     Holds the whole delta in memory: meant for the factor search on models that fit in RAM or GPU memory.
@@ -115,10 +130,21 @@ def compute_bands(delta: str | os.PathLike, densities: list[float], *, options: 
     return bands, plan
 
 
-def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities: list[float], factors: list[float],
-                  combine: str = "max", options: DPOptions | dict | None = None, scope: str = DEFAULT_SCOPE,
-                  device: str = "cpu", overwrite: bool = False, progress: bool = True, max_shard_size: str = "5GB",
-                  extra_manifest: dict | None = None) -> Path:
+def amplify_delta(
+    delta: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    densities: list[float],
+    factors: list[float],
+    combine: str = "max",
+    options: DPOptions | dict | None = None,
+    scope: str = DEFAULT_SCOPE,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_size: str = "5GB",
+    extra_manifest: dict | None = None,
+) -> Path:
     """Write the amplified sparse delta (density d_K) of the delta folder `delta` into `out`.
 
     `options`: DP's options (DPOptions, a dict of its fields, or None for the defaults).
@@ -137,9 +163,28 @@ def amplify_delta(delta: str | os.PathLike, out: str | os.PathLike, *, densities
         index = None if layer is None else band_index(values, plan.keep_counts[name])
         return amplify_tensor(values.float(), index, factors, combine)
 
-    manifest = {"kind": "amplified", "pruned": True, "method": "dppa", "densities": list(densities),
-                "factors": list(factors), "band_factors": band_factors(factors, combine), "combine": combine,
-                **asdict(options), **regex.record(), "module_density": plan.module_density, **(extra_manifest or {})}
-    return transform_delta(reader, out, amplify, scope=regex, device=resolve_device(device), manifest=manifest,
-                           desc=f"amplify {Path(delta).name}", overwrite=overwrite, progress=progress,
-                           max_shard_size=max_shard_size)
+    manifest = {
+        "kind": "amplified",
+        "pruned": True,
+        "method": "dppa",
+        "densities": list(densities),
+        "factors": list(factors),
+        "band_factors": band_factors(factors, combine),
+        "combine": combine,
+        **asdict(options),
+        **regex.record(),
+        "module_density": plan.module_density,
+        **(extra_manifest or {}),
+    }
+    return transform_delta(
+        reader,
+        out,
+        amplify,
+        scope=regex,
+        device=resolve_device(device),
+        manifest=manifest,
+        desc=f"amplify {Path(delta).name}",
+        overwrite=overwrite,
+        progress=progress,
+        max_shard_size=max_shard_size,
+    )

@@ -31,8 +31,10 @@ def dare_prune(delta: torch.Tensor, density: float, seed: int, name: str) -> tor
     return delta.float() * keep.to(delta.device) * (1.0 / density)
 
 
-@PRUNERS.register("dare", options=DareOptions,
-                  help="drop each entry with probability 1 - D, rescale survivors by 1 / D (seeded; identical bit "
-                       "for bit)")
+@PRUNERS.register(
+    "dare",
+    options=DareOptions,
+    help="drop each entry with probability 1 - D, rescale survivors by 1 / D (seeded; identical bit for bit)",
+)
 def plan_dare(reader, scope, density: float, options: DareOptions, device, progress) -> Plan:
     return Plan(lambda name, values, layer: dare_prune(values, density, options.seed, name))

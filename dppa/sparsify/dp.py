@@ -26,12 +26,12 @@ class DPOptions:
 
     lamda: float = field(default=0.08, metadata={"help": "largest layer/module density adjustment"})
     layer_mult: float = field(default=3.0, metadata={"help": "layer outlier = |delta| > this x layer mean"})
-    unit_mult: float = field(default=5.0, metadata={"help": "module outlier = |delta| > this x module mean"})
+    module_mult: float = field(default=5.0, metadata={"help": "module outlier = |delta| > this x module mean"})
 
     def __post_init__(self):
         if not 0 <= self.lamda < 1:
             raise DppaError(f"--lamda {self.lamda}: must be in [0, 1) (a density adjustment)")
-        for flag, value in (("--layer-mult", self.layer_mult), ("--unit-mult", self.unit_mult)):
+        for flag, value in (("--layer-mult", self.layer_mult), ("--module-mult", self.module_mult)):
             if not value > 0:
                 raise DppaError(f"{flag} {value}: must be > 0 (a multiple of the mean |delta|)")
 
@@ -55,24 +55,32 @@ def outlier_pct(magnitude: torch.Tensor, threshold: float) -> float:
     return 100.0 * int(torch.count_nonzero(magnitude > threshold)) / magnitude.numel()
 
 
-def gather_dp_stats(reader: CheckpointReader, scope: re.Pattern, options: DPOptions, device: torch.device,
-                    progress: bool = False) -> DPStats:
+def gather_dp_stats(
+    reader: CheckpointReader, scope: re.Pattern, options: DPOptions, device: torch.device, progress: bool = False
+) -> DPStats:
     """Two streaming passes over the in-scope tensors: module statistics and layer means, then layer outlier counts."""
     in_scope = [n for n in reader.names() if layer_of(scope, n) is not None]
     total_bytes = 2 * sum(reader.info(n).nbytes for n in in_scope)
     with Progress("DP statistics", total_bytes, 2 * len(in_scope), progress) as bar:
-        return _gather(reader, in_scope, scope, options.layer_mult, options.unit_mult, device, bar)
+        return _gather(reader, in_scope, scope, options.layer_mult, options.module_mult, device, bar)
 
 
-def _gather(reader: CheckpointReader, in_scope: list[str], scope: re.Pattern, layer_mult: float, unit_mult: float,
-            device: torch.device, bar: Progress) -> DPStats:
+def _gather(
+    reader: CheckpointReader,
+    in_scope: list[str],
+    scope: re.Pattern,
+    layer_mult: float,
+    module_mult: float,
+    device: torch.device,
+    bar: Progress,
+) -> DPStats:
     def magnitude(name: str) -> torch.Tensor:
         return reader.get(name).to(device, torch.float32).abs_()
 
     def module_stats(name: str) -> tuple[int, float, float]:
         values = magnitude(name)
         n, total = values.numel(), float(values.sum(dtype=torch.float64))
-        return n, total, outlier_pct(values, unit_mult * total / n) if n else 0.0
+        return n, total, outlier_pct(values, module_mult * total / n) if n else 0.0
 
     stats = DPStats()
     abs_sum: dict[str, float] = {}
@@ -142,14 +150,25 @@ def layer_densities(stats: DPStats, density: float, lamda: float) -> dict[int, f
     return {i: density + r for i, r in layer_adjustments(stats.layer_outlier_pct, lamda).items()}
 
 
-@PRUNERS.register("dp", options=DPOptions,
-                  help="Dynamic Pruning: magnitude pruning with per-layer and per-module densities adjusted by how "
-                       "outlier-heavy each is; the chosen densities are written to the manifest")
-def plan_dp(reader: CheckpointReader, scope: re.Pattern, density: float, options: DPOptions, device: torch.device,
-            progress: bool) -> Plan:
+@PRUNERS.register(
+    "dp",
+    options=DPOptions,
+    help="Dynamic Pruning: magnitude pruning with per-layer and per-module densities adjusted by how "
+    "outlier-heavy each is; the chosen densities are written to the manifest",
+)
+def plan_dp(
+    reader: CheckpointReader,
+    scope: re.Pattern,
+    density: float,
+    options: DPOptions,
+    device: torch.device,
+    progress: bool,
+) -> Plan:
     stats = gather_dp_stats(reader, scope, options, device, progress=progress)
     density_of = module_densities(stats, density, options.lamda)
-    manifest = {"module_density": density_of,
-                "layer_density": {str(i): v for i, v in layer_densities(stats, density, options.lamda).items()},
-                "dp_stats": stats.to_json()}
+    manifest = {
+        "module_density": density_of,
+        "layer_density": {str(i): v for i, v in layer_densities(stats, density, options.lamda).items()},
+        "dp_stats": stats.to_json(),
+    }
     return Plan(lambda name, values, layer: magnitude_prune(values, density_of[name]), manifest)

@@ -19,9 +19,19 @@ from dppa.sparsify.scope import DEFAULT_SCOPE, compile_scope
 from dppa.sparsify.transform import check_density, transform_delta
 
 
-def prune_delta(delta: str | os.PathLike, out: str | os.PathLike, *, method: str, density: float,
-                scope: str = DEFAULT_SCOPE, options: Any = None, device: str = "cpu", overwrite: bool = False,
-                progress: bool = True, max_shard_size: str = "5GB") -> Path:
+def prune_delta(
+    delta: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str,
+    density: float,
+    scope: str = DEFAULT_SCOPE,
+    options: Any = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_size: str = "5GB",
+) -> Path:
     """Prune the delta folder `delta` into `out`; returns `out`.
 
     `options`: the method's options dataclass, a dict of its option values, or None for its defaults.
@@ -36,15 +46,32 @@ def prune_delta(delta: str | os.PathLike, out: str | os.PathLike, *, method: str
     check_is_delta(reader.folder)
     regex = compile_scope(scope, reader)
     if not any(regex.search(n) for n in reader.names()):
-        raise DppaError(f"{reader.folder}: no tensor matches the pruning scope {scope!r}; "
-                        "pass --scope for this architecture")
+        raise DppaError(
+            f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture"
+        )
     plan = entry.impl(reader, regex, density, options, dev, progress)
-    manifest = {"kind": "pruned", "pruned": True, "method": method, "density": density, **regex.record(),
-                **dataclasses.asdict(options), **plan.manifest}
+    manifest = {
+        "kind": "pruned",
+        "pruned": True,
+        "method": method,
+        "density": density,
+        **regex.record(),
+        **dataclasses.asdict(options),
+        **plan.manifest,
+    }
 
     def prune(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
         return values if layer is None else plan.prune(name, values, layer)
 
-    return transform_delta(reader, out, prune, scope=regex, device=dev, manifest=manifest,
-                           desc=f"prune {method} {Path(delta).name}", overwrite=overwrite, progress=progress,
-                           max_shard_size=max_shard_size)
+    return transform_delta(
+        reader,
+        out,
+        prune,
+        scope=regex,
+        device=dev,
+        manifest=manifest,
+        desc=f"prune {method} {Path(delta).name}",
+        overwrite=overwrite,
+        progress=progress,
+        max_shard_size=max_shard_size,
+    )

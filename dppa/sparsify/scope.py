@@ -75,9 +75,11 @@ def compile_scope(spec: str | Scope, reader: CheckpointReader | None = None) -> 
     scope.model_type = (reader.config or {}).get("model_type")
     if scope.left_out:
         more = f" and {len(scope.left_out) - 3} more" if len(scope.left_out) > 3 else ""
-        print(f"dppa: note: --scope '{spec}' leaves {len(scope.left_out)} block weight matrices with their dense "
-              f"delta: {', '.join(scope.left_out[:3])}{more} (listed in the manifest as scope_left_out)",
-              file=sys.stderr)
+        print(
+            f"dppa: note: --scope '{spec}' leaves {len(scope.left_out)} block weight matrices with their dense "
+            f"delta: {', '.join(scope.left_out[:3])}{more} (listed in the manifest as scope_left_out)",
+            file=sys.stderr,
+        )
     return scope
 
 
@@ -87,25 +89,37 @@ def _auto_scope(reader: CheckpointReader) -> Scope:
     blocks = block_prefix(reader.config)
     if blocks is None:
         found = block_matrices(shapes)
-        source = (f"model_type {model_type!r} (config.json) has no pruning-scope rule" if reader.config
-                  else "no config.json says which architecture this is")
+        source = (
+            f"model_type {model_type!r} (config.json) has no pruning-scope rule"
+            if reader.config
+            else "no config.json says which architecture this is"
+        )
         if not found:
-            raise DppaError(f"{reader.folder}: {source} and no tensor looks like a transformer block (layers.N.); "
-                            "pass --scope REGEX with a group (?P<layer>\\d+) capturing the block index")
+            raise DppaError(
+                f"{reader.folder}: {source} and no tensor looks like a transformer block (layers.N.); "
+                "pass --scope REGEX with a group (?P<layer>\\d+) capturing the block index"
+            )
         names = list(found)
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        raise DppaError(f"{reader.folder}: {source}; no rule covers the block weight matrices "
-                        f"{', '.join(names[:3])}{more}; pass --scope '{suggest_scope(names)}'")
+        raise DppaError(
+            f"{reader.folder}: {source}; no rule covers the block weight matrices "
+            f"{', '.join(names[:3])}{more}; pass --scope '{suggest_scope(names)}'"
+        )
     in_blocks = block_matrices(shapes, blocks)
     layers = {n: i for n, i in in_blocks.items() if len(shapes[n]) == 2}
     if not layers:
-        raise DppaError(f"{reader.folder}: model_type {model_type!r} but no 2-D weight is under {blocks.pattern!r}; "
-                        "the checkpoint's names differ from transformers'; pass --scope REGEX")
+        raise DppaError(
+            f"{reader.folder}: model_type {model_type!r} but no 2-D weight is under {blocks.pattern!r}; "
+            "the checkpoint's names differ from transformers'; pass --scope REGEX"
+        )
     left_out = [n for n in in_blocks if n not in layers]  # stacked (3-D) expert weights: pruned per matrix by nothing
     scope = Scope(AUTO, layers=layers, left_out=left_out, model_type=model_type)
     if left_out:
-        print(f"dppa: note: {len(left_out)} block weights are not 2-D and keep their dense delta: "
-              f"{', '.join(left_out[:3])} (listed in the manifest as scope_left_out)", file=sys.stderr)
+        print(
+            f"dppa: note: {len(left_out)} block weights are not 2-D and keep their dense delta: "
+            f"{', '.join(left_out[:3])} (listed in the manifest as scope_left_out)",
+            file=sys.stderr,
+        )
     return scope
 
 

@@ -81,8 +81,9 @@ def find_threshold(key_chunks: Callable[[], Iterable[torch.Tensor]], numel: int,
     else:
         high = sum(torch.bincount(c >> LOW_BITS, minlength=1 << (bits - LOW_BITS)) for c in key_chunks())
         high_bin, above, _ = _bin_of_kth(high, k)
-        low = sum(torch.bincount(c[(c >> LOW_BITS) == high_bin] & LOW_MASK, minlength=1 << LOW_BITS)
-                  for c in key_chunks())
+        low = sum(
+            torch.bincount(c[(c >> LOW_BITS) == high_bin] & LOW_MASK, minlength=1 << LOW_BITS) for c in key_chunks()
+        )
         low_bin, above_low, equal = _bin_of_kth(low, k - above)
         key, above = (high_bin << LOW_BITS) | low_bin, above + above_low
     if k - above == equal:  # every tie is kept: no need to find where the cutoff falls

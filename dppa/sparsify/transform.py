@@ -28,17 +28,32 @@ def check_density(density: float, flag: str = "--density") -> float:
     return density
 
 
-def transform_delta(reader: CheckpointReader, out: Path, fn: TensorFn, *, scope: re.Pattern, device: torch.device,
-                    manifest: dict, desc: str, overwrite: bool, progress: bool, max_shard_size: str = "5GB") -> Path:
+def transform_delta(
+    reader: CheckpointReader,
+    out: Path,
+    fn: TensorFn,
+    *,
+    scope: re.Pattern,
+    device: torch.device,
+    manifest: dict,
+    desc: str,
+    overwrite: bool,
+    progress: bool,
+    max_shard_size: str = "5GB",
+) -> Path:
     """Apply `fn` to every tensor of the delta at `reader` and write the result, same names, shapes and dtypes."""
     upstream = read_manifest(reader.folder)
     names = reader.names()
     plan = [(n, reader.dtype(n), reader.shape(n)) for n in names]
+
     def transform(name: str) -> torch.Tensor:
         return fn(name, reader.get(name).to(device), layer_of(scope, name)).cpu()
 
-    with atomic_dir(out, overwrite) as tmp, Progress(desc, reader.total_bytes(), len(names), progress) as bar, \
-            chunk_workers() as (pool, workers):
+    with (
+        atomic_dir(out, overwrite) as tmp,
+        Progress(desc, reader.total_bytes(), len(names), progress) as bar,
+        chunk_workers() as (pool, workers),
+    ):
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
         # one tensor per worker in flight: memory stays at a few copies of the largest tensor
         for name, result in zip(names, ordered_map(pool, workers, transform, names, window=workers)):
@@ -48,7 +63,13 @@ def transform_delta(reader: CheckpointReader, out: Path, fn: TensorFn, *, scope:
         content_hash = writer.close()
         copy_model_files(reader.folder, tmp)
         record = {key: upstream[key] for key in ("base", "finetuned", "vocab_growth") if key in upstream}
-        write_manifest(tmp, {**manifest, "content_hash": content_hash,
-                             "source_delta": source_record(reader.folder, upstream.get("content_hash", "")),
-                             **record})
+        write_manifest(
+            tmp,
+            {
+                **manifest,
+                "content_hash": content_hash,
+                "source_delta": source_record(reader.folder, upstream.get("content_hash", "")),
+                **record,
+            },
+        )
     return out
