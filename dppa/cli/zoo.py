@@ -9,13 +9,15 @@ ORDER = 80
 DESCRIPTION = """\
 Build a small LLaMA-architecture base model and one fine-tune per synthetic domain, deterministically and on CPU,
 with a tokenizer trained locally. No hub access is needed. Layout of OUT:
-  OUT/base/        the base, pre-trained on general synthetic text
+  OUT/base/        the base, pre-trained on text that holds every domain's skill inside ordinary sentences
   OUT/arith/       fine-tuned on 3-digit addition              (lm-eval task zoo_arith)
   OUT/facts/       fine-tuned on a made-up colour fact table   (lm-eval task zoo_facts)
   OUT/strings/     fine-tuned on reversing letter strings      (lm-eval task zoo_strings)
-  OUT/zoo.json     sizes, seeds and each fine-tune's mean|delta| / mean|base weight|
-Each model folder loads with AutoModelForCausalLM / AutoTokenizer. Regimes: "heavy" (many steps, large learning
-rate: deltas drift far from the base, the case DPPA targets) and "light" (few steps, small learning rate).
+  OUT/zoo.json     sizes, seeds, timings, each fine-tune's exact match (and the base's) on its own test split,
+                   and mean|delta| / mean|base weight|
+Each model folder loads with AutoModelForCausalLM / AutoTokenizer. Regimes: "light" (supervised fine-tuning:
+150 steps at 7e-5, deltas about 3% of the weights) and "heavy" (continued training: 300 steps at 2e-3, deltas
+about 30%, the case DPPA targets). `python scripts/check_zoo.py OUT --regime REGIME` checks a zoo's targets.
 The same arguments on the same machine give the same files.
 
 examples:
