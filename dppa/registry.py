@@ -195,11 +195,3 @@ def _scalar_type(annotation) -> Callable[[str], Any]:
         if candidate in args:
             return candidate
     return str
-
-
-def options_from_args(options: type, args: argparse.Namespace) -> Any:
-    """The options dataclass from parsed CLI arguments (fields the parser did not set keep their default)."""
-    values = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(options) if getattr(args, f.name, None) is not None
-    }
-    return options(**values)

@@ -2,10 +2,9 @@
 
 import argparse
 
-from dppa.cli.options import add_common, add_dp_options, common_kwargs, float_list
-from dppa.registry import options_from_args
-from dppa.sparsify.bands import COMBINE_RULES, amplify_delta
-from dppa.sparsify.dp import DPOptions
+from dppa.cli.options import add_band_options, add_common, add_dp_options, common_kwargs, float_list
+from dppa.sparsify.bands import amplify_delta
+from dppa.sparsify.registry import PRUNERS
 
 ORDER = 30
 
@@ -29,20 +28,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("delta", metavar="DELTA", help="delta folder written by `dppa extract` (unpruned)")
     add_common(p)
-    p.add_argument(
-        "--densities",
-        type=float_list,
-        default=[0.1, 0.2],
-        metavar="D1,D2,..",
-        help="increasing band densities (default 0.1,0.2)",
-    )
+    add_band_options(p)
     p.add_argument("--factors", type=float_list, required=True, metavar="A1,A2,..", help="one factor per band")
-    p.add_argument(
-        "--combine",
-        choices=COMBINE_RULES,
-        default="max",
-        help="max: reference rule, band b gets max(alpha_b..alpha_K); band: band b gets alpha_b",
-    )
     add_dp_options(p)
     p.set_defaults(func=run)
 
@@ -54,7 +41,7 @@ def run(args) -> int:
         densities=args.densities,
         factors=args.factors,
         combine=args.combine,
-        options=options_from_args(DPOptions, args),
+        options=PRUNERS.options_from_args("dp", args),
         scope=args.scope,
         **common_kwargs(args),
     )

@@ -52,7 +52,7 @@ def add_method_options(parser: argparse.ArgumentParser, registry: Registry) -> N
 
 def add_dp_options(parser: argparse.ArgumentParser) -> None:
     """--scope and Dynamic Pruning's options, for the commands that split a delta into DP bands; read them back
-    with `options_from_args(DPOptions, args)` and `args.scope`."""
+    with `PRUNERS.options_from_args("dp", args)` and `args.scope`."""
     add_scope(parser)
     add_options(parser.add_argument_group("Dynamic Pruning options (docs/method.md)"), options_of(DPOptions))
 
@@ -70,3 +70,22 @@ def common_kwargs(args) -> dict:
     if hasattr(args, "device"):
         kwargs["device"] = args.device
     return kwargs
+
+
+def add_band_options(parser: argparse.ArgumentParser) -> None:
+    """DPA's bands: their densities and how a band's factor is chosen (amplify and search)."""
+    from dppa.sparsify.bands import COMBINE_RULES
+
+    parser.add_argument(
+        "--densities",
+        type=float_list,
+        default=[0.1, 0.2],
+        metavar="D1,D2,..",
+        help="increasing band densities (default 0.1,0.2)",
+    )
+    parser.add_argument(
+        "--combine",
+        choices=COMBINE_RULES,
+        default="max",
+        help="max: reference rule, band b gets max(alpha_b..alpha_K); band: band b gets alpha_b",
+    )

@@ -2,9 +2,9 @@
 
 import argparse
 
-from dppa.cli.options import add_dp_options, float_list
-from dppa.registry import add_options, options_from_args, options_of
-from dppa.sparsify.dp import DPOptions
+from dppa.cli.options import add_band_options, add_dp_options
+from dppa.registry import add_options, options_of
+from dppa.sparsify.registry import PRUNERS
 
 ORDER = 35
 
@@ -57,14 +57,7 @@ def register(subparsers) -> None:
         choices=[*STRATEGIES.names(), *ALIASES],
         help="search strategy (default coordinate; reference = coordinate)",
     )
-    p.add_argument(
-        "--densities",
-        type=float_list,
-        default=[0.1, 0.2],
-        metavar="D1,D2,..",
-        help="increasing band densities (default 0.1,0.2)",
-    )
-    p.add_argument("--combine", choices=["max", "band"], default="max", help="band combination rule (see dppa amplify)")
+    add_band_options(p)
     p.add_argument(
         "--split",
         default="validation",
@@ -128,7 +121,7 @@ def run(args) -> int:
         split=args.split,
         limit=args.limit,
         combine=args.combine,
-        dp_options=options_from_args(DPOptions, args),
+        dp_options=PRUNERS.options_from_args("dp", args),
         scope=args.scope,
         batch_size=args.batch_size,
         cache=args.cache,

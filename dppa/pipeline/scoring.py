@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dppa.evaluation.cache import EvalCache, eval_key
-from dppa.evaluation.scores import content_hash, primary_scores
+from dppa.evaluation.scores import content_hash, geometric_mean, primary_scores
 
 DELTA_RECIPE = {"candidate": "delta", "dtype": "float32"}
 
@@ -25,11 +25,7 @@ def normalised(scores: dict[str, float], dense: dict[str, float]) -> float | Non
     """Geometric mean over tasks of score / the dense fine-tune's score (docs/method.md); tasks the dense
     fine-tune scores 0 on carry no information and are left out; None when none is left."""
     ratios = [scores[t] / dense[t] for t in scores if dense.get(t, 0) > 0]
-    if not ratios:
-        return None
-    if any(r <= 0 for r in ratios):
-        return 0.0
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return geometric_mean(ratios) if ratios else None
 
 
 class BaseInMemory:
@@ -179,10 +175,8 @@ def search_merge_scale(
             known = [v for v in per_finetune if v is not None]
             if not known:  # no fine-tune scores above 0 on its own tasks: rank by the raw mean score
                 score = sum(scores.values()) / len(scores)
-            elif min(known) <= 0:
-                score = 0.0
             else:
-                score = math.exp(sum(math.log(v) for v in known) / len(known))
+                score = geometric_mean(known)
             if score > best_score:
                 best, best_score = scale, score
             rows.append({"index": index, "scale": scale, "score": round(score, 6), "best_score": round(best_score, 6)})

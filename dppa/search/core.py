@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from dppa.evaluation.scores import geometric_mean
+
 Factors = tuple[float, ...]
 Objective = Callable[[Factors], float]
 Units = tuple[int, ...]
@@ -152,9 +154,7 @@ def normalised_geomean(scores: dict[str, float], reference: dict[str, float]) ->
         if reference[task] <= 0:
             raise ValueError(f"the dense fine-tune scores {reference[task]} on {task}; cannot normalise by it")
         ratios.append(value / reference[task])
-    if any(r <= 0 for r in ratios):
-        return 0.0
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return geometric_mean(ratios)
 
 
 def check_budget(max_evals: int) -> None:
