@@ -117,3 +117,17 @@ def test_densities_are_clamped_to_unit_interval(toy_delta):
     rho = module_densities(stats, 0.95, 0.08)
     assert rho["layers.1.b.weight"] == 1.0 and max(rho.values()) <= 1.0
     assert min(module_densities(stats, 0.05, 0.08).values()) >= 0.0
+
+
+def test_floor_keeps_every_module_alive(toy_delta):
+    stats = gather_dp_stats(open_checkpoint(toy_delta), compile_scope(SCOPE), HAND, torch.device("cpu"))
+    # by hand (adjustments of test_densities_by_hand): 0.05 + [-0.08 + 0.08, -0.08 - 0.04, 0.08 - 0.04, 0.08 + 0.08]
+    clamped = {
+        "layers.0.a.weight": 0.05,
+        "layers.0.b.weight": 0.0,
+        "layers.1.a.weight": 0.09,
+        "layers.1.b.weight": 0.21,
+    }
+    assert module_densities(stats, 0.05, 0.08) == pytest.approx(clamped)  # 0.b would be -0.07: pruned away
+    floored = module_densities(stats, 0.05, 0.08, floor=0.5)
+    assert floored == pytest.approx({**clamped, "layers.0.b.weight": 0.025})  # only 0.b is lifted, to d / 2

@@ -273,13 +273,19 @@ def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_
     params_before = (project / "params.yaml").read_text()
     spec = {
         "seeds": [{"prune.seed": 0}, {"prune.seed": 1}],
-        "grids": {"pruning": {"table": "finetunes", "axes": {"prune.method": ["magnitude", "dare"]}}},
+        "grids": {
+            "pruning": {"table": "finetunes", "axes": {"prune.method": ["magnitude", "dare"]}, "targets": ["score"]}
+        },
     }
     log = []
     os.environ.update(identity)
+    run_grid(spec, ["pruning"], project, tmp_path / "results", where={"prune.method": "dare"}, log=log.append)
+    assert len([line for line in log if "done in" in line]) == 2  # the slice: dare's two seeds
+    log.clear()
     results = run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
     expected = points(spec, "pruning")
-    assert len(expected) == 4 and len([line for line in log if "skipped" not in line]) == 4
+    assert len(expected) == 4
+    assert len([line for line in log if "done in" in line]) == 2 and len([x for x in log if "skipped" in x]) == 2
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
     assert (project / "params.yaml").read_text() == params_before  # the workspace's params are put back
     # DVC recorded each point with its overrides and the per-fine-tune metrics of the score stage

@@ -2,17 +2,21 @@
 as one DVC experiment (`dvc exp run -S key=value ...`) through the same stages as `dvc repro`; the tables come
 from the metrics DVC records for each experiment (`dvc exp show --json`), as mean +- std over the seeds.
 
-    python -m dppa.pipeline.grid experiments/paper.yaml [--only GRID] [--tables-only]
+    python -m dppa.pipeline.grid experiments/paper.yaml [--only GRID] [--where KEY=VALUE] [--tables-only]
 
 The grid file (see experiments/paper.yaml):
     set:    {key: value}              overrides applied at every point
     seeds:  [{key: value}, ...]       repeats of every point, averaged in the tables
-    grids:  {name: {table: finetunes | merges, axes: {axis: [values]}}}
+    grids:  {name: {table: finetunes | merges, axes: {axis: [values]}, set: {key: value}, targets: [stage]}}
             an axis named after a params key takes plain values; any other axis takes mappings of overrides,
-            each with a `label`
+            each with a `label`; a grid's own `set` adds to the global one; `targets` limits each point's run
+            to those stages and what they depend on (e.g. [score] for per-fine-tune tables: no merge is run)
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
 resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Afterwards
 params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
+All points share one Prefect API (started for the grid unless PREFECT_API_URL names one), so the stage processes
+do not each start a server. `--where zoo.regime=heavy` runs a slice, e.g. one slice per clone of the project on
+machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the tables from all of them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -47,6 +52,11 @@ def load_grid(path: Path) -> dict:
     for name, grid in spec["grids"].items():
         if grid.get("table") not in TABLES or not isinstance(grid.get("axes"), dict):
             raise DppaError(f"{path}: grids.{name}: give `table` ({' | '.join(TABLES)}) and `axes`")
+        unknown = set(grid) - {"table", "axes", "set", "targets"}
+        if unknown:
+            raise DppaError(
+                f"{path}: grids.{name}: unknown key {sorted(unknown)[0]!r}; allowed: table, axes, set, targets"
+            )
         for axis, values in grid["axes"].items():
             if "." not in axis and not all(isinstance(v, dict) and "label" in v for v in values):
                 raise DppaError(
@@ -61,7 +71,7 @@ def points(spec: dict, grid: str) -> list[dict]:
     axes = spec["grids"][grid]["axes"]
     out = []
     for combination in itertools.product(*axes.values()):
-        labels, overrides = {}, dict(spec.get("set") or {})
+        labels, overrides = {}, {**(spec.get("set") or {}), **(spec["grids"][grid].get("set") or {})}
         for axis, value in zip(axes, combination):
             if "." in axis:
                 labels[axis], overrides[axis] = value, value
@@ -100,16 +110,33 @@ def recorded(project: Path) -> dict[str, dict]:
     return found
 
 
-def run_point(project: Path, point: dict, log=print) -> None:
+def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> None:
     """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards."""
     params = project / "params.yaml"
     saved = params.read_text()
     sets = [f"{key}={json.dumps(value)}" for key, value in point["overrides"].items()]
-    log(f"{point['name']}: {' '.join(sets)}")
+    log(f"{point['name']}: {' '.join(sets)}" + (f" (stages {' '.join(targets)})" if targets else ""))
+    started = time.monotonic()
     try:
-        dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)))
+        dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)), *targets)
     finally:
         params.write_text(saved)
+    log(f"{point['name']}: done in {time.monotonic() - started:.0f} s")
+
+
+def matches(point: dict, where: dict[str, object]) -> bool:
+    """--where KEY=VALUE filters: the point's override of KEY equals VALUE (read as YAML: 0.2, heavy, null)."""
+    return all(key in point["overrides"] and point["overrides"][key] == value for key, value in where.items())
+
+
+def parse_where(items: list[str]) -> dict[str, object]:
+    where = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DppaError(f"--where {item}: expected KEY=VALUE, e.g. zoo.regime=heavy")
+        where[key] = yaml.safe_load(value)
+    return where
 
 
 def _cell(values: list[float]) -> str:
@@ -131,9 +158,10 @@ def finetune_rows(point: dict, metrics: dict) -> list[dict]:
         if "/finetunes/" not in file:
             continue
         scores = record["scores"]
+        strategy = point["overrides"].get("amplify.search.strategy")
         for variant in ("pruned", "amplified"):
             ratios = _ratios(scores.get(variant, {}), scores["dense"])
-            method = record["method"] if variant == "pruned" else "dppa"
+            method = record["method"] if variant == "pruned" else f"dppa ({strategy})" if strategy else "dppa"
             rows.append(
                 {
                     **point["labels"],
@@ -190,11 +218,11 @@ def table(rows: list[dict], index: list[str], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(spec: dict, grids: list[str], project: Path, results: Path) -> Path:
-    """results/<grid>.md and .csv from the recorded experiments; returns results/results.md."""
+def write_tables(spec: dict, grids: list[str], projects: list[Path], results: Path) -> Path:
+    """results/<grid>.md and .csv from the experiments recorded in the projects; returns results/results.md."""
     import pandas as pd
 
-    metrics = recorded(project)
+    metrics = {name: m for project in projects for name, m in recorded(project).items()}
     sections = [
         "# Experiment results\n\nNormalised score = score / the dense fine-tune's score on the same task "
         "(test split); mean ± std over seeds; '-' = no point recorded, or the dense fine-tune scores 0.\n"
@@ -217,15 +245,22 @@ def write_tables(spec: dict, grids: list[str], project: Path, results: Path) -> 
     return results / "results.md"
 
 
-def run_grid(spec: dict, grids: list[str], project: Path, results: Path, log=print) -> Path:
+def run_grid(spec: dict, grids: list[str], project: Path, results: Path, where: dict | None = None, log=print) -> Path:
+    from dppa.pipeline.config import load_params
+    from flows.runtime import prefect_api, set_gpu_limit
+
     done = set(recorded(project))
-    for grid in grids:
-        for point in points(spec, grid):
-            if point["name"] in done:
-                log(f"{point['name']}: recorded, skipped")
-                continue
-            run_point(project, point, log)
-    return write_tables(spec, grids, project, results)
+    with prefect_api():
+        set_gpu_limit(load_params(project / "params.yaml").runtime.gpu_concurrency)
+        for grid in grids:
+            for point in points(spec, grid):
+                if not matches(point, where or {}):
+                    continue
+                if point["name"] in done:
+                    log(f"{point['name']}: recorded, skipped")
+                    continue
+                run_point(project, point, spec["grids"][grid].get("targets") or [], log)
+    return write_tables(spec, grids, [project], results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,8 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dppa.pipeline.grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("grid", help="grid file, e.g. experiments/paper.yaml")
-    parser.add_argument("-C", "--project", default=".", help="the project (a git + DVC repository; default .)")
+    parser.add_argument(
+        "-C",
+        "--project",
+        action="append",
+        help="the project (a git + DVC repository; default .); with --tables-only repeatable: tables from all",
+    )
     parser.add_argument("--only", action="append", help="run only this grid (repeatable)")
+    parser.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE", help="run only the points with this override"
+    )
     parser.add_argument("--results", default="experiments/results", help="tables folder (default experiments/results)")
     parser.add_argument("--tables-only", action="store_true", help="write the tables from what is recorded")
     args = parser.parse_args(argv)
@@ -244,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(grids) - set(spec["grids"])
         if unknown:
             raise DppaError(f"--only {sorted(unknown)[0]}: not a grid of {args.grid} ({', '.join(spec['grids'])})")
-        project = Path(args.project).resolve()
+        projects = [Path(p).resolve() for p in args.project or ["."]]
+        where = parse_where(args.where)
         if args.tables_only:
-            path = write_tables(spec, grids, project, Path(args.results))
+            path = write_tables(spec, grids, projects, Path(args.results))
+        elif len(projects) > 1:
+            raise DppaError("give one --project to run a grid (several only with --tables-only)")
         else:
-            path = run_grid(spec, grids, project, Path(args.results), log=lambda m: print(m, flush=True))
+            log = lambda m: print(m, flush=True)  # noqa: E731
+            path = run_grid(spec, grids, projects[0], Path(args.results), where, log=log)
     except DppaError as exc:
         print(f"grid: error: {exc}", file=sys.stderr)
         return 2

@@ -80,8 +80,8 @@ class BandPlan:
     module_density: dict[str, list[float]]
 
     @classmethod
-    def from_stats(cls, stats: DPStats, densities: list[float], lamda: float) -> BandPlan:
-        per_density = [module_densities(stats, d, lamda) for d in densities]
+    def from_stats(cls, stats: DPStats, densities: list[float], lamda: float, floor: float = 0.0) -> BandPlan:
+        per_density = [module_densities(stats, d, lamda, floor) for d in densities]
         rho = {j: [p[j] for p in per_density] for j in stats.layer}
         keep = {j: [keep_count(r, stats.numel[j]) for r in rho[j]] for j in stats.layer}
         return cls(list(densities), keep, rho)
@@ -104,7 +104,7 @@ def plan_bands(
         raise DppaError(
             f"{reader.folder}: no tensor matches the pruning scope {scope!r}; pass --scope for this architecture"
         )
-    return BandPlan.from_stats(stats, densities, options.lamda)
+    return BandPlan.from_stats(stats, densities, options.lamda, options.floor)
 
 
 def compute_bands(

@@ -1,7 +1,8 @@
 """Dynamic Pruning (docs/method.md): per-layer and per-module densities from how outlier-heavy each one is.
 
 The statistics (outlier percentages) do not depend on the target density, so they are gathered once per delta and
-`module_densities` maps them to densities for any target: rho_j(d) = clamp(d + layer_adj[i] + module_adj[j], 0, 1).
+`module_densities` maps them to densities for any target: rho_j(d) = clamp(d + layer_adj[i] + module_adj[j], f*d, 1),
+with f = `floor` (0 by default: the reference's arithmetic, clamped at 0 where it would go negative).
 """
 
 from __future__ import annotations
@@ -27,10 +28,19 @@ class DPOptions:
     lamda: float = field(default=0.08, metadata={"help": "largest layer/module density adjustment"})
     layer_mult: float = field(default=3.0, metadata={"help": "layer outlier = |delta| > this x layer mean"})
     module_mult: float = field(default=5.0, metadata={"help": "module outlier = |delta| > this x module mean"})
+    floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "least module density, as a share of the target density (0: clamp at 0, which at low "
+            "densities can prune whole modules away; 0.5: every module keeps at least half the target)"
+        },
+    )
 
     def __post_init__(self):
         if not 0 <= self.lamda < 1:
             raise DppaError(f"--lamda {self.lamda}: must be in [0, 1) (a density adjustment)")
+        if not 0 <= self.floor <= 1:
+            raise DppaError(f"--floor {self.floor}: must be in [0, 1] (a share of the target density)")
         for flag, value in (("--layer-mult", self.layer_mult), ("--module-mult", self.module_mult)):
             if not value > 0:
                 raise DppaError(f"{flag} {value}: must be > 0 (a multiple of the mean |delta|)")
@@ -138,11 +148,12 @@ def module_adjustments(unit_outlier_pct: dict[str, float], numel: dict[str, int]
     return _scale_to({j: v - weighted for j, v in u.items()}, lamda)
 
 
-def module_densities(stats: DPStats, density: float, lamda: float) -> dict[str, float]:
-    """Step 5: rho_j = clamp(d + layer_adj[layer(j)] + module_adj[j], 0, 1)."""
+def module_densities(stats: DPStats, density: float, lamda: float, floor: float = 0.0) -> dict[str, float]:
+    """Step 5: rho_j = clamp(d + layer_adj[layer(j)] + module_adj[j], floor * d, 1)."""
     layer_adj = layer_adjustments(stats.layer_outlier_pct, lamda)
     module_adj = module_adjustments(stats.unit_outlier_pct, stats.numel, lamda)
-    return {j: min(1.0, max(0.0, density + layer_adj[stats.layer[j]] + module_adj[j])) for j in stats.layer}
+    least = floor * density
+    return {j: min(1.0, max(least, density + layer_adj[stats.layer[j]] + module_adj[j])) for j in stats.layer}
 
 
 def layer_densities(stats: DPStats, density: float, lamda: float) -> dict[int, float]:
@@ -165,7 +176,7 @@ def plan_dp(
     progress: bool,
 ) -> Plan:
     stats = gather_dp_stats(reader, scope, options, device, progress=progress)
-    density_of = module_densities(stats, density, options.lamda)
+    density_of = module_densities(stats, density, options.lamda, options.floor)
     manifest = {
         "module_density": density_of,
         "layer_density": {str(i): v for i, v in layer_densities(stats, density, options.lamda).items()},
