@@ -172,18 +172,19 @@ def merge_flow(
     params: ParamsBase, root: Path, fetched: Path, inputs: Path, out: Path, trace: Path, record: Path, cache: Path
 ) -> Path:
     """Merge every fine-tune's input (inputs/NAME) into the base (fetched/base); with `merge.scale: search` the
-    scale is chosen first, against the dense fine-tunes (fetched/NAME)."""
+    scale (and with `merge.weights: search` the weights) is chosen first, against the dense fine-tunes
+    (fetched/NAME)."""
     m = params.merge
     names = list(params.models.finetunes)
     folders = [inputs / n for n in names]
-    weights = [m.weights[n] for n in names] if m.weights else None
+    weights = [m.weights[n] for n in names] if isinstance(m.weights, dict) else None
     base_folder = model_folder(fetched / BASE_NAME, root)
     clear_leftovers(out)
     scale, rows = m.scale, []
     if scale == "search":
         dense = {n: model_folder(fetched / n, root) for n in names}
         tasks = {n: params.finetune(n).tasks for n in names}
-        scale, rows = evaluation.search_merge_scale(
+        scale, weights, rows = evaluation.search_merge(
             base_folder,
             folders,
             dense,
@@ -192,6 +193,7 @@ def merge_flow(
             weights=weights,
             density=m.density,
             grid=m.search.grid,
+            weight_grid=m.search.weight_grid if m.weights == "search" else None,
             split=m.search.split,
             limit=m.search.limit,
             batch_size=params.evaluate.batch_size,
@@ -205,6 +207,7 @@ def merge_flow(
         json.dumps(
             {
                 "scale": scale,
+                "weights": dict(zip(names, weights)) if weights else None,
                 "searched": m.scale == "search",
                 "best_score": max((r["score"] for r in rows), default=None),
             },

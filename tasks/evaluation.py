@@ -57,10 +57,10 @@ def score_finetune(
 
 
 @task(tags=[GPU_TAG])
-def search_merge_scale(
+def search_merge(
     base: Path, inputs: list[Path], dense: dict[str, Path], tasks: dict[str, list[str]], **settings
-) -> tuple[float, list[dict]]:
-    from dppa.pipeline.scoring import search_merge_scale as search
+) -> tuple[float, list[float] | None, list[dict]]:
+    from dppa.pipeline.scoring import search_merge as search
 
     return search(base, inputs, dense, tasks, **settings)
 

@@ -160,9 +160,13 @@ def test_searched_merge_scale_needs_its_search_section(params):
     params["merge"].update(scale=0.5, search={"grid": [0.5]})
     assert "a `search` section needs `scale: search`" in error_of(params)
     params["merge"].update(scale="search", search={"grid": [0.5, -1.0]})
-    assert error_of(params).startswith("params.yaml: merge.search.grid: must be distinct scales > 0")
+    assert error_of(params).startswith("params.yaml: merge.search.grid: must be distinct values > 0")
     params["merge"].update(search={"grid": [0.5], "split": "test"})
     assert error_of(params).startswith("params.yaml: merge.search.split:")
+    params["merge"].update(search={"grid": [0.5]}, weights="search")
+    assert parse_params(params).merge.weights == "search"
+    params["merge"].update(scale=0.5, search=None)
+    assert "`weights: search` searches weights and scale together: set `scale: search`" in error_of(params)
 
 
 def test_amplify_tracks_exactly_the_prune_keys_its_dp_bands_use():

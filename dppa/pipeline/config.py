@@ -213,21 +213,23 @@ class MergeSearch(Strict):
     cache), by the geometric mean over fine-tunes of their tasks' score over the dense fine-tune's."""
 
     grid: list[float] = Field(default=[0.3, 0.5, 0.7, 1.0], min_length=1)
+    # with `merge.weights: search`: the weights tried for each fine-tune in turn (coordinate ascent)
+    weight_grid: list[float] = Field(default=[0.5, 1.0, 1.5, 2.0], min_length=1)
     split: Literal["validation"] = "validation"  # the test split is kept for the final numbers
     limit: int | None = Field(default=None, ge=1)
 
-    @field_validator("grid")
+    @field_validator("grid", "weight_grid")
     @classmethod
     def _grid(cls, value: list[float]) -> list[float]:
         if any(v <= 0 for v in value) or len(set(value)) != len(value):
-            raise ValueError(f"must be distinct scales > 0, got {value}")
+            raise ValueError(f"must be distinct values > 0, got {value}")
         return value
 
 
 class MergeBase(Strict):  # `method` comes from the merge-method registry (`_models()`)
     scale: float | Literal["search"]
     search: MergeSearch | None = None
-    weights: dict[str, float] | None = None
+    weights: dict[str, float] | Literal["search"] | None = None
     density: float | None = None
     inputs: Literal["amplified", "pruned", "delta"] = "amplified"
 
@@ -245,6 +247,8 @@ class MergeBase(Strict):  # `method` comes from the merge-method registry (`_mod
                 "`scale: search` needs a `search` section (grid, split, limit), and a `search` "
                 "section needs `scale: search`"
             )
+        if self.weights == "search" and self.scale != "search":
+            raise ValueError("`weights: search` searches weights and scale together: set `scale: search` too")
         return self
 
 
@@ -284,7 +288,7 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
     @model_validator(mode="after")
     def _consistent(self):
         names = set(self.models.finetunes)
-        if self.merge.weights is not None and set(self.merge.weights) != names:
+        if isinstance(self.merge.weights, dict) and set(self.merge.weights) != names:
             raise ValueError(
                 f"merge.weights: give one weight per fine-tune ({', '.join(sorted(names))}), "
                 f"got {', '.join(sorted(self.merge.weights))}"

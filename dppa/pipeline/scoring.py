@@ -108,7 +108,7 @@ def trace_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def search_merge_scale(
+def search_merge(
     base: Path,
     inputs: Sequence[Path],
     dense: dict[str, Path],
@@ -118,16 +118,20 @@ def search_merge_scale(
     weights: list[float] | None,
     density: float | None,
     grid: Sequence[float],
+    weight_grid: Sequence[float] | None,
     split: str,
     limit: int | None,
     batch_size: int,
     device: str,
     cache: Path,
     work: Path,
-) -> tuple[float, list[dict]]:
-    """The scale of `grid` whose merge scores best on `split`: the geometric mean over fine-tunes of their
-    normalised score (`normalised`); the first best in grid order wins ties. Returns (scale, trace rows).
+) -> tuple[float, list[float] | None, list[dict]]:
+    """The merge scale (and, given `weight_grid`, the per-fine-tune weights) that score best on `split`: the
+    geometric mean over fine-tunes of their normalised score (`normalised`). Returns (scale, weights, trace rows).
 
+    The scales of `grid` are tried first; with a weight grid, each fine-tune's weight in turn takes the value of
+    the grid that scores best with the others fixed (coordinate ascent, one pass), then the scales are tried again
+    for the chosen weights. Ties keep the earlier candidate, so a search that finds nothing better keeps weights 1.
     `dense` and `tasks` name each fine-tune's model folder and own tasks, in the order of `inputs`."""
     from dppa.evaluation.scores import score_folder
     from dppa.merging.merge import merge_deltas
@@ -143,44 +147,78 @@ def search_merge_scale(
         for n, folder in dense.items()
     }
     all_tasks = list(dict.fromkeys(t for n in dense for t in tasks[n]))
-    recipe = {"method": method, "weights": weights, "density": density}
-    merged_at_1 = merge_deltas(
-        base,
-        list(inputs),
-        work,
-        method=method,
-        weights=weights,
-        scale=1.0,
-        options={"density": density} if method == "ties" else None,
-        device=device,
-        overwrite=True,
-        progress=False,
-    )
+    input_hashes = [content_hash(p) for p in inputs]
+    # weights -> the merge at scale 1 with them (candidate scales are set in memory); only the best one's and the
+    # current candidate's are kept on disk: each is the size of the model
+    merges: dict[tuple, Path] = {}
+    made = 0
+
+    def merged_at_1(w: tuple[float, ...] | None) -> Path:
+        nonlocal made
+        if w not in merges:
+            for old in [k for k in merges if k != best.get("weights")]:
+                shutil.rmtree(merges.pop(old), ignore_errors=True)
+            made += 1
+            merges[w] = merge_deltas(
+                base,
+                list(inputs),
+                work / f"merge-{made}",
+                method=method,
+                weights=list(w) if w else None,
+                scale=1.0,
+                options={"density": density} if method == "ties" else None,
+                device=device,
+                overwrite=True,
+                progress=False,
+            )
+        return merges[w]
+
+    rows: list[dict] = []
+    best = {"score": -math.inf}
+    tried: set[tuple] = set()
+
+    def score(scale: float, w: tuple[float, ...] | None) -> None:
+        if (scale, w) in tried:
+            return
+        tried.add((scale, w))
+        recipe = {"method": method, "weights": list(w) if w else None, "density": density}
+        scores = model.score_scaled_merge(
+            merged_at_1(w),
+            scale,
+            input_hashes,
+            recipe,
+            all_tasks,
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            cache=evals,
+        )
+        per_finetune = [normalised({t: scores[t] for t in tasks[n]}, references[n]) for n in dense]
+        known = [v for v in per_finetune if v is not None]
+        # no fine-tune scores above 0 on its own tasks: rank by the raw mean score
+        value = geometric_mean(known) if known else sum(scores.values()) / len(scores)
+        if value > best["score"]:
+            best.update(score=value, scale=scale, weights=w)
+        row = {"index": len(rows), "scale": scale, "score": round(value, 6), "best_score": round(best["score"], 6)}
+        if weight_grid:
+            row["weights"] = " ".join(f"{n}={x:g}" for n, x in zip(dense, w))
+        rows.append(row)
+
     try:
         model = BaseInMemory(base, eval_device)
-        rows, best, best_score = [], None, -math.inf
-        for index, scale in enumerate(grid):
-            scores = model.score_scaled_merge(
-                merged_at_1,
-                scale,
-                [content_hash(p) for p in inputs],
-                recipe,
-                all_tasks,
-                split=split,
-                limit=limit,
-                batch_size=batch_size,
-                cache=evals,
-            )
-            per_finetune = [normalised({t: scores[t] for t in tasks[n]}, references[n]) for n in dense]
-            known = [v for v in per_finetune if v is not None]
-            if not known:  # no fine-tune scores above 0 on its own tasks: rank by the raw mean score
-                score = sum(scores.values()) / len(scores)
-            else:
-                score = geometric_mean(known)
-            if score > best_score:
-                best, best_score = scale, score
-            rows.append({"index": index, "scale": scale, "score": round(score, 6), "best_score": round(best_score, 6)})
-        return best, rows
+        start = tuple(weights) if weights else (tuple(1.0 for _ in inputs) if weight_grid else None)
+        for scale in grid:
+            score(scale, start)
+        if weight_grid:
+            for i in range(len(inputs)):
+                current = best["weights"]
+                for value in weight_grid:
+                    if value != current[i]:
+                        score(best["scale"], current[:i] + (value,) + current[i + 1 :])
+            chosen = best["weights"]
+            for scale in grid:
+                score(scale, chosen)
+        return best["scale"], list(best["weights"]) if best["weights"] else None, rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -221,5 +259,7 @@ def pipeline_notes(finetunes: Path, merge_json: Path) -> str:
             if merge["searched"]
             else "fixed in params.yaml"
         )
-        text += f"\nMerge scale {merge['scale']:g}, {how}\n"
+        weights = merge.get("weights")
+        chosen = f" with weights {', '.join(f'{n} {w:g}' for n, w in weights.items())}" if weights else ""
+        text += f"\nMerge scale {merge['scale']:g}{chosen}, {how}\n"
     return text
