@@ -36,9 +36,11 @@ demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dppa run
 
 # The paper's comparison: the grids of experiments/paper.yaml, each point one DVC experiment through the same stages
-# (hours on 2 cores: resumable, a rerun skips recorded points). Tables in experiments/results/.
+# (hours on 2 cores: resumable, a rerun skips recorded points). Tables in experiments/results/, then the paper's
+# claims checked against them (experiments/results/claims.md).
 experiment: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m dppa.pipeline.grid experiments/paper.yaml
+	$(BIN)/python experiments/claims.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
