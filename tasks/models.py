@@ -24,11 +24,19 @@ def build_zoo(out: Path, size: str, regime: str, seed: int) -> Path:
 
 
 @task(retries=3, retry_delay_seconds=[10, 60, 180])
-def fetch_hub(repo_id: str, revision: str, out: Path) -> Path:
-    from dppa.pipeline.hub import fetch_hub as fetch
+def fetch_hub(repo_id: str, revision: str, out: Path, root: Path) -> Path:
+    from dppa.pipeline.hub import write_hub_record
 
-    fetch(repo_id, revision, out)
+    write_hub_record(repo_id, revision, out, root)
     return out
+
+
+@task(retries=3, retry_delay_seconds=[10, 60, 180])
+def moved_revision(fetched: Path, wanted: set[tuple[str, str]]) -> tuple[str, str] | None:
+    """(fetched commit, current commit) when the branch or tag of a fetched hub model moved upstream."""
+    from dppa.pipeline.hub import moved_revision as moved
+
+    return moved(fetched, wanted)
 
 
 @task
