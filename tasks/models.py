@@ -23,7 +23,15 @@ def build_zoo(out: Path, size: str, regime: str, seed: int) -> Path:
     return out
 
 
-@task(retries=3, retry_delay_seconds=[10, 60, 180])
+def may_recover(task, task_run, state) -> bool:
+    """Retry what a later attempt may fix (the network, a hub error 5xx, a broken download), not the hub's no
+    (unknown repository or revision, refused token, pickles only): that fails at once, with its message."""
+    from dppa.pipeline.hub import HubRefusal
+
+    return not isinstance(state.data, HubRefusal)
+
+
+@task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)
 def fetch_hub(repo_id: str, revision: str, out: Path, root: Path) -> Path:
     from dppa.pipeline.hub import write_hub_record
 
@@ -31,7 +39,7 @@ def fetch_hub(repo_id: str, revision: str, out: Path, root: Path) -> Path:
     return out
 
 
-@task(retries=3, retry_delay_seconds=[10, 60, 180])
+@task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)
 def moved_revision(fetched: Path, wanted: set[tuple[str, str]]) -> tuple[str, str] | None:
     """(fetched commit, current commit) when the branch or tag of a fetched hub model moved upstream."""
     from dppa.pipeline.hub import moved_revision as moved

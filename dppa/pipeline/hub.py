@@ -49,15 +49,19 @@ PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt"]
 PICKLE_FLAG = "--allow-pickle"
 
 
+class HubRefusal(DppaError):
+    """The hub's answer is no (no such repository or revision, no access, only pickles): a retry cannot help."""
+
+
 def allow_patterns(files: list[str], *, allow_pickle: bool = False, repo_id: str = "") -> list[str]:
     """The download patterns for a repository holding `files`; refuses pickle-only weights unless allowed."""
     has_safetensors = any(fnmatch.fnmatch(f, "*.safetensors") for f in files)
     if has_safetensors:
         return SAFE_PATTERNS
     if not any(fnmatch.fnmatch(f, p) for f in files for p in PICKLE_PATTERNS):
-        raise DppaError(f"{repo_id}: the repository has no weight files (no *.safetensors, no *.bin)")
+        raise HubRefusal(f"{repo_id}: the repository has no weight files (no *.safetensors, no *.bin)")
     if not allow_pickle:
-        raise DppaError(
+        raise HubRefusal(
             f"{repo_id}: only pickled weights (*.bin / *.pt), and loading a pickle runs arbitrary code; convert "
             f"the model to safetensors, or pass {PICKLE_FLAG} to `dppa fetch` if you trust the repository"
         )
@@ -192,6 +196,7 @@ def hub_errors(repo_id: str, revision: str):
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -203,21 +208,23 @@ def hub_errors(repo_id: str, revision: str):
     try:
         yield
     except OfflineModeIsEnabled:
-        raise DppaError(
+        raise HubRefusal(
             f"{where}: the hub is switched off (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to download"
         ) from None
+    except HFValidationError as exc:
+        raise HubRefusal(f"{where}: not a hub repository id ({exc})") from None
     except GatedRepoError:
-        raise DppaError(f"{where}: a gated repository; accept its terms on the hub, then {token}") from None
+        raise HubRefusal(f"{where}: a gated repository; accept its terms on the hub, then {token}") from None
     except RevisionNotFoundError:
-        raise DppaError(f"{where}: no such revision; give an existing branch, tag or commit sha") from None
+        raise HubRefusal(f"{where}: no such revision; give an existing branch, tag or commit sha") from None
     except RepositoryNotFoundError:
-        raise DppaError(f"{where}: no such repository on {constants.ENDPOINT}, or it is private ({token})") from None
+        raise HubRefusal(f"{where}: no such repository on {constants.ENDPOINT}, or it is private ({token})") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if status == 401:
-            raise DppaError(f"{where}: the hub refused the token (401); {token}") from None
+            raise HubRefusal(f"{where}: the hub refused the token (401); {token}") from None
         if status == 403:
-            raise DppaError(f"{where}: the token may not read this repository (403); {token}") from None
+            raise HubRefusal(f"{where}: the token may not read this repository (403); {token}") from None
         raise DppaError(f"{where}: the hub answered {status}; retry later") from None
     except (httpx2.HTTPError, LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
         raise DppaError(
