@@ -46,15 +46,20 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     their new record then makes what depends on it stale, as any changed input does. One API call per hub model
     with a branch or tag revision; none for pinned commits, zoo or local models."""
     from dppa.pipeline.config import load_params
+    from dppa.pipeline.hub import followed_revision
 
     logger = get_run_logger()
     entries = load_params(root / "params.yaml").all_models().values()
     wanted = {(source.ref, e.revision) for e in entries if (source := e.resolve(root)).kind == "hub"}
     moved = set()
     for stage, out in fetches.items():
-        change = models.moved_revision(out, wanted)
-        if change is not None:
-            logger.info(f"{stage}: the revision moved upstream from commit {change[0]} to {change[1]}; fetching it")
+        record = followed_revision(out, wanted)
+        if record is None:
+            continue
+        now = models.current_commit(record["source"], record["revision"])
+        if now != record["commit"]:
+            where = f"{record['source']}@{record['revision']}"
+            logger.info(f"{stage}: {where} moved upstream from commit {record['commit']} to {now}; fetching it")
             moved.add(stage)
     return moved
 

@@ -40,11 +40,11 @@ def fetch_hub(repo_id: str, revision: str, out: Path, root: Path) -> Path:
 
 
 @task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)
-def moved_revision(fetched: Path, wanted: set[tuple[str, str]]) -> tuple[str, str] | None:
-    """(fetched commit, current commit) when the branch or tag of a fetched hub model moved upstream."""
-    from dppa.pipeline.hub import moved_revision as moved
+def current_commit(repo_id: str, revision: str) -> str:
+    """The commit a branch or tag of a hub repository points at now (one API call)."""
+    from dppa.pipeline.hub import current_commit as ask
 
-    return moved(fetched, wanted)
+    return ask(repo_id, revision)
 
 
 @task

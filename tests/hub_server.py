@@ -14,7 +14,8 @@
   404 `EntryNotFound`, a token that is not valid 401 `Invalid credentials in Authorization header`.
 
 The server records every request (method, path, Range, Authorization) and the bytes it served per file, and can
-cut a download short (close the connection after N bytes) or hold one until released, to test resumes and kills.
+cut a download short (close the connection after N bytes), hold one until released, or corrupt one, to test
+resumes, kills and hash checks.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class FakeHub:
         self.bytes_served: Counter[str] = Counter()  # path -> content bytes sent (GET bodies)
         self.cut_after: dict[str, int] = {}  # path -> the next GET of it closes the connection after N bytes
         self.hold: dict[str, threading.Event] = {}  # path -> the next GET of it sends half, then waits for this
+        self.corrupt: set[str] = set()  # paths whose next GET serves other bytes (same length)
         self.holding = threading.Event()  # set when a held GET has sent its half
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -247,6 +249,9 @@ class _Handler(BaseHTTPRequestHandler):
         with fake._lock:
             cut = fake.cut_after.pop(file, None)
             hold = fake.hold.pop(file, None)
+            if file in fake.corrupt:
+                fake.corrupt.discard(file)
+                part = bytes([part[0] ^ 0xFF]) + part[1:]
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(part))}.items():
             self.send_header(key, value)

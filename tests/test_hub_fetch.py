@@ -206,6 +206,23 @@ def test_a_killed_download_leaves_no_output_and_the_rerun_downloads_only_what_is
         assert cdn == {"model-00001-of-00002.safetensors": 1, "model-00002-of-00002.safetensors": 2}
 
 
+def test_a_corrupted_download_is_refused_and_the_rerun_downloads_it_anew(tmp_path):
+    files = {"config.json": b"{}", "model.safetensors": b"w" * 2048}
+    with FakeHub() as hub:
+        hub.commit("org/model", files)
+        hub.corrupt.add("model.safetensors")
+        done = dppa_fetch(hub.url, tmp_path, "org/model", "--revision", "main", "-o", str(tmp_path / "m"))
+        assert error_line(done) == (
+            "org/model@main: model.safetensors does not match the hub's size or hash (a corrupted download); "
+            "run again to download it anew"
+        )
+        assert not (tmp_path / "m").exists()
+        again = dppa_fetch(hub.url, tmp_path, "org/model", "--revision", "main", "-o", str(tmp_path / "m"))
+        assert again.returncode == 0, again.stderr
+        assert (tmp_path / "m/model.safetensors").read_bytes() == files["model.safetensors"]
+        assert len(hub.requests("GET", "/cdn/")) == 2 and len(hub.requests("GET", "config.json")) == 1
+
+
 def test_the_token_is_sent_to_the_hub_and_written_nowhere(tmp_path):
     with FakeHub(token=TOKEN) as hub:
         commit = hub.commit("org/private", small_repo(3), private=True)
@@ -274,21 +291,29 @@ def test_help_teaches_revisions_pickles_tokens_and_pipelines():
 
 
 def test_only_followed_branches_are_asked_about(tmp_path):
-    """A pinned commit, a zoo or local model, and a record params.yaml no longer asks for need no hub call (this
-    process is offline: a call would fail)."""
-    from dppa.pipeline.hub import moved_revision, write_record
+    """A pinned commit, a zoo model, a record params.yaml no longer asks for, or nothing fetched yet: no question
+    to the hub; a branch params.yaml asks for: one."""
+    from dppa.pipeline.hub import followed_revision, write_record
 
     sha = "0123456789abcdef0123456789abcdef01234567"
     records = {
         "pinned": {"kind": "hub", "source": "org/a", "revision": sha, "commit": sha},
         "zoo": {"kind": "zoo", "source": "zoo:arith", "path": "data/models/zoo/arith"},
         "replaced": {"kind": "hub", "source": "org/old", "revision": "main", "commit": sha},
+        "followed": {"kind": "hub", "source": "org/new", "revision": "main", "commit": sha},
     }
     for name, record in records.items():
         (tmp_path / name).mkdir()
         write_record(tmp_path / name, record)
     wanted = {("org/a", sha), ("org/new", "main")}
-    assert [moved_revision(tmp_path / name, wanted) for name in (*records, "never-fetched")] == [None] * 4
+    asked = {name: followed_revision(tmp_path / name, wanted) for name in (*records, "never-fetched")}
+    assert asked == {
+        "pinned": None,
+        "zoo": None,
+        "replaced": None,
+        "followed": records["followed"],
+        "never-fetched": None,
+    }
 
 
 def test_prefect_retries_network_failures_not_the_hubs_refusals():

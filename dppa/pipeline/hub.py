@@ -257,20 +257,17 @@ def project_relative(folder: Path, root: Path | None) -> str:
     return str(path)
 
 
-def moved_revision(fetched: Path, wanted: set[tuple[str, str]]) -> tuple[str, str] | None:
-    """For the fetch record of a hub model at a branch or tag that params.yaml still asks for (`wanted`: its
-    (repo id, revision) pairs): (the commit fetched, the commit the hub names now) when they differ. None when it
-    has not moved, is pinned to a sha, is not a hub model, or params.yaml asks for something else (then DVC finds
-    the fetch stale by itself)."""
+def followed_revision(fetched: Path, wanted: set[tuple[str, str]]) -> dict | None:
+    """The fetch record in `fetched` when it is a hub model at a branch or tag that params.yaml still asks for
+    (`wanted`: its (repo id, revision) pairs), so the hub must be asked whether it moved. None when it is pinned to
+    a sha, not a hub model, never fetched, or params.yaml asks for something else (then DVC finds the fetch stale
+    by itself). Reads the record only: no network."""
     if not (Path(fetched) / RECORD).exists():
-        return None  # never fetched: the fetch stage is stale anyway
+        return None
     record = read_record(fetched)
     if record.get("kind") != "hub" or is_commit_sha(record["revision"]):
         return None
-    if (record["source"], record["revision"]) not in wanted:
-        return None
-    now = current_commit(record["source"], record["revision"])
-    return None if now == record["commit"] else (record["commit"], now)
+    return record if (record["source"], record["revision"]) in wanted else None
 
 
 def local_fingerprint(folder: Path) -> list[dict]:
