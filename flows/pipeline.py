@@ -9,11 +9,15 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from tasks import models
 from tasks.dvc import repro_stage
 
+FETCH_COMMAND = "dppa stage fetch "  # the command of dvc.yaml's fetch stages
 
-def stage_graph(root: Path) -> dict[str, list[str]]:
-    """{stage name: names of the stages it depends on}, in a topological order (dependencies first)."""
+
+def stage_graph(root: Path) -> tuple[dict[str, list[str]], dict[str, Path]]:
+    """{stage name: names of the stages it depends on}, in a topological order (dependencies first); and
+    {fetch stage name: its output folder}."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -30,19 +34,50 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
         wanted = mine.union(*(nx.descendants(graph, s) for s in mine))
         graph = graph.subgraph(wanted)
         order = list(reversed(list(nx.topological_sort(graph))))
-        return {address(stage): [address(up) for up in graph.successors(stage)] for stage in order}
+        fetches = {
+            address(s): root / s.outs[0].def_path for s in order if (s.cmd or "").startswith(FETCH_COMMAND) and s.outs
+        }
+        return {address(stage): [address(up) for up in graph.successors(stage)] for stage in order}, fetches
+
+
+def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
+    """The fetch stages whose hub model names a branch or tag that now points at another commit than the one
+    fetched. DVC cannot see that (params.yaml still says `revision: main`), so these stages are forced to rerun;
+    their new record then makes what depends on it stale, as any changed input does. One API call per hub model
+    with a branch or tag revision; none for pinned commits, zoo or local models."""
+    from dppa.pipeline.config import load_params
+    from dppa.pipeline.hub import followed_revision
+
+    logger = get_run_logger()
+    entries = load_params(root / "params.yaml").all_models().values()
+    wanted = {(source.ref, e.revision) for e in entries if (source := e.resolve(root)).kind == "hub"}
+    moved = set()
+    for stage, out in fetches.items():
+        record = followed_revision(out, wanted)
+        if record is None:
+            continue
+        now = models.current_commit(record["source"], record["revision"])
+        if now != record["commit"]:
+            where = f"{record['source']}@{record['revision']}"
+            logger.info(f"{stage}: {where} moved upstream from commit {record['commit']} to {now}; fetching it")
+            moved.add(stage)
+    return moved
 
 
 @flow(name="dppa-pipeline")
 def pipeline_flow(root: str = ".") -> dict[str, str]:
-    """Run every stale stage of dvc.yaml in dependency order; returns {stage: "ran" | "restored" | "up to date"}."""
+    """Run every stale stage of dvc.yaml in dependency order, and the fetch of every hub model whose branch moved
+    upstream; returns {stage: "ran" | "restored" | "up to date"}."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    graph = stage_graph(root_path)
+    graph, fetches = stage_graph(root_path)
+    forced = moved_branches(root_path, fetches)
     started = time.perf_counter()
     futures = {}
     for stage, upstream in graph.items():
-        futures[stage] = repro_stage.submit(root_path, stage, wait_for=[futures[u] for u in upstream])
+        futures[stage] = repro_stage.submit(
+            root_path, stage, force=stage in forced, wait_for=[futures[u] for u in upstream]
+        )
     outcome = {stage: future.result() for stage, future in futures.items()}
     ran = [s for s, o in outcome.items() if o == "ran"]
     elapsed = time.perf_counter() - started

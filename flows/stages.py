@@ -67,7 +67,7 @@ def fetch_flow(params: ParamsBase, root: Path, model: str, zoo: Path, out: Path)
     source = entry.resolve(root)
     clear_leftovers(out)
     if source.kind == "hub":
-        return models.fetch_hub(source.ref, entry.revision, out)
+        return models.fetch_hub(source.ref, entry.revision, out, root)
     folder = zoo / source.ref if source.kind == "zoo" else Path(source.ref)
     return models.record_model(source.kind, entry.source, folder, out, root)
 

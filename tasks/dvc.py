@@ -19,11 +19,12 @@ def is_progress_bar(line: str) -> bool:
 
 
 @task(task_run_name="{stage}")
-def repro_stage(root: Path, stage: str) -> str:
+def repro_stage(root: Path, stage: str, force: bool = False) -> str:
     """Returns "ran", "restored" (outputs checked out from DVC's run cache: the same inputs ran before) or
-    "up to date". The stage's output is logged as it comes (progress bars left out)."""
+    "up to date". The stage's output is logged as it comes (progress bars left out). `force` runs it even when DVC
+    finds it up to date (a fetch whose hub branch moved)."""
     logger = get_run_logger()
-    command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage]
+    command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
     ran = restored = False
     # lifeline.popen: `dvc repro` (and through it the stage) ends when this run is killed
     with lifeline.popen(

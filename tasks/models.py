@@ -23,12 +23,28 @@ def build_zoo(out: Path, size: str, regime: str, seed: int) -> Path:
     return out
 
 
-@task(retries=3, retry_delay_seconds=[10, 60, 180])
-def fetch_hub(repo_id: str, revision: str, out: Path) -> Path:
-    from dppa.pipeline.hub import fetch_hub as fetch
+def may_recover(task, task_run, state) -> bool:
+    """Retry what a later attempt may fix (the network, a hub error 5xx, a broken download), not the hub's no
+    (unknown repository or revision, refused token, pickles only): that fails at once, with its message."""
+    from dppa.pipeline.hub import HubRefusal
 
-    fetch(repo_id, revision, out)
+    return not isinstance(state.data, HubRefusal)
+
+
+@task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)
+def fetch_hub(repo_id: str, revision: str, out: Path, root: Path) -> Path:
+    from dppa.pipeline.hub import write_hub_record
+
+    write_hub_record(repo_id, revision, out, root)
     return out
+
+
+@task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)
+def current_commit(repo_id: str, revision: str) -> str:
+    """The commit a branch or tag of a hub repository points at now (one API call)."""
+    from dppa.pipeline.hub import current_commit as ask
+
+    return ask(repo_id, revision)
 
 
 @task

@@ -67,7 +67,7 @@ def test_required_keys(params):
 
 def test_hub_model_needs_a_pinned_revision(params):
     params["models"]["base"] = {"source": "meta-llama/Llama-2-7b-hf"}
-    assert "models.base.source: hub model 'meta-llama/Llama-2-7b-hf' needs a pinned revision" in error_of(params)
+    assert "models.base.source: hub model 'meta-llama/Llama-2-7b-hf' needs a `revision`" in error_of(params)
     params["models"]["base"]["revision"] = "01c7f73d771dfac7d292323805ebc428287df4f9"
     assert parse_params(params).models.base.resolve(Path(".")).kind == "hub"
 

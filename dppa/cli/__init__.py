@@ -16,6 +16,7 @@ from dppa.errors import DppaError
 
 EPILOG = """\
 typical use:
+  dppa fetch org/model --revision main -o models/math       # from the hub: safetensors only, commit recorded
   dppa extract BASE FINETUNED -o data/deltas/math          # delta = finetuned - base, streamed
   dppa prune data/deltas/math -o data/pruned/math --method dp --density 0.2
   dppa amplify data/deltas/math -o data/amplified/math --densities 0.1,0.2 --factors 1.8,1.0

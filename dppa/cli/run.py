@@ -13,7 +13,8 @@ ORDER = 5
 DESCRIPTION = """\
 Run the pipeline: every stage of dvc.yaml that is stale (DVC decides, as `dvc repro` would), as Prefect tasks in
 dependency order, the per-fine-tune branches side by side; then print the results table (also written to
-the report stage's scores.md and .csv, with plots).
+the report stage's scores.md and .csv, with plots). A hub model given at a branch or tag is asked about first
+(one API call): if the branch moved upstream, its fetch reruns, and with it what depends on that model.
 
 The configuration is PROJECT/params.yaml, checked before any work. Where the stages run is runtime.task_runner:
   threads               local threads (default; runtime.concurrency of them)

@@ -9,7 +9,8 @@ ORDER = 6
 
 DESCRIPTION = """\
 Serve the pipeline as a Prefect deployment that runs on a cron schedule, for as long as this command runs
-(stop it with Ctrl-C). Each scheduled run is what `dppa run` does: stale stages only, then the report.
+(stop it with Ctrl-C). Each scheduled run is what `dppa run` does: stale stages only, then the report; a hub
+model at a branch or tag is refetched when the branch moved upstream (see `dppa fetch --help`).
 Runs are recorded by the Prefect server named in PREFECT_API_URL, else by a local Prefect server started for
 as long as this command runs (its UI address is printed; the embedded API that `dppa run` uses has no
 scheduler, so `serve` starts a full one).

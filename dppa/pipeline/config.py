@@ -54,7 +54,7 @@ def _check_positive(value: float | None) -> float | None:
 
 
 class Source:
-    """Where a model comes from: the demo zoo, a hub repository at a pinned revision, or a local folder."""
+    """Where a model comes from: the demo zoo, a hub repository at a revision, or a local folder."""
 
     def __init__(self, kind: Literal["zoo", "hub", "local"], ref: str):
         self.kind, self.ref = kind, ref
@@ -75,7 +75,10 @@ def parse_source(text: str, revision: str | None, root: Path) -> Source:
         if not HUB_ID.match(repo_id):
             raise ValueError(f"{text!r} is not a hub id of the form org/name")
         if not revision:
-            raise ValueError(f"hub model {repo_id!r} needs a pinned revision (a commit sha or tag) in `revision`")
+            raise ValueError(
+                f"hub model {repo_id!r} needs a `revision`: a commit sha (pinned), or a branch or tag "
+                "(followed: `dppa run` refetches it when it moves)"
+            )
         return Source("hub", repo_id)
     if not local.is_dir():
         raise ValueError(
