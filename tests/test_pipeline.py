@@ -49,6 +49,7 @@ def small_params(zoo: Path) -> dict:
     params["zoo"]["size"] = "none"  # the models come from the session's tiny zoo, as local folders
     params["amplify"] = {"bands": [0.5, 1.0], "factors": [1.8, 1.0]}
     params["merge"]["search"].update(grid=[0.5, 1.0], limit=4)
+    params["merge"]["weights"] = None  # the weights search has its own test (test_merge_search.py)
     params["evaluate"].update(limit=4, batch_size=8)
     params["runtime"].update(device="cpu", concurrency=2, gpu_concurrency=2)
     return params
