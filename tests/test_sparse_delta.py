@@ -38,7 +38,7 @@ def hand_tensors() -> dict[str, torch.Tensor]:
     values = torch.randn(NUMEL, generator=gen).to(torch.bfloat16)
     keep = torch.rand(NUMEL, generator=gen) < 0.2
     pruned = torch.where(keep, values, torch.zeros((), dtype=torch.bfloat16))
-    pruned[[5, 65_536, NUMEL - 1]] = -0.0  # kept entries whose value is zero: their sign must survive
+    pruned[[5, 65_536, NUMEL - 1]] = -0.0  # as pruning leaves where it drops a negative entry: stored as +0.0
     return {
         "layers.0.w": pruned.view(NUMEL // 2, 2),
         "layers.0.dense": torch.randn(300, generator=gen).to(torch.bfloat16),  # no zero: stays dense
@@ -62,9 +62,11 @@ def test_sparse_file_decodes_to_the_exact_bytes_and_reads_any_range(tmp_path):
     decoded = load_delta(tmp_path / "d")  # the safetensors library reads the file; numpy decodes the mask
     assert set(decoded) == set(tensors)
     for name, tensor in tensors.items():
-        assert decoded[name].shape == tensor.shape and torch.equal(bits(decoded[name]), bits(tensor)), name
+        expected = torch.where(tensor == 0, 0.0, tensor).to(tensor.dtype)  # +0.0 for -0.0, else the same bits
+        assert decoded[name].shape == tensor.shape and torch.equal(bits(decoded[name]), bits(expected)), name
+    assert int(decoded["layers.0.w"].view(torch.int16).eq(-32768).sum()) == 0  # no -0.0 left
     reader = open_checkpoint(tmp_path / "d")
-    flat = tensors["layers.0.w"].reshape(-1)
+    flat = decoded["layers.0.w"].reshape(-1)
     assert reader.shape("layers.0.w") == (NUMEL // 2, 2) and reader.dtype("layers.0.w") == torch.bfloat16
     for start, count in [
         (0, NUMEL),
@@ -84,8 +86,10 @@ def test_sparse_file_decodes_to_the_exact_bytes_and_reads_any_range(tmp_path):
 def test_dense_storage_writes_plain_safetensors(tmp_path):
     tensors = hand_tensors()
     write(tmp_path / "d", tensors, sparse=False)
-    plain = load_file(tmp_path / "d" / "model.safetensors")
-    assert set(plain) == set(tensors) and all(torch.equal(bits(plain[n]), bits(t)) for n, t in tensors.items())
+    write(tmp_path / "s", tensors)
+    plain, decoded = load_file(tmp_path / "d" / "model.safetensors"), load_delta(tmp_path / "s")
+    assert set(plain) == set(tensors) and all(torch.equal(bits(plain[n]), bits(decoded[n])) for n in tensors)
+    assert torch.equal(plain["layers.0.w"], tensors["layers.0.w"])  # the same values (-0.0 == 0.0)
 
 
 def test_a_newer_format_version_is_refused(tmp_path):

