@@ -174,6 +174,7 @@ def extract_delta(
             {
                 "kind": "delta",
                 "content_hash": content_hash,
+                "storage": {"format": "dense"},
                 "base": source_record(base_r.folder, base_hash.hexdigest()),
                 "finetuned": source_record(ft_r.folder, ft_hash.hexdigest()),
                 "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from dppa.cli import main as dppa
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.scope import compile_scope
+from tests.delta_files import load_delta
 
 SMALL = dict(
     vocab_size=100,
@@ -148,7 +149,7 @@ def run_family(base: Path, tmp: Path) -> dict:
     assert set(densities) == set(expected) and manifest["scope_left_out"] == []
     # layer and module adjustments are each at most lamda = 0.08
     assert all(0.2 - 0.16 - 1e-9 <= d <= 0.2 + 0.16 + 1e-9 for d in densities.values())
-    pruned, delta = load_file(tmp / "pruned" / "model.safetensors"), load_file(tmp / "delta1" / "model.safetensors")
+    pruned, delta = load_delta(tmp / "pruned"), load_file(tmp / "delta1" / "model.safetensors")
     for name, values in pruned.items():
         if name in expected:  # every block matrix pruned to its DP density (the noise leaves no zero in the delta)
             assert abs(int(values.count_nonzero()) - round(densities[name] * values.numel())) <= 1, name
@@ -159,7 +160,7 @@ def run_family(base: Path, tmp: Path) -> dict:
         cli("amplify", tmp / f"delta{i}", "-o", tmp / f"amp{i}", "--densities", "0.1,0.2", "--factors", "1.5,1.2")
     cli("merge", base, tmp / "amp1", tmp / "amp2", "-o", tmp / "merged", "--method", "ties")
 
-    amplified = [load_file(tmp / f"amp{i}" / "model.safetensors") for i in (1, 2)]
+    amplified = [load_delta(tmp / f"amp{i}") for i in (1, 2)]
     for amp in amplified:  # DPA's output is sparse on every block matrix: at most the top band's density + 2 lamda
         assert all(amp[n].count_nonzero() <= 0.36 * amp[n].numel() + 1 for n in expected)
     reference = {

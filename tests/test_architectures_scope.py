@@ -15,6 +15,7 @@ from dppa.cli import main as dppa
 from dppa.io.manifest import write_manifest
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.scope import compile_scope
+from tests.delta_files import load_delta
 from tests.test_architectures import block_matrices_by_rule, build_base, make_finetune
 
 OLD_LLAMA_SCOPE = r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$"
@@ -87,7 +88,7 @@ def test_user_scope_that_leaves_fused_projections_out_says_so(deltas, tmp_path, 
     manifest = json.loads((tmp_path / "out" / "dppa_manifest.json").read_text())
     fused = {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.qkv_proj", "mlp.gate_up_proj")}
     assert set(manifest["scope_left_out"]) == fused
-    pruned, delta = load_file(tmp_path / "out" / "model.safetensors"), load_file(deltas["phi3"] / "model.safetensors")
+    pruned, delta = load_delta(tmp_path / "out"), load_file(deltas["phi3"] / "model.safetensors")
     assert all(torch.equal(pruned[n], delta[n]) for n in fused)  # left dense, as the note says
 
 

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dppa.cli import main
 from dppa.errors import DppaError
@@ -14,6 +13,7 @@ from dppa.extract import extract_delta
 from dppa.io.manifest import read_manifest
 from dppa.search.runner import SearchSettings, reference_scores, search_amplification
 from dppa.zoo.tasks import data_fingerprint
+from tests.delta_files import load_delta
 
 TASK = "zoo_facts"
 LIMIT = 8
@@ -87,10 +87,7 @@ def test_rerun_with_the_cache_evaluates_no_candidate(tiny_zoo, facts_delta, refe
 
 
 def _tensors(folder):
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
+    return load_delta(folder)
 
 
 def expected_amplified(delta_folder, module_density, factors):

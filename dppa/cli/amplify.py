@@ -2,7 +2,7 @@
 
 import argparse
 
-from dppa.cli.options import add_band_options, add_common, add_dp_options, common_kwargs, float_list
+from dppa.cli.options import add_band_options, add_common, add_dp_options, add_storage, common_kwargs, float_list
 from dppa.sparsify.bands import amplify_delta
 from dppa.sparsify.registry import PRUNERS
 
@@ -31,6 +31,7 @@ def register(subparsers) -> None:
     add_band_options(p)
     p.add_argument("--factors", type=float_list, required=True, metavar="A1,A2,..", help="one factor per band")
     add_dp_options(p)
+    add_storage(p)
     p.set_defaults(func=run)
 
 
@@ -43,6 +44,7 @@ def run(args) -> int:
         combine=args.combine,
         options=PRUNERS.options_from_args("dp", args),
         scope=args.scope,
+        storage=args.storage,
         **common_kwargs(args),
     )
     print(out)

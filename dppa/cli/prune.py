@@ -2,7 +2,7 @@
 
 import argparse
 
-from dppa.cli.options import add_common, add_method_options, add_scope, common_kwargs
+from dppa.cli.options import add_common, add_method_options, add_scope, add_storage, common_kwargs
 from dppa.sparsify.prune import prune_delta
 from dppa.sparsify.registry import PRUNERS
 
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--density", required=True, type=float, metavar="D", help="share of delta entries kept, in (0, 1]")
     add_scope(p)
     add_method_options(p, PRUNERS)
+    add_storage(p)
     p.set_defaults(func=run)
 
 
@@ -45,6 +46,7 @@ def run(args) -> int:
         density=args.density,
         scope=args.scope,
         options=PRUNERS.options_from_args(args.method, args),
+        storage=args.storage,
         **common_kwargs(args),
     )
     print(out)

@@ -1,7 +1,8 @@
 """Read a Hugging Face model folder tensor by tensor (or chunk by chunk) without loading whole files.
 
 Supports one `model.safetensors`, shards listed in `model.safetensors.index.json`, or any set of `*.safetensors`
-files. Pickle checkpoints (`*.bin`, `*.pt`) are refused unless the caller opts in, since unpickling can run code.
+files. Sparse delta files (dppa/io/sparse.py) read as the dense tensors they encode, so no caller tells them apart.
+Pickle checkpoints (`*.bin`, `*.pt`) are refused unless the caller opts in, since unpickling can run code.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dppa.errors import DppaError
+from dppa.io import sparse
 from dppa.io.safetensors_format import FormatError, itemsize, parse_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -23,11 +26,21 @@ HEADER_PROBE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
+class SparseInfo:
+    """Where a sparse tensor's parts lie in its file (absolute byte offsets) and how many values it keeps."""
+
+    counts: int
+    mask: int
+    kept: int
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the first element in `file`
+    offset: int  # absolute byte offset of the first element (of the kept values, when sparse) in `file`
+    sparse: SparseInfo | None = None
 
     @property
     def numel(self) -> int:
@@ -35,7 +48,14 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """The dense tensor's size, whatever its layout on disk."""
         return self.numel * itemsize(self.dtype)
+
+    @property
+    def stored_bytes(self) -> int:
+        if self.sparse is None:
+            return self.nbytes
+        return sparse.sparse_nbytes(self.numel, self.sparse.kept, self.dtype)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
@@ -50,7 +70,45 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
         tensors, metadata, _ = parse_header(head, size)
     except FormatError as exc:
         raise DppaError(f"{path}: {exc}") from None
-    return {n: TensorInfo(path, d, s, o) for n, (d, s, o) in tensors.items()}, metadata
+    infos = {n: TensorInfo(path, d, s, o) for n, (d, s, o) in tensors.items()}
+    if "dppa_format" in metadata:
+        infos = _sparse_infos(path, infos, metadata)
+    return infos, metadata
+
+
+def _sparse_infos(path: Path, stored: dict[str, TensorInfo], metadata: dict) -> dict[str, TensorInfo]:
+    """The dense tensors a sparse file encodes (dppa/io/sparse.py), from its stored parts."""
+    fmt, version = metadata.get("dppa_format"), metadata.get("dppa_format_version")
+    if fmt != sparse.FORMAT or version != str(sparse.VERSION):
+        raise DppaError(
+            f"{path}: delta format {fmt!r} version {version!r} is not one this dppa reads "
+            f"({sparse.FORMAT!r} version {sparse.VERSION}); upgrade dppa or recreate the delta"
+        )
+    try:
+        shapes = json.loads(metadata["dppa_sparse"])
+        block = int(metadata["dppa_block"])
+    except (KeyError, ValueError):
+        raise DppaError(f"{path}: sparse delta header without a valid dppa_sparse/dppa_block; recreate it") from None
+    if block != sparse.BLOCK:
+        raise DppaError(f"{path}: sparse block size {block} is not {sparse.BLOCK}; recreate the delta")
+    infos = dict(stored)
+    for name, shape in shapes.items():
+        parts = {part: infos.pop(sparse.part_name(name, part), None) for part in sparse.PARTS}
+        numel = math.prod(shape)
+        counts, mask, values = parts["counts"], parts["mask"], parts["values"]
+        if (
+            counts is None
+            or mask is None
+            or values is None
+            or counts.shape != (sparse.block_count(numel),)
+            or mask.shape != (sparse.mask_bytes(numel),)
+            or len(values.shape) != 1
+        ):
+            raise DppaError(f"{path}: sparse tensor {name!r} has missing or malformed parts; the file is corrupt")
+        infos[name] = TensorInfo(
+            path, values.dtype, tuple(shape), values.offset, SparseInfo(counts.offset, mask.offset, values.shape[0])
+        )
+    return infos
 
 
 class CheckpointReader:
@@ -89,6 +147,10 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
 
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data on disk (smaller than total_bytes() for sparse deltas)."""
+        return sum(i.stored_bytes for i in self._infos.values())
+
     # -- data -------------------------------------------------------------------------------------------------
     def read_flat(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements [start, start+count) of the flattened tensor, in its stored dtype, in fresh CPU memory."""
@@ -96,10 +158,36 @@ class CheckpointReader:
         count = info.numel - start if count is None else count
         if start < 0 or count < 0 or start + count > info.numel:
             raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
-        size = itemsize(info.dtype)
-        buf = torch.empty(count * size, dtype=torch.uint8)
-        self._read_into(info.file, info.offset + start * size, buf)
-        return buf.view(info.dtype)
+        if info.sparse is not None:
+            return self._read_sparse(info, start, count)
+        return self._read(info.file, info.offset + start * itemsize(info.dtype), count, info.dtype)
+
+    def _read(self, path: Path, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = torch.empty(count * itemsize(dtype), dtype=torch.uint8)
+        self._read_into(path, offset, buf)
+        return buf.view(dtype)
+
+    def _read_sparse(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+        """Decode elements [start, start+count): the mask from the start of their block, then their values."""
+        out = torch.zeros(count, dtype=info.dtype)
+        if count == 0:
+            return out
+        block = start // sparse.BLOCK
+        before = int(self._read(info.file, info.sparse.counts + 8 * block, 1, torch.int64)[0])
+        first_bit = block * sparse.BLOCK
+        first_byte, end_byte = first_bit // 8, math.ceil((start + count) / 8)
+        mask = self._read(info.file, info.sparse.mask + first_byte, end_byte - first_byte, torch.uint8)
+        bits = np.unpackbits(mask.numpy(), bitorder="little").view(bool)  # numpy: several times torch's speed here
+        head = start - first_bit
+        before += int(np.count_nonzero(bits[:head]))
+        kept = bits[head : head + count]
+        n_kept = int(np.count_nonzero(kept))
+        if before + n_kept > info.sparse.kept:
+            raise DppaError(f"{info.file}: sparse tensor's mask and values disagree; the file is corrupt")
+        values = self._read(info.file, info.offset + before * itemsize(info.dtype), n_kept, info.dtype)
+        as_int = sparse.same_size_int(info.dtype)  # numpy has no bfloat16: move the bits as integers
+        out.view(as_int).numpy()[np.flatnonzero(kept)] = values.view(as_int).numpy()  # 3x a boolean index
+        return out
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         tensor = self.read_flat(name).view(self.info(name).shape)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dppa.io.safetensors_format import build_header, itemsize
+from dppa.io import sparse
+from dppa.io.safetensors_format import HEADER_ALIGN, build_header, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -168,3 +169,125 @@ class ShardedWriter:
             }
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return self.hasher.hexdigest()
+
+
+class DeltaWriter:
+    """Writes a delta folder tensor by tensor (whole tensors), each tensor in the sparse layout of dppa/io/sparse.py
+    where that is smaller (with `sparse=True`), else dense.
+
+    Shards are planned from the dense sizes, so none exceeds the limit. How many values a tensor keeps is known only
+    when it arrives, so each shard's header is written last, into room reserved at the start of the file for the
+    largest header its tensors could need (the unused room is JSON whitespace, which safetensors readers skip).
+    The content hash is the dense tensors' (ContentHasher), so a sparse and a dense file of one delta hash the same.
+    Zeros are written as +0.0.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int,
+        *,
+        sparse: bool = True,
+    ):
+        self.folder = Path(folder)
+        self.sparse = sparse
+        layout = ShardedWriter(folder, plan, max_shard_bytes)  # its shard plan only
+        self.entries = layout.entries
+        self.num_shards = layout.num_shards
+        self.shard_name = layout.shard_name
+        self._pos = 0
+        self._file = None
+        self._open_shard = -1
+        self._stored: list[tuple[str, torch.dtype, tuple[int, ...]]] = []  # the open shard's stored tensors
+        self._sparse_shapes: dict[str, tuple[int, ...]] = {}
+        self._reserved = 0
+        self.weight_map: dict[str, str] = {}
+        self.hasher = ContentHasher()
+        self.bytes_written = 0
+        self.sparse_tensors = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the whole tensor `name` (the next one in the plan), converted to its planned dtype."""
+        if self._pos >= len(self.entries):
+            raise RuntimeError(f"tensor {name!r} is not in the output plan (all tensors already written)")
+        entry = self.entries[self._pos]
+        if name != entry.name:
+            raise RuntimeError(f"expected tensor {entry.name!r} next, got {name!r}")
+        tensor = tensor.detach().to("cpu", entry.dtype).reshape(-1)
+        # Pruning multiplies by a 0/1 mask, which leaves -0.0 where a negative entry was dropped; every zero is
+        # stored as +0.0 (either storage), so a dropped entry needs no bit in the sparse layout. No sum or
+        # product of the merges tells -0.0 from +0.0 unless a base weight is itself -0.0.
+        tensor = torch.where(tensor == 0, torch.zeros((), dtype=tensor.dtype), tensor).contiguous()
+        if tensor.numel() != math.prod(entry.shape):
+            raise RuntimeError(f"tensor {name!r}: {tensor.numel()} elements, its shape {entry.shape} needs more")
+        if entry.shard != self._open_shard:
+            self._open(entry.shard)
+        self.hasher.start(name, entry.dtype, entry.shape)
+        self.hasher.update(tensor_bytes(tensor))
+        parts = sparse.encode(tensor) if self.sparse else None
+        if parts is None:
+            self._put(name, tensor.view(entry.shape))
+        else:
+            self._sparse_shapes[name] = entry.shape
+            self.sparse_tensors += 1
+            for part in sparse.PARTS:
+                self._put(sparse.part_name(name, part), parts[part])
+        self._pos += 1
+
+    def _put(self, stored_name: str, data: torch.Tensor) -> None:
+        raw = tensor_bytes(data)
+        self._file.write(raw)
+        self.bytes_written += len(raw)
+        self._stored.append((stored_name, data.dtype, tuple(data.shape)))
+        self.weight_map[stored_name] = self.shard_name(self._open_shard)
+
+    def _open(self, shard: int) -> None:
+        self._finish_shard()
+        members = [e for e in self.entries if e.shard == shard]
+        # The largest header: every tensor sparse, every number as wide as any file could need.
+        wide = (10**15,)
+        worst = [(sparse.part_name(e.name, p), torch.float64, wide) for e in members for p in sparse.PARTS]
+        worst_meta = sparse.header_metadata({e.name: wide * max(1, len(e.shape)) for e in members})
+        self._reserved = len(build_header(worst, worst_meta)) + 16 * len(worst)
+        self._reserved += -self._reserved % HEADER_ALIGN
+        self._file = open(self.folder / self.shard_name(shard), "wb")
+        self._file.write(b"\0" * self._reserved)
+        self._open_shard = shard
+
+    def _finish_shard(self) -> None:
+        if self._file is None:
+            return
+        metadata = sparse.header_metadata(self._sparse_shapes) if self.sparse else None
+        header = build_header(self._stored, metadata)
+        body = header[8:] + b" " * (self._reserved - len(header))
+        self._file.seek(0)
+        self._file.write(len(body).to_bytes(8, "little") + body)
+        self._file.close()
+        self._file, self._stored, self._sparse_shapes = None, [], {}
+
+    def close(self) -> str:
+        """Finish the files; returns the content hash. Raises if any planned tensor was not written."""
+        while self._pos < len(self.entries) and self.entries[self._pos].nbytes == 0:
+            entry = self.entries[self._pos]
+            self.write(entry.name, torch.empty(0, dtype=entry.dtype))
+        if self._pos != len(self.entries):
+            raise RuntimeError(f"tensor {self.entries[self._pos].name!r} was not written")
+        self._finish_shard()
+        if self.num_shards > 1:
+            index = {"metadata": {"total_size": self.bytes_written}, "weight_map": self.weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return self.hasher.hexdigest()
+
+    def storage_record(self) -> dict:
+        """The manifest's description of the files' layout."""
+        if not self.sparse:
+            return {"format": "dense"}
+        return {
+            "format": sparse.FORMAT,
+            "version": sparse.VERSION,
+            "sparse_tensors": self.sparse_tensors,
+            "dense_tensors": len(self.entries) - self.sparse_tensors,
+            "stored_bytes": self.bytes_written,
+            "dense_bytes": sum(e.nbytes for e in self.entries),
+        }

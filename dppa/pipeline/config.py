@@ -133,7 +133,8 @@ class Zoo(Strict):
 
 
 class Extract(Strict):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # source: the fine-tune's own dtype (bf16 deltas of bf16 models); the arithmetic is float32 either way
+    dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
 
 
 class PruneBase(Strict):

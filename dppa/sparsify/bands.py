@@ -26,7 +26,7 @@ from dppa.sparsify.dp import DPOptions, DPStats, gather_dp_stats, module_densiti
 from dppa.sparsify.registry import PRUNERS
 from dppa.sparsify.scope import DEFAULT_SCOPE, compile_scope
 from dppa.sparsify.threshold import keep_count, topk_mask
-from dppa.sparsify.transform import check_density, transform_delta
+from dppa.sparsify.transform import check_density, check_storage, transform_delta
 
 COMBINE_RULES = ("max", "band")
 
@@ -144,6 +144,7 @@ def amplify_delta(
     progress: bool = True,
     max_shard_size: str = "5GB",
     extra_manifest: dict | None = None,
+    storage: str = "sparse",
 ) -> Path:
     """Write the amplified sparse delta (density d_K) of the delta folder `delta` into `out`.
 
@@ -151,6 +152,7 @@ def amplify_delta(
     """
     check_bands(densities, factors)
     band_factors(factors, combine)  # validates `combine`
+    check_storage(storage)
     options = PRUNERS.options_for("dp", options)
     out = Path(out)
     check_output_free(out, overwrite)
@@ -187,4 +189,5 @@ def amplify_delta(
         overwrite=overwrite,
         progress=progress,
         max_shard_size=max_shard_size,
+        storage=storage,
     )

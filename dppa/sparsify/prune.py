@@ -16,7 +16,7 @@ from dppa.io.manifest import check_is_delta
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.registry import PRUNERS
 from dppa.sparsify.scope import DEFAULT_SCOPE, compile_scope
-from dppa.sparsify.transform import check_density, transform_delta
+from dppa.sparsify.transform import check_density, check_storage, transform_delta
 
 
 def prune_delta(
@@ -31,6 +31,7 @@ def prune_delta(
     overwrite: bool = False,
     progress: bool = True,
     max_shard_size: str = "5GB",
+    storage: str = "sparse",
 ) -> Path:
     """Prune the delta folder `delta` into `out`; returns `out`.
 
@@ -39,6 +40,7 @@ def prune_delta(
     entry = PRUNERS.get(method)
     options = PRUNERS.options_for(method, options)
     check_density(density)
+    check_storage(storage)
     out = Path(out)
     check_output_free(out, overwrite)
     dev = resolve_device(device)
@@ -74,4 +76,5 @@ def prune_delta(
         overwrite=overwrite,
         progress=progress,
         max_shard_size=max_shard_size,
+        storage=storage,
     )

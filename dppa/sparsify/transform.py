@@ -14,7 +14,7 @@ from dppa.io.atomic import atomic_dir
 from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader
-from dppa.io.writer import ShardedWriter, parse_size
+from dppa.io.writer import DeltaWriter, parse_size
 from dppa.sparsify.scope import layer_of
 
 # fn(name, delta in its stored dtype on the compute device, layer index or None when out of scope) -> new delta
@@ -26,6 +26,15 @@ def check_density(density: float, flag: str = "--density") -> float:
     if not (0.0 < density <= 1.0):
         raise DppaError(f"{flag} {density}: must be in (0, 1] (the share of delta entries kept)")
     return density
+
+
+STORAGE = ("sparse", "dense")
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGE:
+        raise DppaError(f"--storage {storage}: use one of {', '.join(STORAGE)}")
+    return storage
 
 
 def transform_delta(
@@ -40,8 +49,14 @@ def transform_delta(
     overwrite: bool,
     progress: bool,
     max_shard_size: str = "5GB",
+    storage: str = "sparse",
 ) -> Path:
-    """Apply `fn` to every tensor of the delta at `reader` and write the result, same names, shapes and dtypes."""
+    """Apply `fn` to every tensor of the delta at `reader` and write the result, same names, shapes and dtypes.
+
+    storage: `sparse` writes each tensor in the sparse layout (dppa/io/sparse.py) where that is smaller, `dense`
+    writes plain safetensors.
+    """
+    check_storage(storage)
     upstream = read_manifest(reader.folder)
     names = reader.names()
     plan = [(n, reader.dtype(n), reader.shape(n)) for n in names]
@@ -54,7 +69,7 @@ def transform_delta(
         Progress(desc, reader.total_bytes(), len(names), progress) as bar,
         chunk_workers() as (pool, workers),
     ):
-        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        writer = DeltaWriter(tmp, plan, parse_size(max_shard_size), sparse=storage == "sparse")
         # one tensor per worker in flight: memory stays at a few copies of the largest tensor
         for name, result in zip(names, ordered_map(pool, workers, transform, names, window=workers)):
             writer.write(name, result)
@@ -68,6 +83,7 @@ def transform_delta(
             {
                 **manifest,
                 "content_hash": content_hash,
+                "storage": writer.storage_record(),
                 "source_delta": source_record(reader.folder, upstream.get("content_hash", "")),
                 **record,
             },

@@ -1,0 +1,33 @@
+"""Reading delta folders in the tests, independently of dppa's reader: the safetensors library plus numpy's
+unpackbits decode the sparse layout as docs/method.md describes it (a bit mask, little bit order, and the kept
+values in flat order)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+
+def load_delta(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the delta folder as a dense tensor, whether stored dense or sparse."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            metadata = handle.metadata() or {}
+            stored = {name: handle.get_tensor(name) for name in handle.keys()}
+        shapes = json.loads(metadata.get("dppa_sparse", "{}"))
+        for name, shape in shapes.items():
+            mask = stored.pop(f"{name}::mask").numpy()
+            values = stored.pop(f"{name}::values")
+            stored.pop(f"{name}::counts")
+            numel = int(np.prod(shape))
+            kept = torch.from_numpy(np.unpackbits(mask, bitorder="little")[:numel].astype(bool))
+            dense = torch.zeros(numel, dtype=values.dtype)
+            dense[kept] = values
+            tensors[name] = dense.view(shape)
+        tensors.update(stored)
+    return tensors
