@@ -39,7 +39,7 @@ demo: $(STAMP)
 # (hours on 2 cores: resumable, a rerun skips recorded points). Tables in experiments/results/, then the paper's
 # claims checked against them (experiments/results/claims.md).
 experiment: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m dppa.pipeline.grid experiments/paper.yaml
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dppa grid experiments/paper.yaml
 	$(BIN)/python experiments/claims.py
 
 clean:

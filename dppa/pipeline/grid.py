@@ -2,7 +2,7 @@
 as one DVC experiment (`dvc exp run -S key=value ...`) through the same stages as `dvc repro`; the tables come
 from the metrics DVC records for each experiment (`dvc exp show --json`), as mean +- std over the seeds.
 
-    python -m dppa.pipeline.grid experiments/paper.yaml [--only GRID] [--where KEY=VALUE] [--tables-only]
+    dppa grid experiments/paper.yaml [--only GRID] [--where KEY=VALUE] [--tables-only]
 
 The grid file (see experiments/paper.yaml):
     set:    {key: value}              overrides applied at every point
@@ -14,20 +14,19 @@ The grid file (see experiments/paper.yaml):
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
 resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Afterwards
 params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
-All points share one Prefect API (started for the grid unless PREFECT_API_URL names one), so the stage processes
-do not each start a server. `--where zoo.regime=heavy` runs a slice, e.g. one slice per clone of the project on
-machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the tables from all of them.
+`dppa grid` runs all points under one Prefect API (started for the grid unless PREFECT_API_URL names one), so the
+stage processes do not each start a server. `--where zoo.regime=heavy` runs a slice, e.g. one slice per clone of
+the project on machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the tables from all.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import hashlib
 import itertools
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -245,13 +244,18 @@ def write_tables(spec: dict, grids: list[str], projects: list[Path], results: Pa
     return results / "results.md"
 
 
-def run_grid(spec: dict, grids: list[str], project: Path, results: Path, where: dict | None = None, log=print) -> Path:
-    from dppa.pipeline.config import load_params
-    from flows.runtime import prefect_api, set_gpu_limit
-
+def run_grid(
+    spec: dict,
+    grids: list[str],
+    project: Path,
+    results: Path,
+    where: dict | None = None,
+    log=print,
+    session=contextlib.nullcontext,
+) -> Path:
+    """Run the points not recorded yet, inside `session()` (e.g. one Prefect API for all), then write the tables."""
     done = set(recorded(project))
-    with prefect_api():
-        set_gpu_limit(load_params(project / "params.yaml").runtime.gpu_concurrency)
+    with session():
         for grid in grids:
             for point in points(spec, grid):
                 if not matches(point, where or {}):
@@ -261,47 +265,3 @@ def run_grid(spec: dict, grids: list[str], project: Path, results: Path, where: 
                     continue
                 run_point(project, point, spec["grids"][grid].get("targets") or [], log)
     return write_tables(spec, grids, [project], results)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dppa.pipeline.grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("grid", help="grid file, e.g. experiments/paper.yaml")
-    parser.add_argument(
-        "-C",
-        "--project",
-        action="append",
-        help="the project (a git + DVC repository; default .); with --tables-only repeatable: tables from all",
-    )
-    parser.add_argument("--only", action="append", help="run only this grid (repeatable)")
-    parser.add_argument(
-        "--where", action="append", default=[], metavar="KEY=VALUE", help="run only the points with this override"
-    )
-    parser.add_argument("--results", default="experiments/results", help="tables folder (default experiments/results)")
-    parser.add_argument("--tables-only", action="store_true", help="write the tables from what is recorded")
-    args = parser.parse_args(argv)
-    try:
-        spec = load_grid(Path(args.grid))
-        grids = args.only or list(spec["grids"])
-        unknown = set(grids) - set(spec["grids"])
-        if unknown:
-            raise DppaError(f"--only {sorted(unknown)[0]}: not a grid of {args.grid} ({', '.join(spec['grids'])})")
-        projects = [Path(p).resolve() for p in args.project or ["."]]
-        where = parse_where(args.where)
-        if args.tables_only:
-            path = write_tables(spec, grids, projects, Path(args.results))
-        elif len(projects) > 1:
-            raise DppaError("give one --project to run a grid (several only with --tables-only)")
-        else:
-            log = lambda m: print(m, flush=True)  # noqa: E731
-            path = run_grid(spec, grids, projects[0], Path(args.results), where, log=log)
-    except DppaError as exc:
-        print(f"grid: error: {exc}", file=sys.stderr)
-        return 2
-    print(path.read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
