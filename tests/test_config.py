@@ -198,3 +198,19 @@ def test_commands_refuse_bad_params_before_any_work(tmp_path, params, capsys, co
     assert main([*command, *location]) == 2
     assert "params.yaml: prune.density: must be in (0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_every_merge_input_names_a_folder_the_stage_graph_writes():
+    """dvc.yaml's merge stage reads data/${merge.inputs}: each allowed value must be a folder some stage writes."""
+    import typing
+
+    from dppa.pipeline.config import MergeBase
+
+    graph = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    outs = {
+        str(out).split("/${")[0]
+        for stage in graph["stages"].values()
+        for out in (stage.get("do", stage).get("outs") or [])
+    }
+    for value in typing.get_args(MergeBase.model_fields["inputs"].annotation):
+        assert f"data/{value}" in outs, f"merge.inputs: {value} reads data/{value}, which no stage writes"

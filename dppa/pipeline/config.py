@@ -235,7 +235,7 @@ class MergeBase(Strict):  # `method` comes from the merge-method registry (`_mod
     search: MergeSearch | None = None
     weights: dict[str, float] | Literal["search"] | None = None
     density: float | None = None
-    inputs: Literal["amplified", "pruned", "delta"] = "amplified"
+    inputs: Literal["amplified", "pruned", "deltas"] = "amplified"  # the folder under data/ (dvc.yaml)
 
     _density = field_validator("density")(_check_density)
 
