@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from dppa.errors import DppaError
-from dppa.pipeline.grid import load_grid, points, table
+from dppa.pipeline.grid import finished_experiments, load_grid, points, table
 
 
 def test_points_are_the_product_of_the_axes_times_the_seeds():
@@ -87,3 +87,18 @@ def test_the_paper_grid_file_is_valid_and_its_overrides_are_valid_params():
                     node = node[part]
                 node[last] = value
             parse_params(params)
+
+
+def test_an_experiment_still_running_in_the_workspace_is_not_recorded():
+    metrics = {"data/metrics/m.json": {"data": {"score": 0.5}}}
+    shown = [
+        {
+            "rev": "workspace",
+            "data": {"rev": "workspace", "metrics": metrics},
+            "experiments": [
+                {"revs": [{"rev": "workspace", "name": "running", "data": {"rev": "workspace", "metrics": metrics}}]},
+                {"revs": [{"rev": "a" * 40, "name": "done", "data": {"rev": "a" * 40, "metrics": metrics}}]},
+            ],
+        }
+    ]
+    assert finished_experiments(shown) == {"done": {"data/metrics/m.json": {"score": 0.5}}}

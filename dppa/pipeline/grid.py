@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import re
 import statistics
 import subprocess
 import time
@@ -93,6 +94,12 @@ def dvc(project: Path, *args: str) -> str:
 
 def recorded(project: Path) -> dict[str, dict]:
     """{experiment name: its metrics {file: data}} of the experiments DVC holds for the current commit."""
+    return finished_experiments(json.loads(dvc(project, "exp", "show", "--json")))
+
+
+def finished_experiments(shown) -> dict[str, dict]:
+    """The named experiments of `dvc exp show --json` that DVC committed (a 40-hex rev): one still running in the
+    workspace is listed too, with rev "workspace" and the previous point's metrics, and must not count."""
     found = {}
 
     def walk(node):
@@ -100,12 +107,18 @@ def recorded(project: Path) -> dict[str, dict]:
             for item in node:
                 walk(item)
         elif isinstance(node, dict):
-            if node.get("name") and isinstance(node.get("data"), dict) and "metrics" in node["data"]:
-                found[node["name"]] = {f: m.get("data", {}) for f, m in (node["data"]["metrics"] or {}).items()}
+            data = node.get("data")
+            if (
+                node.get("name")
+                and re.fullmatch(r"[0-9a-f]{40}", str(node.get("rev", "")))
+                and isinstance(data, dict)
+                and "metrics" in data
+            ):
+                found[node["name"]] = {f: m.get("data", {}) for f, m in (data["metrics"] or {}).items()}
             for value in node.values():
                 walk(value)
 
-    walk(json.loads(dvc(project, "exp", "show", "--json")))
+    walk(shown)
     return found
 
 
