@@ -4,14 +4,16 @@ dvc.lock. DVC releases its repository lock while a stage's command runs, so seve
 
 from __future__ import annotations
 
+import collections
 import subprocess
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from dppa.errors import DppaError
 from dppa.pipeline import lifeline
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
+from dppa.pipeline.run_record import TAIL_LINES, StageFailed
 
 
 def is_progress_bar(line: str) -> bool:
@@ -21,10 +23,13 @@ def is_progress_bar(line: str) -> bool:
 @task(task_run_name="{stage}")
 def repro_stage(root: Path, stage: str) -> str:
     """Returns "ran", "restored" (outputs checked out from DVC's run cache: the same inputs ran before) or
-    "up to date". The stage's output is logged as it comes (progress bars left out)."""
+    "up to date". The stage's output is logged as it comes (progress bars left out); when it fails, StageFailed
+    carries its last lines."""
     logger = get_run_logger()
     command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", stage]
     ran = restored = False
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    started = time.perf_counter()
     # lifeline.popen: `dvc repro` (and through it the stage) ends when this run is killed
     with lifeline.popen(
         command,
@@ -41,6 +46,9 @@ def repro_stage(root: Path, stage: str) -> str:
             restored = restored or line.startswith(f"Stage '{stage}' is cached")
             if line and not is_progress_bar(line):
                 logger.info(line)
+                tail.append(line)
     if process.returncode != 0:
-        raise DppaError(f"stage {stage} failed (dvc repro exit {process.returncode}); see its log above")
-    return "ran" if ran else "restored" if restored else "up to date"
+        raise StageFailed(stage, process.returncode, list(tail))
+    outcome = "ran" if ran else "restored" if restored else "up to date"
+    logger.info(f"{stage}: {outcome} ({time.perf_counter() - started:.1f} s)")
+    return outcome
