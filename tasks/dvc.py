@@ -5,6 +5,7 @@ dvc.lock. DVC releases its repository lock while a stage's command runs, so seve
 from __future__ import annotations
 
 import collections
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,9 +16,17 @@ from dppa.pipeline import lifeline
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
 from dppa.pipeline.run_record import TAIL_LINES, StageFailed
 
+PREFECT_INFO = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| (?:DEBUG|INFO) ")
+
 
 def is_progress_bar(line: str) -> bool:
     return "it/s]" in line or "B/s]" in line or "%|" in line
+
+
+def tells_the_failure(line: str) -> bool:
+    """Whether a line belongs in the short account of a failure: not a traceback's frames (indented), nor a
+    Prefect info record; the exception's own line, the stage's error and DVC's verdict stay."""
+    return not (line[:1].isspace() or line.startswith("Traceback (most recent call last)") or PREFECT_INFO.match(line))
 
 
 @task(task_run_name="{stage}")
@@ -46,7 +55,8 @@ def repro_stage(root: Path, stage: str) -> str:
             restored = restored or line.startswith(f"Stage '{stage}' is cached")
             if line and not is_progress_bar(line):
                 logger.info(line)
-                tail.append(line)
+                if tells_the_failure(line):
+                    tail.append(line)
     if process.returncode != 0:
         raise StageFailed(stage, process.returncode, list(tail))
     outcome = "ran" if ran else "restored" if restored else "up to date"

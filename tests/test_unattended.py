@@ -6,7 +6,6 @@ recorded and sent, a prompt stop on SIGTERM)."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import re
@@ -21,10 +20,9 @@ import pytest
 
 from dppa.pipeline.dvc_process import stage_environment
 from tests.test_pipeline import _cmdline, alive, descendants, dvc, edit_params, make_project, stages_run
+from tests.webhook import SECRET, Receiver
 
 pytestmark = pytest.mark.slow
-
-SECRET = "s3cret-token-4711"
 
 
 def merge_only(params: dict) -> None:
@@ -40,36 +38,6 @@ def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in stage_environment().items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), **extra)
     return env
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that keeps every request it gets."""
-
-    def __init__(self):
-        received = self.received = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-                received.append({"path": self.path, "body": body})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?token={SECRET}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait(self, count: int = 1, timeout_s: float = 60) -> list[dict]:
-        deadline = time.monotonic() + timeout_s
-        while len(self.received) < count and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return self.received
-
-    def close(self):
-        self.server.shutdown()
 
 
 @pytest.fixture
