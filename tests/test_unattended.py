@@ -114,6 +114,7 @@ def test_a_failed_run_names_the_stage_records_it_and_notifies(tmp_path, tiny_zoo
     # what the person at the terminal sees: exit 1, the stage, its last log lines, where the record is
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     error = done.stderr[done.stderr.index("dppa run: error:") :]
+    print(f"\nwhat `dppa run` printed last:\n{error}")
     assert error.startswith("dppa run: error: stage fetch@facts failed (dvc repro exit ")
     assert "its last log lines:" in error and "not a model folder (no config.json)" in error
     latest = project / "data/runs/latest.json"
