@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 
+from dppa.pipeline.run_record import StageFailed
 from tasks import models
 from tasks.dvc import repro_stage
 
@@ -64,10 +66,14 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     return moved
 
 
+NOT_RUN = "not run"  # an upstream stage failed
+
+
 @flow(name="dppa-pipeline")
 def pipeline_flow(root: str = ".") -> dict[str, str]:
     """Run every stale stage of dvc.yaml in dependency order, and the fetch of every hub model whose branch moved
-    upstream; returns {stage: "ran" | "restored" | "up to date"}."""
+    upstream; returns {stage: "ran" | "restored" | "up to date"}. When stages fail, the stages independent of them
+    still run, and then StageFailed names the first (in the graph's order) with the last lines of its log."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     graph, fetches = stage_graph(root_path)
@@ -78,10 +84,25 @@ def pipeline_flow(root: str = ".") -> dict[str, str]:
         futures[stage] = repro_stage.submit(
             root_path, stage, force=stage in forced, wait_for=[futures[u] for u in upstream]
         )
-    outcome = {stage: future.result() for stage, future in futures.items()}
+    wait(list(futures.values()))
+    outcome, failures = {}, []
+    for stage, future in futures.items():
+        if future.state.is_completed():
+            outcome[stage] = future.result()
+        elif future.state.is_failed() or future.state.is_crashed():
+            failures.append(future.result(raise_on_failure=False))
+            outcome[stage] = "failed"
+        else:
+            outcome[stage] = NOT_RUN
     ran = [s for s, o in outcome.items() if o == "ran"]
     elapsed = time.perf_counter() - started
     logger.info(f"{len(ran)} of {len(outcome)} stages ran in {elapsed:.1f} s: {', '.join(ran) or 'none'}")
+    if failures:
+        first = failures[0]
+        if isinstance(first, StageFailed):
+            others = tuple(f.stage for f in failures[1:] if isinstance(f, StageFailed))
+            raise StageFailed(first.stage, first.returncode, first.tail, also=others, outcome=outcome)
+        raise first if isinstance(first, BaseException) else RuntimeError(f"a stage failed: {first!r}")
     return outcome
 
 
@@ -91,19 +112,20 @@ def scheduled_pipeline(root: str) -> dict[str, str]:
     with the task runner and GPU limit they choose."""
     from dppa.pipeline.config import load_params
     from dppa.pipeline.run_lock import RunSkipped, run_lock
-    from flows.runtime import set_gpu_limit, task_runner
+    from dppa.pipeline.run_record import recorded_run
+    from flows.runtime import configured_notify, notifier, set_gpu_limit, task_runner
 
-    params = load_params(Path(root) / "params.yaml")
     logger = get_run_logger()
+    command = "dppa serve (scheduled run)"
     try:
-        with run_lock(
-            root,
-            on_overlap=params.runtime.on_overlap or "skip",
-            command="dppa serve (scheduled run)",
-            log=logger.warning,
-        ):
-            set_gpu_limit(params.runtime.gpu_concurrency)
-            return pipeline_flow.with_options(task_runner=task_runner(params.runtime))(root)
+        with recorded_run(root, command, log=logger.warning) as record:
+            record.notify = notifier(configured_notify(root))  # a params.yaml that fails its check is reported too
+            params = load_params(Path(root) / "params.yaml")
+            record.notify = notifier(params.runtime.notify)
+            with run_lock(root, on_overlap=params.runtime.on_overlap or "skip", command=command, log=logger.warning):
+                set_gpu_limit(params.runtime.gpu_concurrency)
+                record.stages = pipeline_flow.with_options(task_runner=task_runner(params.runtime))(root)
+                return record.stages
     except RunSkipped as skipped:
         logger.warning(str(skipped))
         return {}

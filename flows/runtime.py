@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+from collections.abc import Callable
+from pathlib import Path
 
 from dppa.pipeline import lifeline
 from dppa.pipeline.config import Runtime
@@ -37,12 +40,12 @@ def prefect_api():
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:
-        _drain_to_api()
+        drain_to_api()
         os.environ.pop(API_URL_ENV, None)
         server.stop()
 
 
-def _drain_to_api() -> None:
+def drain_to_api() -> None:
     """Send queued logs and events before the server goes away (else: "Error logging to API")."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
@@ -91,6 +94,50 @@ def prefect_server(timeout_s: float = 180):
         os.environ.pop(API_URL_ENV, None)
         server.terminate()
         server.wait(timeout=30)
+
+
+def notifier(target: str | None) -> Callable[[str, str], None] | None:
+    """runtime.notify as a function (subject, body) -> None that sends through Prefect's notification blocks:
+    a saved block named "BLOCK-TYPE/NAME", or a webhook URL (a Custom Webhook block made here, never saved, that
+    POSTs {"text", "subject", "body"} as JSON). None when no notification is configured.
+
+    Its errors name neither the URL nor the block's settings (either may hold a token): only what went wrong."""
+    if not target:
+        return None
+
+    def send(subject: str, body: str) -> None:
+        import httpx
+        from prefect.blocks.core import Block
+        from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+        if re.match(r"^https?://", target):
+            block = CustomWebhookNotificationBlock(
+                name="dppa",
+                url=target,
+                json_data={"text": "{{subject}}\n\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"},
+            )
+        else:
+            block = Block.load(target, _sync=True)
+        try:
+            block.notify(body=body, subject=subject, _sync=True)
+        except httpx.HTTPStatusError as exc:
+            raise RuntimeError(f"the receiver answered HTTP {exc.response.status_code}") from None
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"the receiver could not be reached ({type(exc).__name__})") from None
+
+    return send
+
+
+def configured_notify(root: str | os.PathLike) -> str | None:
+    """runtime.notify read from params.yaml without checking the rest, so that a params.yaml that fails its check
+    can still be reported to people."""
+    import yaml
+
+    try:
+        runtime = (yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}).get("runtime") or {}
+        return runtime.get("notify") if isinstance(runtime.get("notify"), str) else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 def set_gpu_limit(limit: int) -> None:

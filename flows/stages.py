@@ -146,6 +146,10 @@ def score_flow(
     cache: Path,
 ) -> Path:
     """The fine-tune alone, dense, pruned and amplified, on its own tasks (evaluate.split): what pruning cost it."""
+    skipped = params.not_evaluated(model)
+    if skipped:
+        atomic_write_text(out, json.dumps({"skipped": skipped}, indent=2) + "\n")
+        return out
     ev = params.evaluate
     prune = params.prune_for(model)
     variants = {"pruned": pruned}
@@ -232,6 +236,10 @@ def evaluate_flow(params: ParamsBase, root: Path, fetched: Path, merged: Path, o
     """Scores of the base, every dense fine-tune and the merged model on evaluate.split (unchanged models come
     from the evaluation cache, so a new merge costs one evaluation)."""
     ev = params.evaluate
+    skipped = params.not_evaluated()
+    if skipped:
+        atomic_write_text(out, json.dumps({"skipped": skipped, "split": ev.split, "models": {}}, indent=2) + "\n")
+        return out
     tasks = params.eval_tasks()
     folders = {name: model_folder(fetched / name, root) for name in params.all_models()}
     folders["merged"] = merged

@@ -4,28 +4,41 @@ dvc.lock. DVC releases its repository lock while a stage's command runs, so seve
 
 from __future__ import annotations
 
+import collections
+import re
 import subprocess
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from dppa.errors import DppaError
 from dppa.pipeline import lifeline
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
+from dppa.pipeline.run_record import TAIL_LINES, StageFailed
+
+PREFECT_INFO = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| (?:DEBUG|INFO) ")
 
 
 def is_progress_bar(line: str) -> bool:
     return "it/s]" in line or "B/s]" in line or "%|" in line
 
 
+def tells_the_failure(line: str) -> bool:
+    """Whether a line belongs in the short account of a failure: not a traceback's frames (indented), nor a
+    Prefect info record; the exception's own line, the stage's error and DVC's verdict stay."""
+    return not (line[:1].isspace() or line.startswith("Traceback (most recent call last)") or PREFECT_INFO.match(line))
+
+
 @task(task_run_name="{stage}")
 def repro_stage(root: Path, stage: str, force: bool = False) -> str:
     """Returns "ran", "restored" (outputs checked out from DVC's run cache: the same inputs ran before) or
-    "up to date". The stage's output is logged as it comes (progress bars left out). `force` runs it even when DVC
-    finds it up to date (a fetch whose hub branch moved)."""
+    "up to date". The stage's output is logged as it comes (progress bars left out); when it fails, StageFailed
+    carries its last lines. `force` runs it even when DVC finds it up to date (a fetch whose hub branch moved)."""
     logger = get_run_logger()
     command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
     ran = restored = False
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    started = time.perf_counter()
     # lifeline.popen: `dvc repro` (and through it the stage) ends when this run is killed
     with lifeline.popen(
         command,
@@ -42,6 +55,10 @@ def repro_stage(root: Path, stage: str, force: bool = False) -> str:
             restored = restored or line.startswith(f"Stage '{stage}' is cached")
             if line and not is_progress_bar(line):
                 logger.info(line)
+                if tells_the_failure(line):
+                    tail.append(line)
     if process.returncode != 0:
-        raise DppaError(f"stage {stage} failed (dvc repro exit {process.returncode}); see its log above")
-    return "ran" if ran else "restored" if restored else "up to date"
+        raise StageFailed(stage, process.returncode, list(tail))
+    outcome = "ran" if ran else "restored" if restored else "up to date"
+    logger.info(f"{stage}: {outcome} ({time.perf_counter() - started:.1f} s)")
+    return outcome

@@ -182,7 +182,13 @@ def test_amplify_tracks_exactly_the_prune_keys_its_dp_bands_use():
 
 def test_dvc_yaml_is_the_only_place_paths_are_written():
     """The stage commands get every path from dvc.yaml: no data/ path is written in the code that runs them."""
-    for module in ("flows/stages.py", "flows/pipeline.py", "dppa/cli/stage.py", "dppa/cli/run.py"):
+    for module in (
+        "flows/stages.py",
+        "flows/pipeline.py",
+        "dppa/cli/stage.py",
+        "dppa/cli/run.py",
+        "dppa/pipeline/run_record.py",
+    ):
         assert '"data' not in (ROOT / module).read_text() and "'data" not in (ROOT / module).read_text(), module
 
 
@@ -214,3 +220,61 @@ def test_every_merge_input_names_a_folder_the_stage_graph_writes():
     }
     for value in typing.get_args(MergeBase.model_fields["inputs"].annotation):
         assert f"data/{value}" in outs, f"merge.inputs: {value} reads data/{value}, which no stage writes"
+
+
+def test_a_merge_only_pipeline_needs_no_tasks(params):
+    """Fixed factors, a fixed merge scale and `evaluate.tasks: []`: no fine-tune needs tasks."""
+    for entry in params["models"]["finetunes"].values():
+        del entry["tasks"]
+    params["amplify"] = {"bands": [0.5, 1.0], "factors": [1.8, 1.0]}
+    params["merge"].update(scale=0.5, search=None, weights=None)
+    params["evaluate"]["tasks"] = []
+    parsed = parse_params(params)
+    assert parsed.eval_tasks() == []
+    assert parsed.not_evaluated() == "evaluate.tasks is empty"
+    assert parsed.not_evaluated("arith") == "evaluate.tasks is empty"
+    params["evaluate"] = None  # `evaluate: null` says the same
+    assert parse_params(params).evaluate.tasks == []
+    params["evaluate"] = {"limit": 10}  # nothing names a task: nothing to evaluate either
+    assert parse_params(params).not_evaluated() == "no fine-tune names tasks and evaluate.tasks is unset"
+
+
+def test_evaluation_can_be_turned_off_while_the_searches_keep_their_tasks(params):
+    params["evaluate"]["tasks"] = []
+    parsed = parse_params(params)
+    assert parsed.not_evaluated("facts") == "evaluate.tasks is empty"
+    assert parsed.merge.scale == "search" and parsed.finetune("facts").tasks == ["zoo_facts"]
+    params["evaluate"]["tasks"] = None
+    del params["models"]["finetunes"]["facts"]["tasks"]
+    params["models"]["finetunes"]["facts"]["amplify"] = {"factors": [1.5, 1.0]}
+    params["merge"].update(scale=0.5, search=None, weights=None)
+    parsed = parse_params(params)
+    assert parsed.not_evaluated() is None
+    assert parsed.not_evaluated("facts") == "models.finetunes.facts.tasks is empty"
+    assert parsed.eval_tasks() == ["zoo_arith", "zoo_strings"]
+
+
+def test_searches_without_tasks_are_refused_naming_the_key(params):
+    del params["models"]["finetunes"]["strings"]["tasks"]
+    assert error_of(params) == (
+        "params.yaml: amplify.search: the factor search scores each fine-tune on its own tasks, but strings has "
+        "none (models.finetunes.strings.tasks); give its tasks or fixed amplify.factors"
+    )
+    params["amplify"] = {"bands": [0.5, 1.0], "factors": [1.8, 1.0]}
+    assert error_of(params) == (
+        "params.yaml: merge.scale: search scores the merge on the fine-tunes' own tasks, but strings has none "
+        "(models.finetunes.strings.tasks); give a number or its tasks"
+    )
+    params["merge"]["inputs"] = "pruned"  # no amplification at all: only the merge-scale search needs tasks
+    params["amplify"] = {"bands": [0.5, 1.0], "search": {"budget": 4}}
+    assert error_of(params).startswith("params.yaml: merge.scale: search scores the merge")
+
+
+def test_notify_takes_a_block_or_a_url_and_never_echoes_it(params):
+    for good in ("custom-webhook/nightly", "slack-webhook/team-alerts", "https://hooks.example/T0/B0/s3cret"):
+        params["runtime"]["notify"] = good
+        assert parse_params(params).runtime.notify == good
+    params["runtime"]["notify"] = "ftp://host/s3cret-path"
+    message = error_of(params)
+    assert message.startswith("params.yaml: runtime.notify: use a Prefect notification block as BLOCK-TYPE/NAME")
+    assert "s3cret" not in message

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except DppaError as exc:
         print(f"dppa {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2: bad input; a run that failed part-way says otherwise
     except KeyboardInterrupt:
         print(f"dppa {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130

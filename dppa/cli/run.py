@@ -22,6 +22,11 @@ The configuration is PROJECT/params.yaml, checked before any work. Where the sta
   tcp://HOST:8786       an existing Dask scheduler (workers must see the project folder at the same path)
 No Prefect server is needed: a temporary local one records the run unless PREFECT_API_URL names one.
 
+Each run leaves a record in data/runs/latest.json (and a line in data/runs/history.jsonl): status, the stage
+that failed with its error and last log lines, start and end time, the sha256 of params.yaml. A failed run exits
+with status 1 and prints the failing stage and its last log lines; with runtime.notify set it is also sent to
+people through a Prefect notification block or a webhook.
+
 examples:
   dppa run                         # the demo: builds the zoo if missing, merges it with DPPA, prints the table
   dppa run -C ~/src/dppa-nightly   # another checkout of this repository (its stages depend on its code)
@@ -54,13 +59,20 @@ def run_pipeline(root: Path) -> dict[str, str]:
 
     params = load_params(root / "params.yaml")
     from dppa.pipeline.run_lock import run_lock
+    from dppa.pipeline.run_record import recorded_run
     from flows.pipeline import pipeline_flow
-    from flows.runtime import prefect_api, set_gpu_limit, task_runner
+    from flows.runtime import notifier, prefect_api, set_gpu_limit, task_runner
 
-    with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command="dppa run"), prefect_api():
+    with (
+        run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command="dppa run"),
+        prefect_api(),
+        recorded_run(root, "dppa run") as record,
+    ):
+        record.notify = notifier(params.runtime.notify)
         set_gpu_limit(params.runtime.gpu_concurrency)
         flow = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
-        return flow(str(root))
+        record.stages = flow(str(root))
+        return record.stages
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,15 +61,13 @@ def run(args: argparse.Namespace) -> int:
         params.finetune(args.model)  # names the valid fine-tunes when it is not one
     root = params_path.resolve().parent
 
-    from flows.runtime import set_gpu_limit
-    from flows.stages import STAGES
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if not os.environ.get("PREFECT_API_URL"):
-        # Run alone (e.g. by `dvc repro`): Prefect starts its embedded server for this process; under `dppa run`
-        # the pipeline's API (and its GPU limit) is inherited through PREFECT_API_URL.
-        set_gpu_limit(params.runtime.gpu_concurrency)
     from dppa.pipeline.lifeline import die_with_parent
     from dppa.pipeline.run_lock import TOKEN_ENV, run_lock
+    from flows.runtime import drain_to_api, set_gpu_limit
+    from flows.shared_api import shared_api_url
+    from flows.stages import STAGES
 
     if os.environ.get(TOKEN_ENV):
         die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed
@@ -77,7 +75,17 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {p.name: getattr(args, p.name) for p in stage_arguments(stage)}
     kwargs = {k: v if k == "model" else Path(v).resolve() for k, v in kwargs.items()}
     with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command=f"dppa stage {args.stage}"):
-        stage(params, root, **kwargs)
+        # Under `dppa run` the pipeline's API (and its GPU limit) comes through PREFECT_API_URL. Run alone by DVC,
+        # the stage reports to the one API kept for that `dvc repro` (flows/shared_api.py); run by hand, to the
+        # temporary server Prefect starts for this process.
+        url = os.environ.get("PREFECT_API_URL") or shared_api_url(root / ".dvc" / "tmp")
+        with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
+            if not os.environ.get("PREFECT_API_URL"):
+                set_gpu_limit(params.runtime.gpu_concurrency)
+            try:
+                stage(params, root, **kwargs)
+            finally:
+                drain_to_api()  # while the API address is still set
     return 0
 
 

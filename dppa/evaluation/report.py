@@ -111,6 +111,8 @@ def write_report(
     """Write out/{scores.csv, scores.md, scores.png, search.png} and the summary metrics file; returns the table.
     `notes` (Markdown) is appended to scores.md."""
     scores = json.loads(Path(scores_json).read_text())
+    if scores.get("skipped"):
+        return _write_nothing_evaluated(scores["skipped"], traces, out, summary_json, notes)
     table = scores_table(scores)
     with atomic_dir(out, overwrite=True) as tmp:
         table.to_csv(tmp / "scores.csv", float_format="%.4f")
@@ -119,4 +121,25 @@ def write_report(
         plot_scores(table, tmp / "scores.png")
         plot_search(read_traces(traces), tmp / "search.png")
     atomic_write_text(summary_json, json.dumps(summary(table), indent=2) + "\n")
+    return table
+
+
+def _write_nothing_evaluated(why: str, traces, out, summary_json, notes: str) -> pd.DataFrame:
+    """The report of a pipeline that evaluates nothing (a merge-only pipeline): the same files, saying so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame(index=pd.Index([], name="model"))
+    with atomic_dir(out, overwrite=True) as tmp:
+        table.to_csv(tmp / "scores.csv")
+        (tmp / "scores.md").write_text(f"Nothing was evaluated: {why}.\n" + notes)
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, f"nothing was evaluated:\n{why}", ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(tmp / "scores.png", dpi=110)
+        plt.close(fig)
+        plot_search(read_traces(traces), tmp / "search.png")
+    atomic_write_text(summary_json, json.dumps({"skipped": why}, indent=2) + "\n")
     return table

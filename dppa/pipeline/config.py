@@ -107,7 +107,9 @@ class ModelEntry(Strict):
 
 
 class FinetuneEntryBase(ModelEntry):  # `prune` (its overrides) is added by `_models()`
-    tasks: list[str] = Field(min_length=1)
+    # lm-eval tasks of this fine-tune's domain; optional when nothing scores it (fixed factors, a fixed merge scale,
+    # and no evaluation of it)
+    tasks: list[str] = []
     amplify: AmplifyOverride = AmplifyOverride()
 
 
@@ -257,7 +259,7 @@ class MergeBase(Strict):  # `method` comes from the merge-method registry (`_mod
 
 
 class Evaluate(Strict):
-    tasks: list[str] | None = None  # default: every fine-tune's tasks
+    tasks: list[str] | None = None  # None: every fine-tune's tasks; []: no evaluation (a merge-only pipeline)
     split: Literal["validation", "test"] = "test"
     limit: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -272,6 +274,18 @@ class Runtime(Strict):
     # When another run holds the project: fail at once naming it, skip this run, or wait for it. Unset: fail for
     # a run started by hand, skip for a scheduled one (the next schedule picks the work up).
     on_overlap: Literal["wait", "skip", "fail"] | None = None
+    # Where a failed run is sent (off when unset): a Prefect notification block saved as "BLOCK-TYPE/NAME" (its
+    # secrets stay in Prefect), or a webhook URL that receives a JSON POST.
+    notify: str | None = None
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, value: str | None) -> str | None:
+        if value is None or re.match(r"^https?://[^\s]+$", value) or re.match(r"^[a-z0-9-]+/[\w.-]+$", value):
+            return value
+        raise ValueError(
+            "use a Prefect notification block as BLOCK-TYPE/NAME (e.g. slack-webhook/nightly) or an http(s) webhook URL"
+        )  # the value is not repeated: a webhook URL may hold a secret
 
     @field_validator("task_runner")
     @classmethod
@@ -289,6 +303,11 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
     evaluate: Evaluate = Evaluate()
     runtime: Runtime = Runtime()
 
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _no_evaluation(cls, value):
+        return {"tasks": []} if value is None else value  # `evaluate: null` evaluates nothing
+
     @model_validator(mode="after")
     def _consistent(self):
         names = set(self.models.finetunes)
@@ -304,6 +323,19 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
                     f"models.finetunes.{name}.amplify.factors: {len(factors)} factors for "
                     f"{len(self.amplify.bands)} bands"
                 )
+        untasked = [n for n, e in self.models.finetunes.items() if not e.tasks]
+        searched = [n for n in untasked if self.merge.inputs == "amplified" and self.fixed_factors(n) is None]
+        if searched:
+            raise ValueError(
+                f"amplify.search: the factor search scores each fine-tune on its own tasks, but "
+                f"{', '.join(searched)} has none (models.finetunes.{searched[0]}.tasks); give its tasks or fixed "
+                "amplify.factors"
+            )
+        if untasked and self.merge.scale == "search":
+            raise ValueError(
+                f"merge.scale: search scores the merge on the fine-tunes' own tasks, but {', '.join(untasked)} "
+                f"has none (models.finetunes.{untasked[0]}.tasks); give a number or its tasks"
+            )
         uses_zoo = [n for n, e in self.all_models().items() if e.source.startswith(ZOO_PREFIX)]
         if uses_zoo and self.zoo.size == "none":
             raise ValueError(f"zoo.size: none, but {', '.join(uses_zoo)} use a zoo: source; set zoo.size")
@@ -336,12 +368,23 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
         return self.finetune(name).amplify.factors or self.amplify.factors
 
     def eval_tasks(self) -> list[str]:
-        if self.evaluate.tasks:
+        """The tasks of the evaluation stages; [] when nothing is to be evaluated."""
+        if self.evaluate.tasks is not None:
             return list(self.evaluate.tasks)
         seen: dict[str, None] = {}
         for entry in self.models.finetunes.values():
             seen.update(dict.fromkeys(entry.tasks))
         return list(seen)
+
+    def not_evaluated(self, name: str | None = None) -> str | None:
+        """Why the evaluation stages evaluate nothing (for fine-tune `name`: why it is not scored alone), or None."""
+        if self.evaluate.tasks == []:
+            return "evaluate.tasks is empty"
+        if name is not None and not self.finetune(name).tasks:
+            return f"models.finetunes.{name}.tasks is empty"
+        if not self.eval_tasks():
+            return "no fine-tune names tasks and evaluate.tasks is unset"
+        return None
 
 
 def _models() -> type[ParamsBase]:
@@ -416,7 +459,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def describe_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for error in exc.errors():
-        where = _key_path(error["loc"]) or "(top level)"
+        where = _key_path(error["loc"])  # empty for checks across sections, whose messages start with the key
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(error["loc"])
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
@@ -427,7 +470,7 @@ def describe_errors(exc: ValidationError, source: str) -> str:
             message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
             if error["type"] not in ("value_error", "assertion_error") and "input" in error:
                 message += f", got {error['input']!r}"
-        lines.append(f"{source}: {where}: {message}")
+        lines.append(f"{source}: {where}: {message}" if where else f"{source}: {message}")
     return "\n".join(lines)
 
 

@@ -231,6 +231,8 @@ def finetune_table(finetunes: Path) -> list[dict]:
     rows = []
     for path in sorted(Path(finetunes).glob("*.json")):
         record = json.loads(path.read_text())
+        if record.get("skipped"):
+            continue
         row = {"fine-tune": path.stem, "pruning": f"{record['method']} {record['density']:g}"}
         for variant, scores in record["scores"].items():
             row[variant] = sum(scores.values()) / len(scores)
@@ -252,6 +254,13 @@ def pipeline_notes(finetunes: Path, merge_json: Path) -> str:
         table = pd.DataFrame(rows).set_index("fine-tune")
         text += "\nEach fine-tune alone (same split), pruned and amplified, against its dense self\n\n"
         text += table.to_markdown(floatfmt=".3f") + "\n"
+    not_scored: dict[str, list[str]] = {}  # why -> fine-tunes
+    for path in sorted(Path(finetunes).glob("*.json")):
+        why = json.loads(path.read_text()).get("skipped")
+        if why:
+            not_scored.setdefault(why, []).append(path.stem)
+    for why, names in not_scored.items():
+        text += f"\nNot scored alone ({why}): {', '.join(names)}\n"
     merge = json.loads(Path(merge_json).read_text()) if Path(merge_json).exists() else None
     if merge:
         how = (
