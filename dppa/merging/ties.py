@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from dppa.io.reader import CheckpointReader
 from dppa.merging.registry import MERGERS, MergePlan
-from dppa.sparsify.threshold import Threshold, find_threshold, key_bits, magnitude_keys
+from dppa.sparsify.threshold import Threshold, find_threshold
 from dppa.sparsify.transform import check_density
 
 
@@ -28,14 +28,12 @@ def ties_trim_count(density: float, numel: int) -> int:
     return max(0, min(numel, int(density * numel)))
 
 
-def trim_threshold(reader: CheckpointReader, name: str, density: float, chunk_elems: int) -> Threshold:
-    """TIES trim threshold of one delta tensor, from histogram passes over chunks read from disk."""
-    numel = reader.numel(name)
-
-    def key_chunks():
-        return (magnitude_keys(c) for _, c in reader.iter_chunks(name, chunk_elems))
-
-    return find_threshold(key_chunks, numel, ties_trim_count(density, numel), key_bits(reader.dtype(name)))
+def trim_threshold(
+    key_chunks: Callable[[], Iterable[torch.Tensor]], numel: int, density: float, bits: int
+) -> Threshold:
+    """TIES trim threshold of one delta tensor from its magnitude keys, streamed in order by `key_chunks()` (read
+    from disk, or computed on the fly); `bits`: `key_bits` of the delta's dtype."""
+    return find_threshold(key_chunks, numel, ties_trim_count(density, numel), bits)
 
 
 def ties_combine(weighted: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
