@@ -49,18 +49,19 @@ class MergeInput:
     def delta_dtype(self, name: str) -> torch.dtype:
         return self.reader.dtype(name)
 
-    def delta(self, name: str, start: int, count: int, base32: torch.Tensor | None = None):
+    def delta(self, name: str, start: int, count: int, raw_base: torch.Tensor | None = None):
         """(raw chunk read from this input, delta chunk in `delta_dtype` on the compute device).
 
-        For a model folder, `base32` is the base's chunk in float32 on the device (read here when not given)."""
+        For a model folder, `raw_base` is the base's chunk as read (read here when not given)."""
         raw = self.reader.read_flat(name, start, count)
         if not self.is_model:
             return raw, raw.to(self.dev)
-        if base32 is None:
-            base32 = self.base.read_flat(name, start, count).to(self.dev, torch.float32)
-        # not in place: for float32 inputs on the CPU `.to` returns `raw` itself, which is hashed later
-        delta = raw.to(self.dev, torch.float32).sub(base32)
-        return raw, delta.to(raw.dtype)
+        if raw_base is None:
+            raw_base = self.base.read_flat(name, start, count)
+        if raw_base.dtype == raw.dtype:
+            # torch computes a bf16 / fp16 difference in float32 and rounds it once: the same bits as below
+            return raw, raw.to(self.dev).sub(raw_base.to(self.dev))
+        return raw, raw.to(self.dev, torch.float32).sub(raw_base.to(self.dev, torch.float32)).to(raw.dtype)
 
     def key_chunks(self, name: str, chunk_elems: int):
         """A factory of the delta's magnitude keys over the whole tensor, chunk by chunk (for `find_threshold`)."""
@@ -120,7 +121,8 @@ def open_inputs(base: CheckpointReader, paths: list, dev, *, models: bool, allow
 
 def _check_finite_merge(merged, raw_base, raws, name, base_r, inputs) -> None:
     """A model input's NaN / Inf (or a difference that overflows) shows in the merged chunk; name its source."""
-    if bool(torch.isfinite(merged).all()):
+    low, high = torch.aminmax(merged)  # NaN propagates; both finite exactly when every entry is
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
         return
     check_finite(raw_base.float(), base_r, name)
     for raw, source in zip(raws, inputs):
@@ -207,10 +209,10 @@ def merge_deltas(
                 base32 = raw_base.to(dev, torch.float32, copy=True)
                 raws, deltas = [], []
                 for source, threshold in zip(inputs, thresholds):
-                    raw, delta = source.delta(name, start, count, base32)
+                    raw, delta = source.delta(name, start, count, raw_base)
                     values = delta.to(torch.float32)
                     if threshold is not None:  # keys first: `values` may be `delta` itself
-                        values.mul_(threshold.mask(magnitude_keys(delta), start))
+                        threshold.keep_in_(values, magnitude_keys(delta), start)
                     raws.append(raw)
                     deltas.append(values)
                 merged = merger.combine(base32, deltas, weights, scale)
