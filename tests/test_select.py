@@ -50,7 +50,8 @@ def test_keep_count_rounds_and_clamps():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [0, 1, 700, 2500, 4000])
-def test_keep_in_zeroes_all_but_the_k_largest_chunk_by_chunk(dtype, k):
+@pytest.mark.parametrize("random_access", [False, True], ids=["scan", "chunk_at"])
+def test_keep_in_zeroes_all_but_the_k_largest_chunk_by_chunk(dtype, k, random_access):
     gen = torch.Generator().manual_seed(3)
     values = (torch.randn(4000, generator=gen) * 3).round().to(dtype)  # many ties at every magnitude
     values[::9] = 0.0
@@ -60,7 +61,8 @@ def test_keep_in_zeroes_all_but_the_k_largest_chunk_by_chunk(dtype, k):
     expected = torch.zeros_like(flat)
     expected[order] = flat[order]
     pieces = values.split(1500)
-    threshold = find_threshold(lambda: map(magnitude_keys, pieces), values.numel(), k, key_bits(dtype))
+    chunk_at = (lambda i: magnitude_keys(pieces[i])) if random_access else None
+    threshold = find_threshold(lambda: map(magnitude_keys, pieces), values.numel(), k, key_bits(dtype), chunk_at)
     got = torch.cat(
         [threshold.keep_in_(p.float(), magnitude_keys(p), start) for start, p in zip(range(0, 4000, 1500), pieces)]
     )

@@ -64,13 +64,14 @@ class MergeInput:
         return raw, raw.to(self.dev, torch.float32).sub(raw_base.to(self.dev, torch.float32)).to(raw.dtype)
 
     def key_chunks(self, name: str, chunk_elems: int):
-        """A factory of the delta's magnitude keys over the whole tensor, chunk by chunk (for `find_threshold`)."""
+        """The delta's magnitude keys chunk by chunk, for `find_threshold`: a factory of all chunks in order, and
+        a function returning the i-th one."""
+        spans = chunk_ranges(self.base.numel(name), chunk_elems)
 
-        def chunks():
-            for start, count in chunk_ranges(self.base.numel(name), chunk_elems):
-                yield magnitude_keys(self.delta(name, start, count)[1])
+        def chunk_at(i: int) -> torch.Tensor:
+            return magnitude_keys(self.delta(name, *spans[i])[1])
 
-        return chunks
+        return lambda: map(chunk_at, range(len(spans))), chunk_at
 
     def record(self) -> dict:
         if self.is_model:
@@ -117,6 +118,12 @@ def open_inputs(base: CheckpointReader, paths: list, dev, *, models: bool, allow
             _check_delta_matches_base(base, reader)
         inputs.append(MergeInput(reader, kind == "model", manifest, base, dev))
     return inputs
+
+
+def _trim_threshold(source: MergeInput, name: str, density: float):
+    chunks, chunk_at = source.key_chunks(name, THRESHOLD_CHUNK_ELEMS)
+    numel, bits = source.base.numel(name), key_bits(source.delta_dtype(name))
+    return trim_threshold(chunks, numel, density, bits, chunk_at)
 
 
 def _check_finite_merge(merged, raw_base, raws, name, base_r, inputs) -> None:
@@ -182,13 +189,7 @@ def merge_deltas(
     ):
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
         for name in names:
-            bits = [key_bits(s.delta_dtype(name)) for s in inputs]
-            pending = [
-                pool.submit(trim_threshold, s.key_chunks(name, THRESHOLD_CHUNK_ELEMS), base_r.numel(name), density, b)
-                if t
-                else None
-                for s, t, b in zip(inputs, trim, bits)
-            ]
+            pending = [pool.submit(_trim_threshold, s, name, density) if t else None for s, t in zip(inputs, trim)]
             thresholds = [p.result() if p else None for p in pending]
             bar.advance(
                 sum(

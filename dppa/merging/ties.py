@@ -29,11 +29,15 @@ def ties_trim_count(density: float, numel: int) -> int:
 
 
 def trim_threshold(
-    key_chunks: Callable[[], Iterable[torch.Tensor]], numel: int, density: float, bits: int
+    key_chunks: Callable[[], Iterable[torch.Tensor]],
+    numel: int,
+    density: float,
+    bits: int,
+    chunk_at: Callable[[int], torch.Tensor] | None = None,
 ) -> Threshold:
     """TIES trim threshold of one delta tensor from its magnitude keys, streamed in order by `key_chunks()` (read
-    from disk, or computed on the fly); `bits`: `key_bits` of the delta's dtype."""
-    return find_threshold(key_chunks, numel, ties_trim_count(density, numel), bits)
+    from disk, or computed on the fly); `bits`: `key_bits` of the delta's dtype; `chunk_at(i)`: the i-th chunk."""
+    return find_threshold(key_chunks, numel, ties_trim_count(density, numel), bits, chunk_at)
 
 
 def ties_combine(weighted: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -65,7 +69,7 @@ def ties_combine(weighted: list[torch.Tensor], weights: list[float]) -> torch.Te
 
 def ties_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], scale: float) -> torch.Tensor:
     """base + scale * TIES(deltas); deltas already trimmed."""
-    weighted = [d.mul_(w) for d, w in zip(deltas, weights)]
+    weighted = [d if w == 1 else d.mul_(w) for d, w in zip(deltas, weights)]  # x * 1 is x, bit for bit
     return base.add_(ties_combine(weighted, weights), alpha=scale)
 
 

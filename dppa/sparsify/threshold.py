@@ -83,27 +83,56 @@ KEEP_ALL = Threshold(-1, 0)
 KEEP_NONE = Threshold(0x7FFFFFFF, 0)  # no int32 key is larger
 
 
-def find_threshold(key_chunks: Callable[[], Iterable[torch.Tensor]], numel: int, k: int, bits: int) -> Threshold:
+def find_threshold(
+    key_chunks: Callable[[], Iterable[torch.Tensor]],
+    numel: int,
+    k: int,
+    bits: int,
+    chunk_at: Callable[[int], torch.Tensor] | None = None,
+) -> Threshold:
     """Exact threshold keeping the k largest keys; `key_chunks()` yields the keys in order, and may be called up to
-    three times (histogram passes, then a scan to place the cutoff among ties)."""
+    three times (histogram passes, then a scan to place the cutoff among ties).
+
+    `chunk_at(i)`, when given, returns the i-th chunk that `key_chunks()` yields: the last histogram pass then
+    keeps each chunk's count of every key, and the cutoff among ties is placed by reading the one chunk it falls
+    in, not by scanning the chunks before it."""
     if k >= numel:
         return KEEP_ALL
     if k <= 0:
         return KEEP_NONE
+    per_chunk: list[tuple[int, torch.Tensor]] | None = [] if chunk_at is not None else None
+
+    def histogram(chunks) -> torch.Tensor:
+        total = None
+        for c, bins in chunks:
+            hist = torch.bincount(bins, minlength=1 << LOW_BITS)
+            total = hist.clone() if total is None else total.add_(hist)
+            if per_chunk is not None:
+                per_chunk.append((c.numel(), hist))
+        return total
+
     if bits <= LOW_BITS:
-        hist = sum(torch.bincount(c, minlength=1 << LOW_BITS) for c in key_chunks())
+        hist = histogram((c, c) for c in key_chunks())
         key, above, equal = _bin_of_kth(hist, k)
     else:
         high = sum(torch.bincount(c >> LOW_BITS, minlength=1 << (bits - LOW_BITS)) for c in key_chunks())
         high_bin, above, _ = _bin_of_kth(high, k)
-        low = sum(
-            torch.bincount(c[(c >> LOW_BITS) == high_bin] & LOW_MASK, minlength=1 << LOW_BITS) for c in key_chunks()
-        )
+        low = histogram((c, c[(c >> LOW_BITS) == high_bin] & LOW_MASK) for c in key_chunks())
         low_bin, above_low, equal = _bin_of_kth(low, k - above)
         key, above = (high_bin << LOW_BITS) | low_bin, above + above_low
     if k - above == equal:  # every tie is kept: no need to find where the cutoff falls
         return Threshold(key, numel)
-    return Threshold(key, _tie_cutoff(key_chunks, key, k - above))
+    if per_chunk is None:
+        return Threshold(key, _tie_cutoff(key_chunks, key, k - above))
+    bin_of_key = key & LOW_MASK  # the bin `key` fell in, in the last histogram
+    ties_kept, start = k - above, 0
+    for i, (size, hist) in enumerate(per_chunk):
+        ties = int(hist[bin_of_key])
+        if ties >= ties_kept:
+            return Threshold(key, start + _tie_cutoff(lambda i=i: [chunk_at(i)], key, ties_kept))
+        ties_kept -= ties
+        start += size
+    raise AssertionError("fewer ties than counted")  # unreachable: the histogram counted them
 
 
 def _tie_cutoff(key_chunks, key: int, ties_kept: int) -> int:
@@ -122,7 +151,9 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly k entries with the largest values; ties go to the lowest flat index."""
     flat = magnitude.reshape(-1)
     pieces = flat.split(CHUNK_ELEMS)
-    threshold = find_threshold(lambda: map(magnitude_keys, pieces), flat.numel(), k, key_bits(flat.dtype))
+    threshold = find_threshold(
+        lambda: map(magnitude_keys, pieces), flat.numel(), k, key_bits(flat.dtype), lambda i: magnitude_keys(pieces[i])
+    )
     mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     for start, piece in zip(range(0, flat.numel(), CHUNK_ELEMS), pieces):
         mask[start : start + piece.numel()] = threshold.mask(magnitude_keys(piece), start)
