@@ -19,6 +19,14 @@ The configuration is PROJECT/params.yaml, checked before any work. Where the sta
   threads               local threads (default; runtime.concurrency of them)
   local-cluster:N       a Dask LocalCluster of N worker processes on this machine
   tcp://HOST:8786       an existing Dask scheduler (workers must see the project folder at the same path)
+With runtime.gpu_resource (default: when runtime.device is cuda) the model-heavy stages (zoo, amplify, score,
+merge, evaluate) run only on Dask workers started with `--resources GPU=1`; fetch, extract, prune and report
+run on any worker. On a machine with 2 GPUs, for example:
+  dask scheduler --port 8786 &
+  CUDA_VISIBLE_DEVICES=0 dask worker tcp://127.0.0.1:8786 --nthreads 1 --resources GPU=1 &
+  CUDA_VISIBLE_DEVICES=1 dask worker tcp://127.0.0.1:8786 --nthreads 1 --resources GPU=1 &
+  dask worker tcp://127.0.0.1:8786 --nworkers 2 --nthreads 1 &     # CPU workers, no resource
+  then runtime.task_runner: tcp://127.0.0.1:8786 and runtime.device: cuda in params.yaml
 No Prefect server is needed: a temporary local one records the run unless PREFECT_API_URL names one.
 
 examples:
@@ -59,7 +67,7 @@ def run_pipeline(root: Path) -> dict[str, str]:
     with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command="dppa run"), prefect_api():
         set_gpu_limit(params.runtime.gpu_concurrency)
         flow = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
-        return flow(str(root))
+        return flow(str(root), gpu_resource=params.runtime.needs_gpu_resource())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -261,9 +261,15 @@ class Runtime(Strict):
     task_runner: str = "threads"
     concurrency: int = Field(default=2, ge=1)
     gpu_concurrency: int = Field(default=1, ge=1)
+    # On Dask: the model-heavy stages run only on workers started with `--resources GPU=1`. Unset: when device is
+    # cuda. The threads runner ignores it.
+    gpu_resource: bool | None = None
     # When another run holds the project: fail at once naming it, skip this run, or wait for it. Unset: fail for
     # a run started by hand, skip for a scheduled one (the next schedule picks the work up).
     on_overlap: Literal["wait", "skip", "fail"] | None = None
+
+    def needs_gpu_resource(self) -> bool:
+        return self.device == "cuda" if self.gpu_resource is None else self.gpu_resource
 
     @field_validator("task_runner")
     @classmethod
