@@ -50,8 +50,10 @@ def test_keep_count_rounds_and_clamps():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [0, 1, 700, 2500, 4000])
-@pytest.mark.parametrize("random_access", [False, True], ids=["scan", "chunk_at"])
-def test_keep_in_zeroes_all_but_the_k_largest_chunk_by_chunk(dtype, k, random_access):
+@pytest.mark.parametrize("random_access,group", [(False, None), (True, None), (True, 2000)])
+def test_keep_in_zeroes_all_but_the_k_largest_chunk_by_chunk(dtype, k, random_access, group, monkeypatch):
+    if group:  # histograms kept per 2 chunks of 1500, so the cutoff is placed inside one of two groups
+        monkeypatch.setattr("dppa.sparsify.threshold.TIE_GROUP_ELEMS", group)
     gen = torch.Generator().manual_seed(3)
     values = (torch.randn(4000, generator=gen) * 3).round().to(dtype)  # many ties at every magnitude
     values[::9] = 0.0

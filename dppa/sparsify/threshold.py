@@ -18,6 +18,7 @@ import torch
 
 LOW_BITS = 16
 LOW_MASK = (1 << LOW_BITS) - 1
+TIE_GROUP_ELEMS = 1 << 20  # entries per kept histogram when placing the cutoff among ties (see find_threshold)
 CHUNK_ELEMS = 1 << 20  # cache-friendly pieces whose buffers the allocator reuses (no page faults per pass)
 
 
@@ -94,21 +95,25 @@ def find_threshold(
     three times (histogram passes, then a scan to place the cutoff among ties).
 
     `chunk_at(i)`, when given, returns the i-th chunk that `key_chunks()` yields: the last histogram pass then
-    keeps each chunk's count of every key, and the cutoff among ties is placed by reading the one chunk it falls
-    in, not by scanning the chunks before it."""
+    keeps a histogram per group of chunks (about TIE_GROUP_ELEMS entries), and the cutoff among ties is placed by
+    reading the chunks of the one group it falls in, not by scanning every chunk before it."""
     if k >= numel:
         return KEEP_ALL
     if k <= 0:
         return KEEP_NONE
-    per_chunk: list[tuple[int, torch.Tensor]] | None = [] if chunk_at is not None else None
+    groups: list[tuple[int, int, torch.Tensor]] | None = [] if chunk_at is not None else None  # (chunks, numel, hist)
 
     def histogram(chunks) -> torch.Tensor:
-        total = None
+        total, group = None, None
         for c, bins in chunks:
             hist = torch.bincount(bins, minlength=1 << LOW_BITS)
-            total = hist.clone() if total is None else total.add_(hist)
-            if per_chunk is not None:
-                per_chunk.append((c.numel(), hist))
+            if groups is not None:
+                if group is None or group[1] >= TIE_GROUP_ELEMS:
+                    group = [0, 0, torch.zeros_like(hist)]
+                    groups.append(group)
+                group[0], group[1] = group[0] + 1, group[1] + c.numel()
+                group[2].add_(hist)
+            total = hist if total is None else total.add_(hist)
         return total
 
     if bits <= LOW_BITS:
@@ -122,16 +127,16 @@ def find_threshold(
         key, above = (high_bin << LOW_BITS) | low_bin, above + above_low
     if k - above == equal:  # every tie is kept: no need to find where the cutoff falls
         return Threshold(key, numel)
-    if per_chunk is None:
+    if groups is None:
         return Threshold(key, _tie_cutoff(key_chunks, key, k - above))
     bin_of_key = key & LOW_MASK  # the bin `key` fell in, in the last histogram
-    ties_kept, start = k - above, 0
-    for i, (size, hist) in enumerate(per_chunk):
+    ties_kept, first_chunk, start = k - above, 0, 0
+    for n_chunks, size, hist in groups:
         ties = int(hist[bin_of_key])
         if ties >= ties_kept:
-            return Threshold(key, start + _tie_cutoff(lambda i=i: [chunk_at(i)], key, ties_kept))
-        ties_kept -= ties
-        start += size
+            chunks = range(first_chunk, first_chunk + n_chunks)
+            return Threshold(key, start + _tie_cutoff(lambda c=chunks: map(chunk_at, c), key, ties_kept))
+        ties_kept, first_chunk, start = ties_kept - ties, first_chunk + n_chunks, start + size
     raise AssertionError("fewer ties than counted")  # unreachable: the histogram counted them
 
 
