@@ -6,10 +6,12 @@
 What is timed (each under /usr/bin/time -v, runs interleaved, median reported):
   mergekit      mergekit-yaml with merge_method ties, base + two fine-tunes, density 0.2, weight 1.0,
                 normalize true, dtype = the checkpoint's (mergekit reads the models and trims inside the merge)
+  dppa models   `dppa merge BASE FT1 FT2 --method ties --density 0.2`: the same inputs as mergekit, model
+                folders, each delta taken on the fly (the like-for-like comparison; agreement is checked on it)
   dppa merge    `dppa merge BASE D1 D2 --method ties --density 0.2`, on deltas made beforehand by `dppa extract`
                 (outside the timing: deltas are what a DPPA pipeline keeps anyway)
-  dppa e2e      `dppa extract` twice then `dppa merge`, timed together (the like-for-like cost from raw models);
-                its peak RSS is the largest of the three steps
+  dppa e2e      `dppa extract` twice then `dppa merge` of the deltas, timed together (the path from raw models
+                before `merge` took model folders); its peak RSS is the largest of the three steps
 
 mergekit lives in its own virtualenv (bench/.venv-mergekit, git-ignored), created on first use with
 torch==2.13.0 installed first (so mergekit's torch>=2.0 is satisfied by the CPU build) and then mergekit==0.1.5.
@@ -149,6 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--mergekit-dtype", help="mergekit's computation dtype (default: the checkpoint's)")
     p.add_argument("--no-e2e", action="store_true", help="skip the extract+merge end-to-end timing")
+    p.add_argument(
+        "--no-deltas", action="store_true", help="time mergekit and dppa from model folders only (no extract at all)"
+    )
     p.add_argument("--mergekit-only", action="store_true", help="time mergekit alone (no dppa, no comparison)")
     p.add_argument("--work", type=Path, default=BENCH / "out", help="where checkpoints and outputs go")
     p.add_argument("--venv", type=Path, default=BENCH / ".venv-mergekit")
@@ -175,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     base, fts = ckpt / "base", [ckpt / "ft1", ckpt / "ft2"]
     deltas = [run_dir / f"delta{i}" for i in (1, 2)]
     for ft, delta in zip(fts, deltas):  # untimed preparation for the "dppa merge" variant
-        if args.mergekit_only:
+        if args.mergekit_only or args.no_deltas:
             break
         measure(dppa + ["extract", str(base), str(ft), "-o", str(delta)], run_dir / f"{delta.name}.log", env)
 
     mk_out, dppa_out = run_dir / "merged-mergekit", run_dir / "merged-dppa"
-    results: dict[str, list[Run]] = {"mergekit": [], "dppa merge": [], "dppa e2e": []}
+    results: dict[str, list[Run]] = {"mergekit": [], "dppa models": [], "dppa merge": [], "dppa e2e": []}
     for i in range(args.runs):
         for path in (mk_out, dppa_out):
             shutil.rmtree(path, ignore_errors=True)
@@ -194,6 +199,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.mergekit_only:
             print(f"run {i + 1}/{args.runs}: mergekit {results['mergekit'][-1].wall_s:.1f} s", file=sys.stderr)
             continue
+        shutil.rmtree(dppa_out, ignore_errors=True)
+        results["dppa models"].append(
+            measure(
+                dppa
+                + ["merge", str(base), *map(str, fts), "-o", str(dppa_out), "--method", "ties"]
+                + ["--density", str(args.density)],
+                run_dir / f"dppa-models-{i}.log",
+                env,
+            )
+        )
+        if args.no_deltas:
+            print(
+                f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1].wall_s:.1f} s" for k, v in results.items() if v),
+                file=sys.stderr,
+            )
+            continue
+        deltas_out = run_dir / "merged-dppa-deltas"
+        shutil.rmtree(deltas_out, ignore_errors=True)
         results["dppa merge"].append(
             measure(
                 dppa
@@ -202,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                     str(base),
                     *map(str, deltas),
                     "-o",
-                    str(dppa_out),
+                    str(deltas_out),
                     "--method",
                     "ties",
                     "--density",

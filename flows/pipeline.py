@@ -1,6 +1,12 @@
 """The whole pipeline as one Prefect flow. Its stage graph is read from dvc.yaml (through DVC's own index), not
 written here a second time: each stage is submitted as a task once the stages it depends on are done, so the
-per-fine-tune branches run side by side, on threads or on Dask workers (runtime.task_runner)."""
+per-fine-tune branches run side by side, on threads or on Dask workers (runtime.task_runner).
+
+On Dask, the model-heavy stages (those that train, evaluate or search models, and the merge) can require the Dask
+resource GPU: they then run only on workers started with `--resources GPU=1` (one per GPU), while the CPU stages
+(fetch, extract, prune, report) run on any worker. `runtime.gpu_resource` decides (unset: when runtime.device is
+cuda); the threads runner ignores it.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,56 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 
+from dppa.errors import DppaError
 from dppa.pipeline.run_record import StageFailed
 from tasks import models
 from tasks.dvc import repro_stage
 
 FETCH_COMMAND = "dppa stage fetch "  # the command of dvc.yaml's fetch stages
+
+GPU_RESOURCE = "GPU"
+# dvc.yaml stages (per fine-tune ones without their @NAME) whose work is models on a device: the zoo trains them,
+# amplify searches factors by evaluating candidates, score and evaluate evaluate, merge searches its scale
+MODEL_HEAVY_STAGES = frozenset({"zoo", "amplify", "score", "merge", "evaluate"})
+
+
+def is_model_heavy(stage: str) -> bool:
+    """`stage` as DVC addresses it: NAME, NAME@KEY for a foreach stage, or FILE:NAME in another dvc.yaml."""
+    return stage.rsplit(":", 1)[-1].split("@", 1)[0] in MODEL_HEAVY_STAGES
+
+
+def stage_resources(stage: str, gpu_resource: bool) -> dict[str, int] | None:
+    """The Dask resources a stage's task requires, or None (any worker)."""
+    return {GPU_RESOURCE: 1} if gpu_resource and is_model_heavy(stage) else None
+
+
+def check_gpu_workers() -> None:
+    """On a Dask task runner, refuse to start when no worker declares the GPU resource: GPU stages would wait
+    for one forever."""
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    runner = FlowRunContext.get().task_runner
+    if not isinstance(runner, DaskTaskRunner):
+        return
+    workers = runner.client.scheduler_info(n_workers=-1)["workers"]
+    if not any(w.get("resources", {}).get(GPU_RESOURCE, 0) >= 1 for w in workers.values()):
+        raise DppaError(
+            f"runtime.gpu_resource: none of the {len(workers)} Dask workers declares the resource {GPU_RESOURCE}; "
+            f"start one worker per GPU with `dask worker SCHEDULER --resources {GPU_RESOURCE}=1`, or set "
+            "runtime.gpu_resource: false"
+        )
+
+
+def submit_stage(root: Path, stage: str, wait_for: list, gpu_resource: bool, force: bool = False):
+    resources = stage_resources(stage, gpu_resource)
+    if resources is None:
+        return repro_stage.submit(root, stage, force=force, wait_for=wait_for)
+    import dask
+
+    # read by the Dask client when the task is submitted (the threads runner ignores it)
+    with dask.annotate(resources=resources):
+        return repro_stage.submit(root, stage, force=force, wait_for=wait_for)
 
 
 def stage_graph(root: Path) -> tuple[dict[str, list[str]], dict[str, Path]]:
@@ -70,20 +121,21 @@ NOT_RUN = "not run"  # an upstream stage failed
 
 
 @flow(name="dppa-pipeline")
-def pipeline_flow(root: str = ".") -> dict[str, str]:
+def pipeline_flow(root: str = ".", gpu_resource: bool = False) -> dict[str, str]:
     """Run every stale stage of dvc.yaml in dependency order, and the fetch of every hub model whose branch moved
     upstream; returns {stage: "ran" | "restored" | "up to date"}. When stages fail, the stages independent of them
-    still run, and then StageFailed names the first (in the graph's order) with the last lines of its log."""
+    still run, and then StageFailed names the first (in the graph's order) with the last lines of its log.
+    `gpu_resource`: the model-heavy stages require a Dask worker with the resource GPU."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     graph, fetches = stage_graph(root_path)
+    if gpu_resource:
+        check_gpu_workers()
     forced = moved_branches(root_path, fetches)
     started = time.perf_counter()
     futures = {}
     for stage, upstream in graph.items():
-        futures[stage] = repro_stage.submit(
-            root_path, stage, force=stage in forced, wait_for=[futures[u] for u in upstream]
-        )
+        futures[stage] = submit_stage(root_path, stage, [futures[u] for u in upstream], gpu_resource, stage in forced)
     wait(list(futures.values()))
     outcome, failures = {}, []
     for stage, future in futures.items():
@@ -124,7 +176,8 @@ def scheduled_pipeline(root: str) -> dict[str, str]:
             record.notify = notifier(params.runtime.notify)
             with run_lock(root, on_overlap=params.runtime.on_overlap or "skip", command=command, log=logger.warning):
                 set_gpu_limit(params.runtime.gpu_concurrency)
-                record.stages = pipeline_flow.with_options(task_runner=task_runner(params.runtime))(root)
+                flow_ = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
+                record.stages = flow_(root, gpu_resource=params.runtime.needs_gpu_resource())
                 return record.stages
     except RunSkipped as skipped:
         logger.warning(str(skipped))

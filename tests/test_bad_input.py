@@ -141,15 +141,28 @@ def test_a_model_folder_is_not_a_delta(tiny_models, tmp_path, capsys, command):
     assert_clean_failure(code, err, out, merged, "is a model folder, not a delta")
 
 
-def test_merge_refuses_a_finetuned_model_given_as_a_delta(tiny_models, tmp_path, capsys):
+def test_merge_refuses_a_mix_of_deltas_and_model_folders(tiny_models, tmp_path, capsys):
     base, ft1, ft2 = tiny_models
     delta = tmp_path / "d2"
     assert run_cli(capsys, "extract", base, ft2, "-o", delta)[0] == 0
     out = tmp_path / "out"
     code, err = run_cli(capsys, "merge", base, ft1, delta, "-o", out, "--method", "task_arithmetic")
-    assert_clean_failure(code, err, out, ft1, "is a model folder, not a delta", "dppa extract BASE MODEL")
+    assert_clean_failure(code, err, out, f"delta folders ({delta})", f"model folders ({ft1})", "only deltas")
+    # apply takes one delta: a model folder is still refused there
     code, err = run_cli(capsys, "apply", base, ft1, "-o", out)
     assert_clean_failure(code, err, out, ft1, "is a model folder, not a delta")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", [["ties", "--density", "0.2"], ["task_arithmetic"]])
+def test_merge_of_model_folders_refuses_nan_or_inf(tiny_models, ft_copy, tmp_path, capsys, bad, method):
+    base, _, ft2 = tiny_models
+    tensors = load_file(ft_copy / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = bad
+    save_file(tensors, ft_copy / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "merge", base, ft2, ft_copy, "-o", out, "--method", *method)
+    assert_clean_failure(code, err, out, "model.layers.0.mlp.down_proj.weight", "NaN or Inf", ft_copy)
 
 
 @pytest.mark.parametrize(

@@ -45,3 +45,10 @@ def test_dare_is_identical_bit_for_bit_to_a_recorded_digest():
 
 
 DARE_DIGEST = "c9cc844a9875bf7fdb43c1a7725c611a81aba3f6293599609a90e47019c02104"  # torch CPU generator (mt19937)
+
+
+def test_ties_with_a_negative_and_a_zero_weight():
+    # weighted deltas (weights 1, -1, 0): sums [1, -4, 0] elect signs [+, -, 0]. Entry 0: only the first agrees,
+    # 2 / 1. Entry 1: both agree, |-1| + |-3| = 4 over a weight sum of 1 + (-1) = 0, which counts as 1: -4.
+    weighted = [torch.tensor([2.0, -1.0, 0.0]), torch.tensor([-1.0, -3.0, 0.0]), torch.tensor([0.0, 0.0, 0.0])]
+    assert ties_combine(weighted, [1.0, -1.0, 0.0]).tolist() == [2.0, -4.0, 0.0]

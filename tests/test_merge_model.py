@@ -2,6 +2,8 @@
 logits. The expected merge is written out here (trim by sorting, sign election, disjoint mean), not taken from the
 engine."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -45,6 +47,11 @@ def expected_merge(base_dir, ft_dirs, method, density, scale, weights):
     return model
 
 
+def merge_args(base, inputs, out, method, density):
+    args = ["merge", str(base), *map(str, inputs), "-o", str(out), "--method", method, "--scale", "0.7"]
+    return args + ["--weights", "1.0,0.5", "-q"] + (["--density", str(density)] if density else [])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method,density", [("ties", 0.2), ("task_arithmetic", None)])
 def test_merged_model_logits_equal_plain_torch_merge(tmp_path, dtype, method, density):
@@ -54,31 +61,48 @@ def test_merged_model_logits_equal_plain_torch_merge(tmp_path, dtype, method, de
     for i, ft in enumerate(fts):
         assert main(["extract", str(base), str(ft), "-o", str(tmp_path / f"d{i}"), "-q"]) == 0
         deltas.append(str(tmp_path / f"d{i}"))
-    args = [
-        "merge",
-        str(base),
-        *deltas,
-        "-o",
-        str(tmp_path / "merged"),
-        "--method",
-        method,
-        "--scale",
-        "0.7",
-        "--weights",
-        "1.0,0.5",
-        "-q",
-    ]
-    assert main(args + (["--density", str(density)] if density else [])) == 0
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert loaded.dtype == dtype
+    assert main(merge_args(base, deltas, tmp_path / "merged", method, density)) == 0
+    # the same merge straight from the fine-tuned model folders, each delta taken on the fly
+    assert main(merge_args(base, fts, tmp_path / "merged_from_models", method, density)) == 0
     expected = expected_merge(base, fts, method, density, 0.7, [1.0, 0.5])
-    ids = torch.arange(1, 33).view(2, 16)
-    with torch.no_grad():
-        got, want = loaded(ids).logits.float(), expected(ids).logits.float()
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(got, want, atol=tolerance, rtol=tolerance)
+    ids = torch.arange(1, 33).view(2, 16)
     base_logits = AutoModelForCausalLM.from_pretrained(base)(ids).logits.float()
-    assert not torch.allclose(got, base_logits, atol=tolerance)  # the merge changed the model
+    for merged in ("merged", "merged_from_models"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / merged)
+        assert loaded.dtype == dtype
+        got_weights, want_weights = loaded.state_dict(), expected.state_dict()
+        for name, want in want_weights.items():
+            # equal up to float32 summation order: in bf16 that may flip the last bit of the rounded result
+            ulp = 1e-6 if dtype == torch.float32 else 2**-7
+            assert torch.allclose(got_weights[name].float(), want.float(), atol=1e-7, rtol=ulp), name
+        with torch.no_grad():
+            got, want = loaded(ids).logits.float(), expected(ids).logits.float()
+        assert torch.allclose(got, want, atol=tolerance, rtol=tolerance)
+        assert not torch.allclose(got, base_logits, atol=tolerance)  # the merge changed the model
+    # from model folders, the bytes are those of extract + merge
+    from_deltas = (tmp_path / "merged" / "model.safetensors").read_bytes()
+    assert (tmp_path / "merged_from_models" / "model.safetensors").read_bytes() == from_deltas
+
+
+def test_merge_from_model_folders_with_a_grown_vocabulary(tmp_path):
+    base = make_base(tmp_path / "base")
+    fts = [make_finetune(base, tmp_path / "ft1", seed=1, grow_vocab=3), make_finetune(base, tmp_path / "ft2", seed=2)]
+    deltas = [tmp_path / "d1", tmp_path / "d2"]
+    for ft, delta in zip(fts, deltas):
+        assert main(["extract", str(base), str(ft), "-o", str(delta), "-q"]) == 0
+    assert main(merge_args(base, deltas, tmp_path / "from_deltas", "ties", 0.3)) == 0
+    assert main(merge_args(base, fts, tmp_path / "from_models", "ties", 0.3)) == 0
+    got = (tmp_path / "from_models" / "model.safetensors").read_bytes()
+    assert got == (tmp_path / "from_deltas" / "model.safetensors").read_bytes()
+    # the base's rows only: the added tokens are dropped, as extract drops them
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "from_models")
+    assert merged.get_input_embeddings().weight.shape[0] == AutoModelForCausalLM.from_pretrained(base).config.vocab_size
+    # provenance: each fine-tune's content hash, the same as extract records for it
+    manifest = json.loads((tmp_path / "from_models" / "dppa_manifest.json").read_text())
+    extracted = [json.loads((d / "dppa_manifest.json").read_text())["finetuned"] for d in deltas]
+    assert [r["content_hash"] for r in manifest["finetuned"]] == [r["content_hash"] for r in extracted]
+    assert [r["path"] for r in manifest["finetuned"]] == [str(ft.resolve()) for ft in fts]
 
 
 def test_plain_torch_ties_by_hand():

@@ -171,13 +171,25 @@ def test_repro_runs_every_stage_once_then_nothing(built_project):
     assert "Data and pipelines are up to date" in dvc(built_project, "status").stdout
 
 
+def pipeline_flow_runs() -> int:
+    """How many runs of the pipeline flow the module's Prefect API has recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.count_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["dppa-pipeline"])))
+
+
 def test_dppa_run_with_nothing_stale_runs_nothing_and_prints_the_report(built_project, capsys):
     from dppa.cli import main
 
+    flow_runs = pipeline_flow_runs()
     assert main(["run", "-C", str(built_project)]) == 0
     printed = capsys.readouterr().out
     assert f"0 of {len(ALL_STAGES)} stages ran" in printed
     assert "Each fine-tune alone" in printed and "Merge scale" in printed
+    # DVC found nothing stale, so no flow (nor task runner, nor stage process) was started
+    assert pipeline_flow_runs() == flow_runs
 
 
 def test_a_code_change_makes_stale_only_the_stages_that_use_the_code(built_project):

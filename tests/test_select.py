@@ -46,3 +46,27 @@ def test_keep_count_rounds_and_clamps():
     assert keep_count(0.38, 30) == 11
     assert keep_count(0.66, 10) == 7
     assert keep_count(1.0, 10) == 10 and keep_count(0.0, 10) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 1, 700, 2500, 4000])
+@pytest.mark.parametrize("random_access,group", [(False, None), (True, None), (True, 2000)])
+def test_keep_in_zeroes_all_but_the_k_largest_chunk_by_chunk(dtype, k, random_access, group, monkeypatch):
+    if group:  # histograms kept per 2 chunks of 1500, so the cutoff is placed inside one of two groups
+        monkeypatch.setattr("dppa.sparsify.threshold.TIE_GROUP_ELEMS", group)
+    gen = torch.Generator().manual_seed(3)
+    values = (torch.randn(4000, generator=gen) * 3).round().to(dtype)  # many ties at every magnitude
+    values[::9] = 0.0
+    flat = values.float()
+    # reference: a stable sort by magnitude, ties to the lowest index
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]
+    expected = torch.zeros_like(flat)
+    expected[order] = flat[order]
+    pieces = values.split(1500)
+    chunk_at = (lambda i: magnitude_keys(pieces[i])) if random_access else None
+    threshold = find_threshold(lambda: map(magnitude_keys, pieces), values.numel(), k, key_bits(dtype), chunk_at)
+    got = torch.cat(
+        [threshold.keep_in_(p.float(), magnitude_keys(p), start) for start, p in zip(range(0, 4000, 1500), pieces)]
+    )
+    assert torch.equal(got, expected)
+    assert int((got != 0).sum()) == int((expected != 0).sum())

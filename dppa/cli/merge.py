@@ -9,8 +9,14 @@ from dppa.merging.registry import MERGERS
 ORDER = 40
 
 MERGE_DESCRIPTION = """\
-Merge one or more deltas into BASE and write a model folder (base dtype, base config and tokenizer) that
+Merge one or more inputs into BASE and write a model folder (base dtype, base config and tokenizer) that
 transformers loads.
+
+The inputs are either delta folders (written by extract, prune or amplify) or fine-tuned model folders of BASE,
+never a mix: each folder's dppa_manifest.json decides (a delta's manifest says so; a folder without one, or a
+model dppa merged, is a model). A model's delta is taken on the fly, tensor by tensor, exactly as `dppa extract`
+stores it (fine-tune - base in float32, rounded to the fine-tune's dtype), so the output is the same as extracting
+first and merging the deltas, in one pass and without writing the deltas.
 
 methods:
 {methods}
@@ -18,6 +24,7 @@ methods:
 examples:
   dppa merge BASE data/amplified/math data/amplified/law -o data/merged/dppa-ties --method ties
   dppa merge BASE data/deltas/math data/deltas/law -o merged --method ties --density 0.2 --scale 1.0
+  dppa merge BASE models/math-ft models/law-ft -o merged --method ties --density 0.2   # from model folders
 """
 
 APPLY_DESCRIPTION = """\
@@ -31,17 +38,22 @@ example:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "merge",
-        help=f"merge deltas into the base ({', '.join(MERGERS.names())})",
+        help=f"merge deltas or fine-tuned models into the base ({', '.join(MERGERS.names())})",
         description=MERGE_DESCRIPTION.format(methods=MERGERS.describe()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("base", metavar="BASE", help="base model folder")
-    p.add_argument("deltas", metavar="DELTA", nargs="+", help="delta folders (extract / prune / amplify outputs)")
+    p.add_argument(
+        "deltas",
+        metavar="INPUT",
+        nargs="+",
+        help="delta folders (extract / prune / amplify outputs), or fine-tuned model folders of BASE",
+    )
     add_common(p)
     p.add_argument("--method", choices=MERGERS.names(), default="ties", help="merge method (default ties)")
-    p.add_argument("--weights", type=float_list, metavar="W1,W2,..", help="one weight per delta (default all 1)")
+    p.add_argument("--weights", type=float_list, metavar="W1,W2,..", help="one weight per input (default all 1)")
     p.add_argument("--scale", type=float, default=1.0, metavar="L", help="lambda, scales the merged delta (default 1)")
-    p.add_argument("--allow-pickle", action="store_true", help="accept a *.bin pickle base (can run code!)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle base and models (can run code!)")
     add_method_options(p, MERGERS)
     p.set_defaults(func=run_merge)
 
@@ -68,6 +80,7 @@ def run_merge(args) -> int:
         weights=args.weights,
         scale=args.scale,
         options=MERGERS.options_from_args(args.method, args),
+        models=True,
         allow_pickle=args.allow_pickle,
         **common_kwargs(args),
     )

@@ -34,6 +34,18 @@ def check_is_delta(folder: str | os.PathLike) -> dict:
     return manifest
 
 
+def input_kind(folder: str | os.PathLike) -> tuple[str, dict]:
+    """("delta", manifest) for a folder written by extract / prune / amplify, ("model", manifest) for a model folder
+    (no dppa manifest, or a model dppa merged); other artifacts are refused. The manifest alone decides."""
+    manifest = read_manifest(folder)
+    kind = manifest.get("kind")
+    if kind in DELTA_KINDS:
+        return "delta", manifest
+    if kind in (None, "model"):
+        return "model", manifest
+    raise DppaError(f"{folder}: is a {kind!r} artifact, neither a delta nor a model folder")
+
+
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
     body = {"dppa_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     body.update(manifest)

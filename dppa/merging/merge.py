@@ -1,8 +1,14 @@
 """Merging deltas into the base with any method of `MERGERS`, streamed chunk by chunk (docs/method.md).
 
-Per tensor, TIES's trim threshold of each unpruned delta is found first (one tensor in memory at a time); then the
-tensor is combined in chunks of a few million elements, reading the same range of the base and of every delta, so
-memory does not grow with the number of fine-tunes or the size of the model.
+The inputs are either delta folders (extract / prune / amplify outputs) or fine-tuned model folders; the manifest
+decides which (`dppa.io.manifest.input_kind`), and one merge takes one kind only. A model folder's delta is taken
+on the fly, chunk by chunk, exactly as `dppa extract` would store it: fine-tune minus base in float32, rounded to
+the fine-tune's dtype. So merging model folders writes the same bytes as extracting them and merging the deltas,
+without reading the base three times or writing and reading back two full deltas.
+
+Per tensor, TIES's trim threshold of each unpruned delta is found first (one tensor at a time, from magnitude keys
+streamed in chunks); then the tensor is combined in chunks of a few million elements, reading the same range of
+the base and of every input, so memory does not grow with the number of fine-tunes or the size of the model.
 """
 
 from __future__ import annotations
@@ -16,43 +22,119 @@ import torch
 
 from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 from dppa.errors import DppaError
-from dppa.extract import check_same_architecture
+from dppa.extract import check_finite, check_same_architecture, check_same_tensors, matching_rows
 from dppa.io.atomic import atomic_dir, check_output_free
-from dppa.io.manifest import check_is_delta, read_manifest, source_record, write_manifest
+from dppa.io.manifest import check_is_delta, input_kind, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
 from dppa.merging.registry import MERGERS
 from dppa.merging.ties import trim_threshold
-from dppa.sparsify.threshold import magnitude_keys
+from dppa.sparsify.threshold import key_bits, magnitude_keys
 
 THRESHOLD_CHUNK_ELEMS = 1 << 20
 
 
-def _open_deltas(base: CheckpointReader, paths: list) -> list[CheckpointReader]:
-    readers = []
-    base_names = set(base.names())
-    for path in paths:
-        reader = open_checkpoint(path)
-        check_is_delta(reader.folder)
+class MergeInput:
+    """One input of a merge: a delta folder, or a fine-tuned model folder whose delta is computed on the fly."""
+
+    def __init__(self, reader: CheckpointReader, is_model: bool, manifest: dict, base: CheckpointReader, dev):
+        self.reader, self.is_model, self.manifest, self.base, self.dev = reader, is_model, manifest, base, dev
+        self.hasher = ContentHasher() if is_model else None  # a model's content hash, for the manifest
+
+    @property
+    def pruned(self) -> bool:
+        return bool(self.manifest.get("pruned")) and not self.is_model
+
+    def delta_dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(name)
+
+    def delta(self, name: str, start: int, count: int, raw_base: torch.Tensor | None = None):
+        """(raw chunk read from this input, delta chunk in `delta_dtype` on the compute device).
+
+        For a model folder, `raw_base` is the base's chunk as read (read here when not given)."""
+        raw = self.reader.read_flat(name, start, count)
+        if not self.is_model:
+            return raw, raw.to(self.dev)
+        if raw_base is None:
+            raw_base = self.base.read_flat(name, start, count)
+        if raw_base.dtype == raw.dtype:
+            # torch computes a bf16 / fp16 difference in float32 and rounds it once: the same bits as below
+            return raw, raw.to(self.dev).sub(raw_base.to(self.dev))
+        return raw, raw.to(self.dev, torch.float32).sub(raw_base.to(self.dev, torch.float32)).to(raw.dtype)
+
+    def key_chunks(self, name: str, chunk_elems: int):
+        """The delta's magnitude keys chunk by chunk, for `find_threshold`: a factory of all chunks in order, and
+        a function returning the i-th one."""
+        spans = chunk_ranges(self.base.numel(name), chunk_elems)
+
+        def chunk_at(i: int) -> torch.Tensor:
+            return magnitude_keys(self.delta(name, *spans[i])[1])
+
+        return lambda: map(chunk_at, range(len(spans))), chunk_at
+
+    def record(self) -> dict:
+        if self.is_model:
+            return source_record(self.reader.folder, self.hasher.hexdigest())
+        return source_record(self.reader.folder, self.manifest.get("content_hash", ""))
+
+
+def _check_delta_matches_base(base: CheckpointReader, reader: CheckpointReader) -> None:
+    base_names, names = set(base.names()), set(reader.names())
+    for name in sorted(base_names - names):
+        raise DppaError(f"{reader.folder}: delta has no tensor {name!r} of the base; was it extracted from this base?")
+    for name in sorted(names - base_names):
+        raise DppaError(
+            f"{reader.folder}: tensor {name!r} is not in the base ({base.folder}); was it extracted from this base?"
+        )
+    for name in names:
+        if reader.shape(name) != base.shape(name):
+            raise DppaError(
+                f"{reader.info(name).file}: tensor {name!r} has shape {list(reader.shape(name))} "
+                f"but the base has {list(base.shape(name))}"
+            )
+
+
+def open_inputs(base: CheckpointReader, paths: list, dev, *, models: bool, allow_pickle: bool) -> list[MergeInput]:
+    """Delta folders, or (with `models`) fine-tuned model folders: all of one kind, as their manifests say."""
+    kinds = [(path, *input_kind(path)) if models else (path, "delta", check_is_delta(path)) for path in paths]
+    found = {kind for _, kind, _ in kinds}
+    if len(found) > 1:
+        deltas = ", ".join(str(p) for p, k, _ in kinds if k == "delta")
+        model_folders = ", ".join(str(p) for p, k, _ in kinds if k == "model")
+        raise DppaError(
+            f"inputs mix delta folders ({deltas}) and model folders ({model_folders}); give only deltas, "
+            "or only fine-tuned model folders"
+        )
+    inputs = []
+    for path, kind, manifest in kinds:
+        reader = open_checkpoint(path, allow_pickle and kind == "model")
         check_same_architecture(base, reader)
-        names = set(reader.names())
-        for name in sorted(base_names - names):
-            raise DppaError(
-                f"{reader.folder}: delta has no tensor {name!r} of the base; was it extracted from this base?"
-            )
-        for name in sorted(names - base_names):
-            raise DppaError(
-                f"{reader.folder}: tensor {name!r} is not in the base ({base.folder}); was it extracted from this base?"
-            )
-        for name in names:
-            if reader.shape(name) != base.shape(name):
-                raise DppaError(
-                    f"{reader.info(name).file}: tensor {name!r} has shape {list(reader.shape(name))} "
-                    f"but the base has {list(base.shape(name))}"
-                )
-        readers.append(reader)
-    return readers
+        if kind == "model":
+            check_same_tensors(base, reader)
+            for name in base.names():
+                matching_rows(base, reader, name)  # equal shapes, or a grown vocabulary (its added rows are dropped)
+        else:
+            _check_delta_matches_base(base, reader)
+        inputs.append(MergeInput(reader, kind == "model", manifest, base, dev))
+    return inputs
+
+
+def _trim_threshold(source: MergeInput, name: str, density: float):
+    chunks, chunk_at = source.key_chunks(name, THRESHOLD_CHUNK_ELEMS)
+    numel, bits = source.base.numel(name), key_bits(source.delta_dtype(name))
+    return trim_threshold(chunks, numel, density, bits, chunk_at)
+
+
+def _check_finite_merge(merged, raw_base, raws, name, base_r, inputs) -> None:
+    """A model input's NaN / Inf (or a difference that overflows) shows in the merged chunk; name its source."""
+    low, high = torch.aminmax(merged)  # NaN propagates; both finite exactly when every entry is
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
+    check_finite(raw_base.float(), base_r, name)
+    for raw, source in zip(raws, inputs):
+        check_finite(raw.float(), source.reader, name)
+    raise DppaError(f"tensor {name!r}: the merge overflows its float range; a fine-tune is corrupt or diverged")
 
 
 def merge_deltas(
@@ -64,6 +146,7 @@ def merge_deltas(
     weights: list[float] | None = None,
     scale: float = 1.0,
     options: Any = None,
+    models: bool = False,
     device: str = "cpu",
     overwrite: bool = False,
     progress: bool = True,
@@ -73,7 +156,9 @@ def merge_deltas(
 ) -> Path:
     """Merge delta folders into `base` and write a model folder at `out`; returns `out`.
 
-    `options`: the method's options dataclass, a dict of its option values, or None for its defaults.
+    `models`: also accept fine-tuned model folders in `deltas` (all inputs of one kind; each delta taken on the
+    fly as `dppa extract` stores it). `options`: the method's options dataclass, a dict of its option values, or
+    None for its defaults.
     """
     options = MERGERS.options_for(method, options)
     merger = MERGERS.get(method).impl(options)
@@ -82,16 +167,20 @@ def merge_deltas(
         raise DppaError("give at least one delta folder to merge")
     weights = [1.0] * len(deltas) if weights is None else list(weights)
     if len(weights) != len(deltas):
-        raise DppaError(f"--weights: {len(weights)} weights for {len(deltas)} deltas; give one weight per delta")
+        raise DppaError(f"--weights: {len(weights)} weights for {len(deltas)} inputs; give one weight per input")
     out = Path(out)
     check_output_free(out, overwrite)
     dev = resolve_device(device)
     base_r = open_checkpoint(base, allow_pickle)
-    readers = _open_deltas(base_r, deltas)
-    trim = [density is not None and density < 1.0 and not read_manifest(r.folder).get("pruned") for r in readers]
+    inputs = open_inputs(base_r, deltas, dev, models=models, allow_pickle=allow_pickle)
+    trim = [density is not None and density < 1.0 and not source.pruned for source in inputs]
+    any_model = any(source.is_model for source in inputs)
     names = base_r.names()
     plan = [(n, base_r.dtype(n), base_r.shape(n)) for n in names]
-    total_bytes = base_r.total_bytes() + sum(r.total_bytes() * (1 + t) for r, t in zip(readers, trim))
+    base_bytes = base_r.total_bytes()
+    total_bytes = base_bytes + sum(
+        s.reader.total_bytes() * (1 + t) + base_bytes * t * s.is_model for s, t in zip(inputs, trim)
+    )
     base_hash = ContentHasher()
     with (
         atomic_dir(out, overwrite) as tmp,
@@ -100,33 +189,50 @@ def merge_deltas(
     ):
         writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
         for name in names:
-            pending = [
-                pool.submit(trim_threshold, r, name, density, THRESHOLD_CHUNK_ELEMS) if t else None
-                for r, t in zip(readers, trim)
-            ]
+            pending = [pool.submit(_trim_threshold, s, name, density) if t else None for s, t in zip(inputs, trim)]
             thresholds = [p.result() if p else None for p in pending]
-            bar.advance(sum(r.info(name).nbytes for r, t in zip(readers, trim) if t))
+            bar.advance(
+                sum(
+                    s.reader.info(name).nbytes + base_r.info(name).nbytes * s.is_model
+                    for s, t in zip(inputs, trim)
+                    if t
+                )
+            )
             base_hash.start(name, base_r.dtype(name), base_r.shape(name))
+            for s in inputs:
+                if s.is_model:
+                    s.hasher.start(name, s.reader.dtype(name), s.reader.shape(name))
 
             def merged_chunk(span: tuple[int, int], name=name, thresholds=thresholds):
                 start, count = span
                 raw_base = base_r.read_flat(name, start, count)
-                deltas = []
-                for reader, threshold in zip(readers, thresholds):
-                    raw = reader.read_flat(name, start, count)
-                    values = raw.to(dev, torch.float32)
-                    if threshold is not None:
-                        values.mul_(threshold.mask(magnitude_keys(raw), start).to(dev))
+                # a copy: merge methods work in place, and raw_base (the same tensor for float32 on the CPU) is hashed
+                base32 = raw_base.to(dev, torch.float32, copy=True)
+                raws, deltas = [], []
+                for source, threshold in zip(inputs, thresholds):
+                    raw, delta = source.delta(name, start, count, raw_base)
+                    values = delta.to(torch.float32)
+                    if threshold is not None:  # keys first: `values` may be `delta` itself
+                        threshold.keep_in_(values, magnitude_keys(delta), start)
+                    raws.append(raw)
                     deltas.append(values)
-                # copy: merge_chunk works in place and raw_base (the same tensor for float32 on CPU) is hashed below
-                merged = merger.combine(raw_base.to(dev, torch.float32, copy=True), deltas, weights, scale)
-                return raw_base, merged.to(base_r.dtype(name)).cpu()
+                merged = merger.combine(base32, deltas, weights, scale)
+                if any_model:
+                    _check_finite_merge(merged, raw_base, raws, name, base_r, inputs)
+                return raw_base, raws, merged.to(base_r.dtype(name)).cpu()
 
             spans = chunk_ranges(base_r.numel(name), chunk_elems)
-            for raw_base, merged in ordered_map(pool, workers, merged_chunk, spans):
+            for raw_base, raws, merged in ordered_map(pool, workers, merged_chunk, spans):
                 base_hash.update(tensor_bytes(raw_base))
+                for s, raw in zip(inputs, raws):
+                    if s.is_model:
+                        s.hasher.update(tensor_bytes(raw))
                 writer.write(name, merged)
-                bar.advance(raw_base.numel() * (raw_base.element_size() + sum(r.dtype(name).itemsize for r in readers)))
+                bar.advance(raw_base.nbytes + sum(raw.nbytes for raw in raws))
+            for s in inputs:  # a grown vocabulary's added rows: part of the fine-tune's hash, not of its delta
+                if s.is_model and s.reader.numel(name) > base_r.numel(name):
+                    for _, rest in s.reader.iter_chunks(name, chunk_elems, start=base_r.numel(name)):
+                        s.hasher.update(tensor_bytes(rest))
             bar.tensor_done()
         content_hash = writer.close()
         copy_model_files(base_r.folder, tmp)
@@ -141,7 +247,7 @@ def merge_deltas(
                 **dataclasses.asdict(options),
                 "trimmed": trim,
                 "base": source_record(base_r.folder, base_hash.hexdigest()),
-                "deltas": [source_record(r.folder, read_manifest(r.folder).get("content_hash", "")) for r in readers],
+                ("finetuned" if any_model else "deltas"): [s.record() for s in inputs],
             },
         )
     return out

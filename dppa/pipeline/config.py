@@ -271,6 +271,9 @@ class Runtime(Strict):
     task_runner: str = "threads"
     concurrency: int = Field(default=2, ge=1)
     gpu_concurrency: int = Field(default=1, ge=1)
+    # On Dask: the model-heavy stages run only on workers started with `--resources GPU=1`. Unset: when device is
+    # cuda. The threads runner ignores it.
+    gpu_resource: bool | None = None
     # When another run holds the project: fail at once naming it, skip this run, or wait for it. Unset: fail for
     # a run started by hand, skip for a scheduled one (the next schedule picks the work up).
     on_overlap: Literal["wait", "skip", "fail"] | None = None
@@ -286,6 +289,9 @@ class Runtime(Strict):
         raise ValueError(
             "use a Prefect notification block as BLOCK-TYPE/NAME (e.g. slack-webhook/nightly) or an http(s) webhook URL"
         )  # the value is not repeated: a webhook URL may hold a secret
+
+    def needs_gpu_resource(self) -> bool:
+        return self.device == "cuda" if self.gpu_resource is None else self.gpu_resource
 
     @field_validator("task_runner")
     @classmethod
@@ -345,6 +351,12 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
 
     def all_models(self) -> dict[str, ModelEntry]:
         return {BASE_NAME: self.models.base, **self.models.finetunes}
+
+    def follows_hub_branch(self, root: Path) -> bool:
+        """Whether a model is a hub repository at a branch or tag (which may move upstream) rather than a commit."""
+        from dppa.pipeline.hub import is_commit_sha
+
+        return any(e.resolve(root).kind == "hub" and not is_commit_sha(e.revision) for e in self.all_models().values())
 
     def finetune(self, name: str) -> FinetuneEntryBase:
         if name not in self.models.finetunes:

@@ -18,6 +18,7 @@ import torch
 
 LOW_BITS = 16
 LOW_MASK = (1 << LOW_BITS) - 1
+TIE_GROUP_ELEMS = 1 << 20  # entries per kept histogram when placing the cutoff among ties (see find_threshold)
 CHUNK_ELEMS = 1 << 20  # cache-friendly pieces whose buffers the allocator reuses (no page faults per pass)
 
 
@@ -63,32 +64,80 @@ class Threshold:
             keep[:end] |= keys[:end] == self.key
         return keep
 
+    def keep_in_(self, values: torch.Tensor, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Zero, in place, the entries of a float32 chunk that `mask` drops; returns `values`. Integer arithmetic
+        only: boolean kernels are several times slower on CPU."""
+        bits = values.view(torch.int32)
+        end = max(0, min(keys.numel(), self.tie_cutoff - start))
+        bits[:end].bitwise_and_(_all_ones_where_greater(keys[:end], self.key - 1))  # ties kept before the cutoff
+        bits[end:].bitwise_and_(_all_ones_where_greater(keys[end:], self.key))
+        return values
+
+
+def _all_ones_where_greater(keys: torch.Tensor, key: int) -> torch.Tensor:
+    """int32 -1 (every bit set) where keys > key, else 0; keys in [0, 2**31 - 1] and key in [-1, 2**31 - 1], so
+    key - keys cannot overflow and is negative exactly where keys > key."""
+    return torch.sub(key, keys).bitwise_right_shift_(31)
+
 
 KEEP_ALL = Threshold(-1, 0)
 KEEP_NONE = Threshold(0x7FFFFFFF, 0)  # no int32 key is larger
 
 
-def find_threshold(key_chunks: Callable[[], Iterable[torch.Tensor]], numel: int, k: int, bits: int) -> Threshold:
+def find_threshold(
+    key_chunks: Callable[[], Iterable[torch.Tensor]],
+    numel: int,
+    k: int,
+    bits: int,
+    chunk_at: Callable[[int], torch.Tensor] | None = None,
+) -> Threshold:
     """Exact threshold keeping the k largest keys; `key_chunks()` yields the keys in order, and may be called up to
-    three times (histogram passes, then a scan to place the cutoff among ties)."""
+    three times (histogram passes, then a scan to place the cutoff among ties).
+
+    `chunk_at(i)`, when given, returns the i-th chunk that `key_chunks()` yields: the last histogram pass then
+    keeps a histogram per group of chunks (about TIE_GROUP_ELEMS entries), and the cutoff among ties is placed by
+    reading the chunks of the one group it falls in, not by scanning every chunk before it."""
     if k >= numel:
         return KEEP_ALL
     if k <= 0:
         return KEEP_NONE
+    groups: list[tuple[int, int, torch.Tensor]] | None = [] if chunk_at is not None else None  # (chunks, numel, hist)
+
+    def histogram(chunks) -> torch.Tensor:
+        total, group = None, None
+        for c, bins in chunks:
+            hist = torch.bincount(bins, minlength=1 << LOW_BITS)
+            if groups is not None:
+                if group is None or group[1] >= TIE_GROUP_ELEMS:
+                    group = [0, 0, torch.zeros_like(hist)]
+                    groups.append(group)
+                group[0], group[1] = group[0] + 1, group[1] + c.numel()
+                group[2].add_(hist)
+            total = hist if total is None else total.add_(hist)
+        return total
+
     if bits <= LOW_BITS:
-        hist = sum(torch.bincount(c, minlength=1 << LOW_BITS) for c in key_chunks())
+        hist = histogram((c, c) for c in key_chunks())
         key, above, equal = _bin_of_kth(hist, k)
     else:
         high = sum(torch.bincount(c >> LOW_BITS, minlength=1 << (bits - LOW_BITS)) for c in key_chunks())
         high_bin, above, _ = _bin_of_kth(high, k)
-        low = sum(
-            torch.bincount(c[(c >> LOW_BITS) == high_bin] & LOW_MASK, minlength=1 << LOW_BITS) for c in key_chunks()
-        )
+        low = histogram((c, c[(c >> LOW_BITS) == high_bin] & LOW_MASK) for c in key_chunks())
         low_bin, above_low, equal = _bin_of_kth(low, k - above)
         key, above = (high_bin << LOW_BITS) | low_bin, above + above_low
     if k - above == equal:  # every tie is kept: no need to find where the cutoff falls
         return Threshold(key, numel)
-    return Threshold(key, _tie_cutoff(key_chunks, key, k - above))
+    if groups is None:
+        return Threshold(key, _tie_cutoff(key_chunks, key, k - above))
+    bin_of_key = key & LOW_MASK  # the bin `key` fell in, in the last histogram
+    ties_kept, first_chunk, start = k - above, 0, 0
+    for n_chunks, size, hist in groups:
+        ties = int(hist[bin_of_key])
+        if ties >= ties_kept:
+            chunks = range(first_chunk, first_chunk + n_chunks)
+            return Threshold(key, start + _tie_cutoff(lambda c=chunks: map(chunk_at, c), key, ties_kept))
+        ties_kept, first_chunk, start = ties_kept - ties, first_chunk + n_chunks, start + size
+    raise AssertionError("fewer ties than counted")  # unreachable: the histogram counted them
 
 
 def _tie_cutoff(key_chunks, key: int, ties_kept: int) -> int:
@@ -107,7 +156,9 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly k entries with the largest values; ties go to the lowest flat index."""
     flat = magnitude.reshape(-1)
     pieces = flat.split(CHUNK_ELEMS)
-    threshold = find_threshold(lambda: map(magnitude_keys, pieces), flat.numel(), k, key_bits(flat.dtype))
+    threshold = find_threshold(
+        lambda: map(magnitude_keys, pieces), flat.numel(), k, key_bits(flat.dtype), lambda i: magnitude_keys(pieces[i])
+    )
     mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     for start, piece in zip(range(0, flat.numel(), CHUNK_ELEMS), pieces):
         mask[start : start + piece.numel()] = threshold.mask(magnitude_keys(piece), start)
