@@ -101,6 +101,8 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     from dppa.pipeline.config import load_params
     from dppa.pipeline.hub import followed_revision
 
+    if not fetches:  # a stage graph without fetch stages (and maybe without params.yaml): nothing to ask
+        return set()
     logger = get_run_logger()
     entries = load_params(root / "params.yaml").all_models().values()
     wanted = {(source.ref, e.revision) for e in entries if (source := e.resolve(root)).kind == "hub"}
