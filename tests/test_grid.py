@@ -101,4 +101,4 @@ def test_an_experiment_still_running_in_the_workspace_is_not_recorded():
             ],
         }
     ]
-    assert finished_experiments(shown) == {"done": {"data/metrics/m.json": {"score": 0.5}}}
+    assert finished_experiments(shown) == {"done": {"data/metrics/m.json": {"score": 0.5}, "params.yaml": {}}}

@@ -37,6 +37,7 @@ from dppa.errors import DppaError
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
 
 TABLES = ("finetunes", "merges")
+PARAMS = "params.yaml"
 
 
 def load_grid(path: Path) -> dict:
@@ -98,8 +99,9 @@ def recorded(project: Path) -> dict[str, dict]:
 
 
 def finished_experiments(shown) -> dict[str, dict]:
-    """The named experiments of `dvc exp show --json` that DVC committed (a 40-hex rev): one still running in the
-    workspace is listed too, with rev "workspace" and the previous point's metrics, and must not count."""
+    """{name: {metrics file: data, "params.yaml": params}} of the named experiments of `dvc exp show --json`
+    that DVC committed (a 40-hex rev): one still running in the workspace is listed too, with rev "workspace" and
+    the previous point's metrics, and must not count."""
     found = {}
 
     def walk(node):
@@ -115,6 +117,8 @@ def finished_experiments(shown) -> dict[str, dict]:
                 and "metrics" in data
             ):
                 found[node["name"]] = {f: m.get("data", {}) for f, m in (data["metrics"] or {}).items()}
+                # DVC drops lists from metrics (scores.json's fine-tune -> tasks), but not from params
+                found[node["name"]][PARAMS] = (data.get("params") or {}).get(PARAMS, {}).get("data", {})
             for value in node.values():
                 walk(value)
 
@@ -191,7 +195,8 @@ def merge_rows(point: dict, metrics: dict) -> list[dict]:
     """Per task: the merged model's score over the dense fine-tune that owns the task, and the merge scale."""
     scores = next(m for f, m in metrics.items() if f.endswith("scores.json"))
     merge = next((m for f, m in metrics.items() if f.endswith("merge.json")), {})
-    owners = {task: ft for ft, tasks in scores["finetunes"].items() for task in tasks}
+    finetunes = metrics[PARAMS]["models"]["finetunes"]
+    owners = {task: ft for ft, entry in finetunes.items() for task in entry.get("tasks") or []}
     rows = []
     for task, owner in owners.items():
         dense = next(iter(scores["models"][owner][task].values()))
