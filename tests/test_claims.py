@@ -55,3 +55,27 @@ def test_claims_read_the_grid_tables():
     # (b) has density 0.2 comparisons without data: not every comparison supports it -> inconclusive, not reproduced
     assert "## (b) DP beats magnitude pruning at high pruning rates: **inconclusive**" in text
     assert "| heavy, density 0.2: DP - magnitude | - | - | - | - | 0 |" in text
+
+
+def test_comparable_needs_two_seeds_and_no_loss_beyond_the_spread():
+    rows = []
+    for seed, (dppa, other) in enumerate([(0.91, 1.0), (0.90, 1.0)]):
+        rows.append(
+            {"zoo.regime": "heavy", "seed": seed, "finetune": "a", "method": "dppa", "density": 0.2, "normalised": dppa}
+        )
+        rows.append(
+            {
+                "zoo.regime": "heavy",
+                "seed": seed,
+                "finetune": "a",
+                "method": "magnitude",
+                "density": 0.9,
+                "normalised": other,
+            }
+        )
+    merging = pd.DataFrame(columns=["zoo.regime", "combination", "seed", "task", "normalised"])
+    text = claims_markdown(pd.DataFrame(rows), merging)
+    # DPPA 0.2 is 0.095 below magnitude 0.9 with a spread of 0.007: worse, so not comparable
+    assert "## (c) DPPA at density 0.2 is comparable to other pruning at 0.9: **not reproduced**" in text
+    one_seed = claims_markdown(pd.DataFrame(rows[:2]), merging)
+    assert "## (c) DPPA at density 0.2 is comparable to other pruning at 0.9: **inconclusive**" in one_seed
