@@ -121,12 +121,44 @@ def claim_rows(pruning: pd.DataFrame, merging: pd.DataFrame) -> list[tuple[str, 
     return claims
 
 
-def claims_markdown(pruning: pd.DataFrame, merging: pd.DataFrame) -> str:
+def summary_tables(pruning: pd.DataFrame, merging: pd.DataFrame, pattern: pd.DataFrame | None = None) -> list[str]:
+    """Per regime: each pruning method's mean over fine-tunes by density, and each merge's mean over tasks; cells
+    are mean ± std over seeds (n = number of seeds)."""
+    frames = [pruning] + ([pattern] if pattern is not None else [])
+    p = per_seed(pd.concat(frames, ignore_index=True), PRUNING_KEYS)
+    m = per_seed(merging[merging["task"] != "scale"], ["zoo.regime", "combination"])
+    scale = merging[merging["task"] == "scale"]
+    lines = []
+    for regime in sorted(set(p["zoo.regime"]) | set(m["zoo.regime"])):
+        mine = p[p["zoo.regime"] == regime]
+        densities = sorted(set(mine["density"]))
+        lines += ["", f"### {regime}: each fine-tune pruned alone (mean over fine-tunes)", ""]
+        lines += ["| method | " + " | ".join(f"{d:g}" for d in densities) + " |", "|---" * (len(densities) + 1) + "|"]
+        for method in dict.fromkeys(mine["method"]):
+            cells = []
+            for d in densities:
+                values = list(cell(mine, method=method, density=d).values())
+                cells.append(f"{_ms(values)} (n={len(values)})" if values else "-")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        merges = m[m["zoo.regime"] == regime]
+        if len(merges):
+            lines += ["", f"### {regime}: all fine-tunes merged (mean over tasks), at the searched scale", ""]
+            lines += ["| merge | normalised | scales chosen | seeds |", "|---|---|---|---|"]
+            for combination in dict.fromkeys(merges["combination"]):
+                values = list(cell(merges, combination=combination).values())
+                chosen = scale[(scale["zoo.regime"] == regime) & (scale["combination"] == combination)]
+                scales = ", ".join(f"{v:g}" for v in chosen.sort_values("seed")["normalised"])
+                lines.append(f"| {combination} | {_ms(values)} | {scales} | {len(values)} |")
+    return lines
+
+
+def claims_markdown(pruning: pd.DataFrame, merging: pd.DataFrame, pattern: pd.DataFrame | None = None) -> str:
     lines = [
         "# The paper's claims on the demo zoo",
         "",
         "Cells: normalised score (over the dense fine-tune), mean ± std over seeds; a difference counts when "
         "|mean of the per-seed differences| > their std (experiments/claims.py).",
+        *summary_tables(pruning, merging, pattern),
     ]
     for claim, rows in claim_rows(pruning, merging):
         signs = [c["sign"] * expected if c["n"] else 0 for _, c, expected in rows]  # missing: no evidence
@@ -151,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, pd.errors.EmptyDataError) as exc:
         print(f"claims: error: {exc}; run the grid first (make experiment)", file=sys.stderr)
         return 2
-    text = claims_markdown(pruning, merging)
+    pattern_csv = results / "dppa-pattern.csv"
+    pattern = pd.read_csv(pattern_csv) if pattern_csv.exists() and pattern_csv.stat().st_size > 1 else None
+    if pattern is not None:  # its DP rows repeat the pruning grid's: keep only the pattern strategy's
+        pattern = pattern[pattern["method"].str.startswith("dppa (")]
+    text = claims_markdown(pruning, merging, pattern)
     (results / "claims.md").write_text(text)
     print(text)
     return 0
