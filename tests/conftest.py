@@ -27,3 +27,22 @@ def tiny_zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo") / "tiny"
     build_zoo(out, size="tiny", regime="heavy", seed=0, workers=2, log=lambda _msg: None)  # the parallel path
     return out
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One embedded Prefect API for the module, shared by every stage process and Dask worker (started after it)
+    through PREFECT_API_URL (as `dppa run` does), so that each does not start its own server."""
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ.pop("PREFECT_API_URL", None)
+    import flows  # noqa: F401  (its environment defaults)
+    from flows.runtime import prefect_api as api
+
+    with api() as url:
+        yield url
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -8,7 +8,6 @@ whose commands write the name of the worker process they ran under (each worker'
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,24 +58,6 @@ def stand_in_project(folder: Path) -> Path:
     (folder / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=folder, check=True)
     return folder
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """An embedded Prefect API that the Dask workers (started after it) report to through PREFECT_API_URL."""
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    os.environ.pop("PREFECT_API_URL", None)
-    import flows  # noqa: F401  (its environment defaults)
-    from flows.runtime import prefect_api as api
-
-    with api() as url:
-        yield url
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def cluster(**workers: dict):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import (  # noqa: F401  (prefect_api: the module's shared Prefect API fixture)
+from tests.test_pipeline import (
     FINETUNES,
     ROOT,
     artifact_contents,
@@ -21,7 +21,6 @@ from tests.test_pipeline import (  # noqa: F401  (prefect_api: the module's shar
     edit_params,
     make_project,
     out_hashes,
-    prefect_api,
     stages_run,
 )
 
@@ -35,7 +34,7 @@ def git(project: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, tiny_zoo, prefect_api):  # noqa: F811
+def team(tmp_path_factory, tiny_zoo, prefect_api):
     root = tmp_path_factory.mktemp("team")
     a = make_project(root / "a", tiny_zoo)
     shutil.copy(ROOT / ".dvc" / "config", a / ".dvc" / "config")  # the repository's cache and remote settings

@@ -22,7 +22,7 @@ from dppa.pipeline.dvc_process import stage_environment
 from tests.hub_server import FakeHub
 from tests.synthetic import make_base, make_finetune
 from tests.test_hub_fetch import TOKEN, folder_files, hub_env
-from tests.test_pipeline import CODE, ROOT, prefect_api  # noqa: F401  (prefect_api is a fixture)
+from tests.test_pipeline import CODE, ROOT
 
 pytestmark = pytest.mark.slow
 STAGES = ("zoo", "fetch_base", "fetch", "extract")
@@ -63,7 +63,7 @@ def scheduled_run(project: Path, hub: FakeHub, home: Path) -> tuple[dict[str, st
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout + done.stderr
 
 
-def test_a_scheduled_run_follows_a_moved_branch_and_reruns_nothing_when_it_stayed(tmp_path, prefect_api):  # noqa: F811
+def test_a_scheduled_run_follows_a_moved_branch_and_reruns_nothing_when_it_stayed(tmp_path, prefect_api):
     base = make_base(tmp_path / "local/base")
     ft_v1 = make_finetune(base, tmp_path / "local/ft1", seed=1)
     ft_v2 = make_finetune(base, tmp_path / "local/ft2", seed=2)

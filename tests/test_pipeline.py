@@ -115,26 +115,6 @@ def out_hashes(project: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """One embedded Prefect API for the module, shared by every stage process through PREFECT_API_URL (as
-    `dppa run` does), so that each stage does not start its own server."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ.pop("PREFECT_API_URL", None)
-    import flows  # noqa: F401  (its environment defaults)
-    from flows.runtime import prefect_api as api
-
-    with api() as url:
-        yield url
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
 def built_project(tmp_path_factory, tiny_zoo, prefect_api):
     """A project after one full `dvc repro` (shared by the tests that only read or rerun it)."""
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_zoo)
