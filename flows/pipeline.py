@@ -104,8 +104,7 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     if not fetches:  # a stage graph without fetch stages (and maybe without params.yaml): nothing to ask
         return set()
     logger = get_run_logger()
-    entries = load_params(root / "params.yaml").all_models().values()
-    wanted = {(source.ref, e.revision) for e in entries if (source := e.resolve(root)).kind == "hub"}
+    wanted = load_params(root / "params.yaml").hub_revisions(root)
     moved = set()
     for stage, out in fetches.items():
         record = followed_revision(out, wanted)

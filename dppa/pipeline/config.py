@@ -352,11 +352,17 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
     def all_models(self) -> dict[str, ModelEntry]:
         return {BASE_NAME: self.models.base, **self.models.finetunes}
 
+    def hub_revisions(self, root: Path) -> set[tuple[str, str]]:
+        """(repository id, revision) of every model that comes from the hub."""
+        return {
+            (source.ref, e.revision) for e in self.all_models().values() if (source := e.resolve(root)).kind == "hub"
+        }
+
     def follows_hub_branch(self, root: Path) -> bool:
         """Whether a model is a hub repository at a branch or tag (which may move upstream) rather than a commit."""
         from dppa.pipeline.hub import is_commit_sha
 
-        return any(e.resolve(root).kind == "hub" and not is_commit_sha(e.revision) for e in self.all_models().values())
+        return any(not is_commit_sha(revision) for _, revision in self.hub_revisions(root))
 
     def finetune(self, name: str) -> FinetuneEntryBase:
         if name not in self.models.finetunes:
