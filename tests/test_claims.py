@@ -24,31 +24,24 @@ def test_a_difference_counts_only_beyond_the_spread_of_the_paired_differences():
     assert verdict([]) == "inconclusive"
 
 
+def row(regime: str, seed: int, finetune: str, method: str, density: float, normalised: float) -> dict:
+    """One row of the grid's per-fine-tune table (pruning.csv)."""
+    return {
+        "zoo.regime": regime,
+        "seed": seed,
+        "finetune": finetune,
+        "method": method,
+        "density": density,
+        "normalised": normalised,
+    }
+
+
 def test_claims_read_the_grid_tables():
     rows = []
     for seed, (dp, mag) in enumerate([(0.8, 0.5), (0.82, 0.5), (0.78, 0.52)]):
         for regime in ("heavy", "light"):
             for finetune in ("a", "b"):
-                rows.append(
-                    {
-                        "zoo.regime": regime,
-                        "seed": seed,
-                        "finetune": finetune,
-                        "method": "dp",
-                        "density": 0.1,
-                        "normalised": dp,
-                    }
-                )
-                rows.append(
-                    {
-                        "zoo.regime": regime,
-                        "seed": seed,
-                        "finetune": finetune,
-                        "method": "magnitude",
-                        "density": 0.1,
-                        "normalised": mag,
-                    }
-                )
+                rows += [row(regime, seed, finetune, "dp", 0.1, dp), row(regime, seed, finetune, "magnitude", 0.1, mag)]
     merging = pd.DataFrame(columns=["zoo.regime", "combination", "seed", "task", "normalised"])
     text = claims_markdown(pd.DataFrame(rows), merging)
     assert "| heavy, density 0.1: DP - magnitude | 0.800 ± 0.020 | 0.507 ± 0.012 | +0.293 |" in text
@@ -60,19 +53,7 @@ def test_claims_read_the_grid_tables():
 def test_comparable_needs_two_seeds_and_no_loss_beyond_the_spread():
     rows = []
     for seed, (dppa, other) in enumerate([(0.91, 1.0), (0.90, 1.0)]):
-        rows.append(
-            {"zoo.regime": "heavy", "seed": seed, "finetune": "a", "method": "dppa", "density": 0.2, "normalised": dppa}
-        )
-        rows.append(
-            {
-                "zoo.regime": "heavy",
-                "seed": seed,
-                "finetune": "a",
-                "method": "magnitude",
-                "density": 0.9,
-                "normalised": other,
-            }
-        )
+        rows += [row("heavy", seed, "a", "dppa", 0.2, dppa), row("heavy", seed, "a", "magnitude", 0.9, other)]
     merging = pd.DataFrame(columns=["zoo.regime", "combination", "seed", "task", "normalised"])
     text = claims_markdown(pd.DataFrame(rows), merging)
     # DPPA 0.2 is 0.095 below magnitude 0.9 with a spread of 0.007: worse, so not comparable
