@@ -25,16 +25,16 @@ class Run:
     load_avg: float = 0.0  # 1-minute load average when the run ended: above the core count, times are inflated
 
 
-def snapshot(commit: str, work: Path) -> Path:
-    """The repository's files at `commit`, unpacked under `work`, so figures belong to one known version of the
+def snapshot(commit: str, work: Path, paths: tuple[str, ...] = ("dppa",)) -> Path:
+    """The repository's `paths` at `commit`, unpacked under `work`, so figures belong to one known version of the
     engine even while the working tree changes."""
     sha = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", commit], check=True, capture_output=True, text=True
     ).stdout.strip()
     dest = work / f"src-{sha}"
-    if not (dest / "dppa").is_dir():
+    if not all((dest / path).exists() for path in paths):
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "dppa"], check=True, capture_output=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, *paths], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest.resolve()
 

@@ -32,27 +32,11 @@ import time
 from pathlib import Path
 
 import yaml
+from runner import BENCH, REPO, snapshot
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 CODE = ("dppa", "flows", "tasks")
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", "params.yaml")
 FINETUNES = ("arith", "facts", "strings")
-
-
-def snapshot(commit: str, work: Path) -> Path:
-    """The code and pipeline files at `commit`, unpacked under `work`."""
-    sha = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", commit], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    dest = work / f"src-{sha}"
-    if not (dest / "dvc.yaml").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", sha, *CODE, *PROJECT_FILES], check=True, capture_output=True
-        )
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    return dest.resolve()
 
 
 def environment(src: Path, prefect_home: Path) -> dict[str, str]:
@@ -189,7 +173,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("repro", "run", "both"), default="both")
     args = parser.parse_args()
     work_root = BENCH / "out"
-    src = snapshot(args.at, work_root) if args.at else REPO
+    src = snapshot(args.at, work_root, (*CODE, *PROJECT_FILES)) if args.at else REPO
     label = src.name.removeprefix("src-") if args.at else "worktree"
     work = work_root / f"overhead-{label}"
     work.mkdir(parents=True, exist_ok=True)
