@@ -83,6 +83,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def planned_next(entries: list[_Entry], pos: int, name: str) -> _Entry:
+    """The plan's entry at `pos`, which must be tensor `name`: writers take tensors in the planned order only."""
+    if pos >= len(entries):
+        raise RuntimeError(f"tensor {name!r} is not in the output plan (all tensors already written)")
+    if name != entries[pos].name:
+        raise RuntimeError(f"expected tensor {entries[pos].name!r} next, got {name!r}")
+    return entries[pos]
+
+
 class ShardedWriter:
     """Streams tensors into `folder` as safetensors shards with an index, hashing content as it goes."""
 
@@ -121,11 +130,7 @@ class ShardedWriter:
 
     def write(self, name: str, data: torch.Tensor) -> None:
         """Append `data` (a whole tensor or the next chunk of it, any shape) to tensor `name`."""
-        if self._pos >= len(self.entries):
-            raise RuntimeError(f"tensor {name!r} is not in the output plan (all tensors already written)")
-        entry = self.entries[self._pos]
-        if name != entry.name:
-            raise RuntimeError(f"expected tensor {entry.name!r} next, got {name!r}")
+        entry = planned_next(self.entries, self._pos, name)
         if data.dtype != entry.dtype:
             data = data.to(entry.dtype)
         if self._written == 0:
@@ -209,11 +214,7 @@ class DeltaWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the whole tensor `name` (the next one in the plan), converted to its planned dtype."""
-        if self._pos >= len(self.entries):
-            raise RuntimeError(f"tensor {name!r} is not in the output plan (all tensors already written)")
-        entry = self.entries[self._pos]
-        if name != entry.name:
-            raise RuntimeError(f"expected tensor {entry.name!r} next, got {name!r}")
+        entry = planned_next(self.entries, self._pos, name)
         tensor = tensor.detach().to("cpu", entry.dtype).reshape(-1)
         # Pruning multiplies by a 0/1 mask, which leaves -0.0 where a negative entry was dropped; every zero is
         # stored as +0.0 (either storage), so a dropped entry needs no bit in the sparse layout. No sum or
