@@ -85,14 +85,16 @@ def matching_rows(base: CheckpointReader, ft: CheckpointReader, name: str) -> bo
     )
 
 
-def check_same_tensors(base: CheckpointReader, ft: CheckpointReader) -> None:
-    base_names, ft_names = set(base.names()), set(ft.names())
-    for name in sorted(base_names - ft_names):
-        raise DppaError(f"{ft.folder}: tensor {name!r} of the base is missing; the fine-tune does not match this base")
-    for name in sorted(ft_names - base_names):
-        raise DppaError(
-            f"{ft.folder}: tensor {name!r} is not in the base ({base.folder}); the fine-tune does not match this base"
-        )
+FT_ADVICE = "the fine-tune does not match this base"
+
+
+def check_same_tensors(base: CheckpointReader, other: CheckpointReader, advice: str = FT_ADVICE) -> None:
+    """`other` (a fine-tune or a delta) has exactly the base's tensor names; `advice` ends the error."""
+    base_names, names = set(base.names()), set(other.names())
+    for name in sorted(base_names - names):
+        raise DppaError(f"{other.folder}: tensor {name!r} of the base is missing; {advice}")
+    for name in sorted(names - base_names):
+        raise DppaError(f"{other.folder}: tensor {name!r} is not in the base ({base.folder}); {advice}")
 
 
 def extract_delta(

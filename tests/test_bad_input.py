@@ -190,3 +190,18 @@ def test_trim_density_with_task_arithmetic_is_refused(tiny_models, tmp_path, cap
     out = tmp_path / "out"
     code, err = run_cli(capsys, "merge", base, delta, "-o", out, "--method", "task_arithmetic", "--density", "0.2")
     assert_clean_failure(code, err, out, "--density is an option of ties, not of merge method task_arithmetic")
+
+
+def test_merge_refuses_a_delta_missing_a_tensor_of_the_base(tiny_models, tmp_path, capsys):
+    base, ft1, ft2 = tiny_models
+    deltas = []
+    for ft in (ft1, ft2):
+        assert run_cli(capsys, "extract", base, ft, "-o", tmp_path / ft.name)[0] == 0
+        deltas.append(tmp_path / ft.name)
+    shard = next(deltas[1].glob("*.safetensors"))
+    tensors = load_file(shard)
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    code, err = run_cli(capsys, "merge", base, *deltas, "-o", out, "--method", "task_arithmetic")
+    assert_clean_failure(code, err, out, "model.layers.0.mlp.up_proj.weight", deltas[1], "extracted from this base")

@@ -80,13 +80,8 @@ class MergeInput:
 
 
 def _check_delta_matches_base(base: CheckpointReader, reader: CheckpointReader) -> None:
-    base_names, names = set(base.names()), set(reader.names())
-    for name in sorted(base_names - names):
-        raise DppaError(f"{reader.folder}: delta has no tensor {name!r} of the base; was it extracted from this base?")
-    for name in sorted(names - base_names):
-        raise DppaError(
-            f"{reader.folder}: tensor {name!r} is not in the base ({base.folder}); was it extracted from this base?"
-        )
+    check_same_tensors(base, reader, "was the delta extracted from this base?")
+    names = reader.names()
     for name in names:
         if reader.shape(name) != base.shape(name):
             raise DppaError(
