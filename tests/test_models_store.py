@@ -185,3 +185,11 @@ def test_a_record_that_does_not_describe_the_stored_commit_is_refused(filled_sto
     write_record(record_dir, record)
     with pytest.raises(StoreMismatch, match=r"extra\.safetensors: missing from the models store"):
         ensure_model_folder(record_dir)
+
+
+def test_help_names_the_models_store():
+    for command in ("run", "fetch"):
+        done = subprocess.run(
+            [sys.executable, "-m", "dppa", command, "--help"], capture_output=True, text=True, check=True
+        )
+        assert "$DPPA_MODELS_DIR, else ~/.cache/dppa/models" in done.stdout, command
