@@ -14,7 +14,6 @@ from prefect import flow
 
 from dppa.io.atomic import atomic_write_text
 from dppa.pipeline.config import BASE_NAME, ParamsBase
-from dppa.pipeline.hub import model_folder
 from dppa.pipeline.scoring import trace_csv
 from tasks import deltas, evaluation, models
 
@@ -67,7 +66,7 @@ def fetch_flow(params: ParamsBase, root: Path, model: str, zoo: Path, out: Path)
     source = entry.resolve(root)
     clear_leftovers(out)
     if source.kind == "hub":
-        return models.fetch_hub(source.ref, entry.revision, out, root)
+        return models.fetch_hub(source.ref, entry.revision, out)
     folder = zoo / source.ref if source.kind == "zoo" else Path(source.ref)
     return models.record_model(source.kind, entry.source, folder, out, root)
 
@@ -77,7 +76,7 @@ def extract_flow(params: ParamsBase, root: Path, model: str, base: Path, finetun
     """delta = fine-tune - base (extract.dtype)."""
     clear_leftovers(out)
     return deltas.extract(
-        model_folder(base, root), model_folder(finetune, root), out, params.extract.dtype, _device(params)
+        models.model_folder(base, root), models.model_folder(finetune, root), out, params.extract.dtype, _device(params)
     )
 
 
@@ -116,9 +115,9 @@ def amplify_flow(
             delta, out, densities, factors, dp_options(params, model), params.prune_for(model).scope, _device(params)
         )
     result = deltas.amplify_searched(
-        model_folder(base, root),
+        models.model_folder(base, root),
         delta,
-        model_folder(finetune, root),
+        models.model_folder(finetune, root),
         out,
         densities=densities,
         tasks=params.finetune(model).tasks,
@@ -156,8 +155,8 @@ def score_flow(
     if not (amplified / UNUSED).exists():
         variants["amplified"] = amplified
     scores = evaluation.score_finetune(
-        model_folder(base, root),
-        model_folder(finetune, root),
+        models.model_folder(base, root),
+        models.model_folder(finetune, root),
         variants,
         params.finetune(model).tasks,
         ev.split,
@@ -182,11 +181,11 @@ def merge_flow(
     names = list(params.models.finetunes)
     folders = [inputs / n for n in names]
     weights = [m.weights[n] for n in names] if isinstance(m.weights, dict) else None
-    base_folder = model_folder(fetched / BASE_NAME, root)
+    base_folder = models.model_folder(fetched / BASE_NAME, root)
     clear_leftovers(out)
     scale, rows = m.scale, []
     if scale == "search":
-        dense = {n: model_folder(fetched / n, root) for n in names}
+        dense = {n: models.model_folder(fetched / n, root) for n in names}
         tasks = {n: params.finetune(n).tasks for n in names}
         scale, weights, rows = evaluation.search_merge(
             base_folder,
@@ -241,7 +240,7 @@ def evaluate_flow(params: ParamsBase, root: Path, fetched: Path, merged: Path, o
         atomic_write_text(out, json.dumps({"skipped": skipped, "split": ev.split, "models": {}}, indent=2) + "\n")
         return out
     tasks = params.eval_tasks()
-    folders = {name: model_folder(fetched / name, root) for name in params.all_models()}
+    folders = {name: models.model_folder(fetched / name, root) for name in params.all_models()}
     folders["merged"] = merged
     # One model at a time: evaluations are model-heavy; parallel ones would only compete for the same device.
     results = {

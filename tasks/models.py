@@ -1,4 +1,4 @@
-"""Getting models: the demo zoo, hub snapshots (retried: networks fail), local folders."""
+"""Getting models: the demo zoo, hub snapshots (retried: networks fail), local folders; their folders."""
 
 from __future__ import annotations
 
@@ -25,18 +25,27 @@ def build_zoo(out: Path, size: str, regime: str, seed: int) -> Path:
 
 def may_recover(task, task_run, state) -> bool:
     """Retry what a later attempt may fix (the network, a hub error 5xx, a broken download), not the hub's no
-    (unknown repository or revision, refused token, pickles only): that fails at once, with its message."""
-    from dppa.pipeline.hub import HubRefusal
+    (unknown repository or revision, refused token, pickles only) nor a models-store file that does not match its
+    record: those fail at once, with their message."""
+    from dppa.pipeline.hub import HubRefusal, StoreMismatch
 
-    return not isinstance(state.data, HubRefusal)
+    return not isinstance(state.data, (HubRefusal, StoreMismatch))
 
 
 @task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)
-def fetch_hub(repo_id: str, revision: str, out: Path, root: Path) -> Path:
+def fetch_hub(repo_id: str, revision: str, out: Path) -> Path:
     from dppa.pipeline.hub import write_hub_record
 
-    write_hub_record(repo_id, revision, out, root)
+    write_hub_record(repo_id, revision, out)
     return out
+
+
+@task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)
+def model_folder(fetched: Path, root: Path) -> Path:
+    """The folder of a fetched model; a hub model missing from the models store is downloaded first."""
+    from dppa.pipeline.hub import ensure_model_folder
+
+    return ensure_model_folder(fetched, root)
 
 
 @task(retries=3, retry_delay_seconds=[10, 60, 180], retry_condition_fn=may_recover)

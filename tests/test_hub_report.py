@@ -6,7 +6,7 @@ import pytest
 
 from dppa.errors import DppaError
 from dppa.evaluation.report import NORMALISED_MEAN, scores_table, summary, write_report
-from dppa.pipeline.hub import PICKLE_PATTERNS, SAFE_PATTERNS, allow_patterns, model_folder, record_local
+from dppa.pipeline.hub import PICKLE_PATTERNS, SAFE_PATTERNS, allow_patterns, ensure_model_folder, record_local
 
 
 def test_safetensors_repositories_download_no_pickles():
@@ -33,7 +33,7 @@ def test_local_record_points_at_the_folder(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     record_local("local", str(model), model, tmp_path / "fetched")
-    assert model_folder(tmp_path / "fetched") == model
+    assert ensure_model_folder(tmp_path / "fetched") == model
     with pytest.raises(DppaError, match="not a model folder"):
         record_local("local", "elsewhere", tmp_path, tmp_path / "fetched2")
 

@@ -29,9 +29,13 @@ only, and written to no file or log. HF_ENDPOINT points at another hub (a mirror
 downloads. Failures (unknown repository or revision, refused token, no network) are one line naming
 REPO_ID@REVISION and what to do; exit status 2.
 
-In the pipeline, a hub model is `{source: org/name, revision: REV}` in params.yaml, fetched by the same code. With a
-branch or tag, `dppa run` and `dppa serve` ask the hub on every run where it points and refetch when it moved,
-which reruns that model's branch of the pipeline and the merge (plain `dvc repro` does not ask the hub).
+In the pipeline, a hub model is `{source: org/name, revision: REV}` in params.yaml, fetched by the same code into
+the models store, outside DVC: $DPPA_MODELS_DIR, else ~/.cache/dppa/models, one folder per commit
+(STORE/org--name/COMMIT). The fetch stage's DVC output is only the record (commit, files, sha256), so DVC never
+caches or pushes the model; a stage that needs a model missing from the store (after `dvc pull` on another machine)
+downloads the recorded commit first. With a branch or tag, `dppa run` and `dppa serve` ask the hub on every run
+where it points and refetch when it moved, which reruns that model's branch of the pipeline and the merge (plain
+`dvc repro` does not ask the hub).
 
 examples:
   dppa fetch meta-llama/Llama-3.1-8B --revision main -o models/llama-3.1-8b

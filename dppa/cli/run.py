@@ -18,6 +18,11 @@ the report stage's scores.md and .csv, with plots). A hub model given at a branc
 model follows a branch and `dvc status` finds nothing stale, nothing is started (no Prefect API, no task runner):
 the table is printed at once.
 
+Hub models live outside DVC, in the models store: $DPPA_MODELS_DIR, else ~/.cache/dppa/models (one folder per
+commit, shared by every project on the machine; delete what you no longer need). DVC tracks only each model's
+record (commit and file hashes), so `dvc pull` brings no model: a stage that needs one missing from the store
+downloads the recorded commit first and checks every file against the record.
+
 The configuration is PROJECT/params.yaml, checked before any work. Where the stages run is runtime.task_runner:
   threads               local threads (default; runtime.concurrency of them)
   local-cluster:N       a Dask LocalCluster of N worker processes on this machine

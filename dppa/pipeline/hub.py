@@ -1,6 +1,13 @@
 """Fetching models: hub repositories at a revision, the demo zoo, local folders; and the record of what was
 fetched (`dppa_fetch.json`), which the later stages read to find each model's folder.
 
+The pipeline keeps hub models out of DVC, in the models store (`models_store()`: $DPPA_MODELS_DIR, else
+~/.cache/dppa/models), one folder per commit, `<store>/<org>--<name>/<commit sha>/`: a commit never changes, so the
+hub is their remote and neither the DVC cache nor the DVC remote holds a copy. The fetch stage's DVC output is only
+the record (repository, revision, commit, each file's size and sha256), the same bytes on every machine; a later
+stage that needs the model (`ensure_model_folder`) downloads that commit into the store if it is missing there (a
+teammate who only pulled the DVC outputs, a cleaned store) and checks every file against the record's sha256.
+
 A hub download (`fetch_hub`, used by `dppa fetch` and by the pipeline's fetch stage alike):
 - asks the hub which commit the revision (branch, tag or sha) is now, with the list of its files, and downloads
   that commit, not the name: a branch that moves during the download cannot mix two commits;
@@ -28,12 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dppa.errors import DppaError
-from dppa.io.atomic import atomic_dir, check_output_free
-from dppa.io.manifest import write_manifest
+from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
+from dppa.io.manifest import read_manifest, write_manifest
 
 RECORD = "dppa_fetch.json"
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-STAGING = ".{name}.download-{commit}"  # beside the output; .dvcignore keeps it out of directory hashes
+STAGING = ".{name}.download-{commit}"  # beside the output
+MODELS_DIR_ENV = "DPPA_MODELS_DIR"
+# Beside each commit folder of the models store: the lock held while it is checked or downloaded, and the sha256 of
+# its files with the size, modification time and inode each had when hashed, so that a later use hashes only files
+# changed since (as DVC's own state database does).
+STORE_LOCK = ".{commit}.lock"
+STORE_HASHES = ".{commit}.sha256.json"
 SAFE_PATTERNS = [
     "*.safetensors",
     "*.safetensors.index.json",
@@ -51,6 +64,10 @@ PICKLE_FLAG = "--allow-pickle"
 
 class HubRefusal(DppaError):
     """The hub's answer is no (no such repository or revision, no access, only pickles): a retry cannot help."""
+
+
+class StoreMismatch(DppaError):
+    """A file of the models store is not what the fetch record says: a retry cannot help."""
 
 
 def allow_patterns(files: list[str], *, allow_pickle: bool = False, repo_id: str = "") -> list[str]:
@@ -120,13 +137,8 @@ def fetch_hub(
     *,
     allow_pickle: bool = False,
     overwrite: bool = False,
-    staging_beside: Path | None = None,
 ) -> dict:
-    """Download `repo_id` at `revision` into the model folder `out` (atomically); returns its manifest.
-
-    The staging folder lies beside `staging_beside` (default `out`): the pipeline's fetch stage, which builds
-    `out` inside its own temporary folder, passes its final output so that the staging folder outlives a failure.
-    """
+    """Download `repo_id` at `revision` into the model folder `out` (atomically); returns its manifest."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import filter_repo_objects
 
@@ -135,9 +147,8 @@ def fetch_hub(
     target = resolve(repo_id, revision)
     patterns = allow_patterns([f.name for f in target.files], allow_pickle=allow_pickle, repo_id=repo_id)
     wanted = {f.name: f for f in filter_repo_objects(target.files, allow_patterns=patterns, key=lambda f: f.name)}
-    beside = Path(staging_beside or out)
-    staging = beside.parent / STAGING.format(name=beside.name, commit=target.commit[:12])
-    for stale in beside.parent.glob(STAGING.format(name=beside.name, commit="*")):
+    staging = out.parent / STAGING.format(name=out.name, commit=target.commit[:12])
+    for stale in out.parent.glob(STAGING.format(name=out.name, commit="*")):
         if stale != staging:  # a download of a commit the revision no longer points at
             shutil.rmtree(stale, ignore_errors=True)
     with hub_errors(repo_id, revision):
@@ -233,18 +244,96 @@ def hub_errors(repo_id: str, revision: str):
         ) from None
 
 
-def write_hub_record(repo_id: str, revision: str, out: Path, root: Path | None = None) -> dict:
-    """The pipeline's fetch stage for a hub model: `out/model` (the download) and `out/dppa_fetch.json`."""
+def models_store() -> Path:
+    """Where the pipeline keeps hub models: $DPPA_MODELS_DIR, else ($XDG_CACHE_HOME or ~/.cache)/dppa/models."""
+    if os.environ.get(MODELS_DIR_ENV):
+        return Path(os.environ[MODELS_DIR_ENV]).expanduser().absolute()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dppa" / "models"
+
+
+def store_folder(repo_id: str, commit: str) -> Path:
+    """The models store's folder of `repo_id` at `commit` (a full sha)."""
+    return models_store() / repo_id.replace("/", "--") / commit
+
+
+def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, *, described_in: str = "") -> Path:
+    """The models store's folder of `repo_id` at `commit`, downloaded first when it is not there, and its files
+    checked against `expected` (name, size, sha256: a fetch record's, `described_in`; default the folder's own
+    manifest). One process at a time per commit (a file lock): two stages that need the same model wait for one
+    download. A file that does not match is refused (StoreMismatch): the store is never silently repaired."""
+    from filelock import FileLock
+
+    folder = store_folder(repo_id, commit)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    hashes_path = folder.parent / STORE_HASHES.format(commit=commit)
+    with FileLock(folder.parent / STORE_LOCK.format(commit=commit)):
+        manifest = read_manifest(folder)
+        if manifest.get("resolved_commit") != commit:
+            # absent, or left incomplete by hand (atomic_dir never leaves a partial folder): download it whole
+            for leftover in [*folder.parent.glob(f".{commit}.tmp-*"), *folder.parent.glob(f".{commit}.old-*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
+            manifest = fetch_hub(repo_id, commit, folder, overwrite=True)
+            # fetch_hub checked every file against the hub's hashes: what it computed need not be computed again
+            atomic_write_text(hashes_path, json.dumps(hash_entries(folder, manifest["files"]), indent=2) + "\n")
+        known = json.loads(hashes_path.read_text()) if hashes_path.exists() else {}
+        where = described_in or f"{folder / 'dppa_manifest.json'}"
+        entries = {}
+        for file in expected if expected is not None else manifest["files"]:
+            path = folder / file["name"]
+            if not path.is_file():
+                raise StoreMismatch(
+                    f"{path}: missing from the models store, though {where} lists it; delete {folder} and run "
+                    f"again to download {repo_id}@{commit} anew"
+                )
+            entries[file["name"]] = entry = known_hash(path, known.get(file["name"])) or hash_entry(path)
+            if entry["sha256"] != file["sha256"]:
+                raise StoreMismatch(
+                    f"{path}: its sha256 is not the one {where} records for {repo_id}@{commit} (the file was "
+                    f"modified or corrupted); delete {folder} and run again to download the commit anew"
+                )
+        if any(known.get(name) != entry for name, entry in entries.items()):
+            atomic_write_text(hashes_path, json.dumps({**known, **entries}, indent=2) + "\n")
+    return folder
+
+
+def stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def hash_entry(path: Path) -> dict:
+    """The file's sha256, with what identifies this version of the file without reading it."""
+    key = stat_key(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"stat": key, "sha256": digest.hexdigest()}
+
+
+def known_hash(path: Path, entry: dict | None) -> dict | None:
+    """The recorded hash of `path` when the file has not changed since it was hashed (same size, mtime, inode)."""
+    return entry if entry is not None and entry.get("stat") == stat_key(path) else None
+
+
+def hash_entries(folder: Path, files: list[dict]) -> dict:
+    return {f["name"]: {"stat": stat_key(folder / f["name"]), "sha256": f["sha256"]} for f in files}
+
+
+def write_hub_record(repo_id: str, revision: str, out: Path) -> dict:
+    """The pipeline's fetch stage for a hub model: the commit `revision` points at now, in the models store
+    (downloaded unless already there), and `out/dppa_fetch.json`, its record. The record names no path on this
+    machine, so it is the same bytes wherever it is fetched."""
+    commit = current_commit(repo_id, revision)
+    folder = stored_model(repo_id, commit)
+    record = {
+        "kind": "hub",
+        "source": repo_id,
+        "revision": revision,
+        "commit": commit,
+        "files": [{k: f[k] for k in ("name", "size", "sha256")} for f in read_manifest(folder)["files"]],
+    }
     with atomic_dir(out, overwrite=True) as tmp:
-        manifest = fetch_hub(repo_id, revision, tmp / "model", staging_beside=out)
-        record = {
-            "kind": "hub",
-            "source": repo_id,
-            "revision": revision,
-            "commit": manifest["resolved_commit"],
-            "path": project_relative(out / "model", root),
-            "files": manifest["files"],
-        }
         write_record(tmp, record)
     return record
 
@@ -303,7 +392,14 @@ def read_record(fetched: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def model_folder(fetched: str | os.PathLike, root: str | os.PathLike = ".") -> Path:
-    """The model folder a fetch record points at (relative paths are relative to the project root)."""
-    path = Path(read_record(fetched)["path"])
+def ensure_model_folder(fetched: str | os.PathLike, root: str | os.PathLike = ".") -> Path:
+    """The model folder of the fetch record in `fetched`. A hub model's is its commit's folder in the models store,
+    downloaded first when missing (network) and checked against the record's hashes; a zoo or local model's is the
+    folder the record names (relative paths are relative to the project root)."""
+    record = read_record(fetched)
+    if record["kind"] == "hub":
+        return stored_model(
+            record["source"], record["commit"], record["files"], described_in=str(Path(fetched) / RECORD)
+        )
+    path = Path(record["path"])
     return path if path.is_absolute() else Path(root) / path
