@@ -18,12 +18,12 @@ from prefect.futures import wait
 
 from dppa.errors import DppaError
 from dppa.pipeline.run_record import StageFailed
+from flows.runtime import GPU_RESOURCE
 from tasks import models
 from tasks.dvc import repro_stage
 
 FETCH_COMMAND = "dppa stage fetch "  # the command of dvc.yaml's fetch stages
 
-GPU_RESOURCE = "GPU"
 # dvc.yaml stages (per fine-tune ones without their @NAME) whose work is models on a device: the zoo trains them,
 # amplify searches factors by evaluating candidates, score and evaluate evaluate, merge searches its scale
 MODEL_HEAVY_STAGES = frozenset({"zoo", "amplify", "score", "merge", "evaluate"})

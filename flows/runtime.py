@@ -1,4 +1,5 @@
-"""How flows run: the Prefect API they report to, the task runner chosen by params, the GPU concurrency limit.
+"""How flows run: the Prefect API they report to, the task runner chosen by params (and the local Dask cluster
+of GPU workers it may start), the GPU concurrency limit.
 
 Prefect's API is embedded: with no PREFECT_API_URL set, one temporary local server is started per pipeline run
 and its address is put in the environment, so that the stage processes DVC starts and the Dask workers report to
@@ -13,12 +14,15 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from dppa.errors import DppaError
 from dppa.pipeline import lifeline
 from dppa.pipeline.config import Runtime
 from dppa.pipeline.lifeline import children_die_with_us
 from tasks import GPU_TAG
 
 API_URL_ENV = "PREFECT_API_URL"
+CUDA_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
+GPU_RESOURCE = "GPU"  # the Dask resource the model-heavy stages require (flows/pipeline.py)
 
 
 @contextlib.contextmanager
@@ -152,8 +156,52 @@ def set_gpu_limit(limit: int) -> None:
         client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=limit)
 
 
-def task_runner(runtime: Runtime):
-    """runtime.task_runner: threads | local-cluster:N | a Dask scheduler address."""
+def visible_gpus(count: int | None = None) -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (one per worker to pin): the first `count`
+    of CUDA_VISIBLE_DEVICES when it is set (torch renumbers those from 0; a worker needs their real names), else
+    0..count-1. `count` defaults to torch.cuda.device_count()."""
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count()
+    listed = os.environ.get(CUDA_DEVICES_ENV)
+    if listed is None:
+        return [str(index) for index in range(count)]
+    return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
+
+
+def gpu_cluster_workers(gpus: list[str], cpu_workers: int) -> dict[str, dict]:
+    """SpecCluster worker specs: one worker process per GPU, which sees only that GPU and declares the resource
+    GPU=1, and `cpu_workers` that see no GPU and declare nothing. One thread each: a task is one stage, which
+    the worker waits for while its own process (DVC's, which inherits the worker's environment) does the work."""
+    from distributed import Nanny
+
+    def spec(devices: str, resources: dict[str, int]) -> dict:
+        # A Nanny sets `env` in the worker process before the worker starts, so before anything there uses CUDA
+        options = {"nthreads": 1, "resources": resources, "env": {CUDA_DEVICES_ENV: devices}}
+        return {"cls": Nanny, "options": options}
+
+    workers = {f"gpu{index}": spec(device, {GPU_RESOURCE: 1}) for index, device in enumerate(gpus)}
+    workers.update({f"cpu{index}": spec("", {}) for index in range(cpu_workers)})
+    return workers
+
+
+def local_gpu_cluster(gpus: list[str], cpu_workers: int):
+    """The Dask cluster of runtime.task_runner local-gpu-cluster[:N] (see `gpu_cluster_workers`)."""
+    from distributed import Scheduler, SpecCluster
+
+    return SpecCluster(
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+        workers=gpu_cluster_workers(gpus, cpu_workers),
+        name="dppa-local-gpu-cluster",
+    )
+
+
+def task_runner(runtime: Runtime, gpu_count: int | None = None):
+    """runtime.task_runner: threads | local-cluster:N | local-gpu-cluster[:N] | a Dask scheduler address.
+
+    `gpu_count`: the GPUs local-gpu-cluster uses (default: torch.cuda.device_count()). Nothing starts here: a
+    Dask cluster starts when the flow does."""
     spec = runtime.task_runner
     if spec == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
@@ -171,5 +219,17 @@ def task_runner(runtime: Runtime):
                 "threads_per_worker": 1,
                 "dashboard_address": None,
             },
+        )
+    cpu_workers = runtime.gpu_cluster_cpu_workers()
+    if cpu_workers is not None:
+        gpus = visible_gpus(gpu_count)
+        if not gpus:
+            hidden = f" ({CUDA_DEVICES_ENV}={os.environ[CUDA_DEVICES_ENV]!r})" if CUDA_DEVICES_ENV in os.environ else ""
+            raise DppaError(
+                f"runtime.task_runner: {spec}: no GPU is visible here{hidden}; on CPU use local-cluster:N, "
+                "or give the address of a Dask scheduler whose workers have GPUs"
+            )
+        return DaskTaskRunner(
+            cluster_class=local_gpu_cluster, cluster_kwargs={"gpus": gpus, "cpu_workers": cpu_workers}
         )
     return DaskTaskRunner(address=spec)

@@ -100,11 +100,33 @@ def test_merge_weights_must_name_every_finetune(params):
 
 
 def test_task_runner_forms(params):
-    for good in ("threads", "local-cluster:2", "tcp://10.0.0.5:8786"):
+    for good in ("threads", "local-cluster:2", "local-gpu-cluster", "local-gpu-cluster:0", "tcp://10.0.0.5:8786"):
         params["runtime"]["task_runner"] = good
         assert parse_params(params).runtime.task_runner == good
-    params["runtime"]["task_runner"] = "dask"
-    assert error_of(params).startswith("params.yaml: runtime.task_runner: 'dask'")
+    for bad in ("dask", "local-gpu-cluster:01", "local-gpu-cluster:two", "local-gpus"):
+        params["runtime"]["task_runner"] = bad
+        assert error_of(params).startswith(f"params.yaml: runtime.task_runner: {bad!r}: use threads, local-cluster:N")
+
+
+def test_local_gpu_cluster_settings(params):
+    runtime = params["runtime"]
+    runtime.update(task_runner="local-gpu-cluster:3", device="auto", gpu_resource=None)
+    parsed = parse_params(params).runtime
+    assert (parsed.gpu_cluster_cpu_workers(), parsed.needs_gpu_resource()) == (3, True)
+    runtime["task_runner"] = "local-gpu-cluster"
+    assert parse_params(params).runtime.gpu_cluster_cpu_workers() == 0
+    runtime["task_runner"] = "tcp://10.0.0.5:8786"  # a cluster started by hand: only device cuda implies it
+    assert parse_params(params).runtime.needs_gpu_resource() is False
+
+    runtime.update(task_runner="local-gpu-cluster", device="cpu")
+    assert "but device is cpu: set device: auto or cuda, or use task_runner: local-cluster:N" in error_of(params)
+    runtime.update(device="auto", gpu_resource=False)
+    assert "gpu_resource: false would let model-heavy stages run on CPU-only workers" in error_of(params)
+    # extract and prune follow runtime.device: on a CPU-only worker, device cuda cannot work
+    runtime.update(task_runner="local-gpu-cluster:2", device="cuda", gpu_resource=None)
+    assert "its 2 CPU-only workers see no GPU, so extract and prune there cannot use device cuda" in error_of(params)
+    runtime["task_runner"] = "local-gpu-cluster"
+    assert parse_params(params).runtime.needs_gpu_resource() is True
 
 
 def test_overrides_apply_to_one_finetune_only(params):

@@ -3,7 +3,8 @@ cluster of two worker processes, only one of which declares the resource GPU. No
 a label the scheduler matches, not a device.
 
 The project is a stand-in with the pipeline's stage names (per-fine-tune stages as foreach stages, as in dvc.yaml)
-whose commands write the name of the worker process they ran under (each worker's environment names it).
+whose commands write the name of the worker process they ran under (each worker's environment names it), or,
+on the local GPU cluster, the GPUs the stage's process could see.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ WHERE = f"""\
 import os, sys
 from pathlib import Path
 Path("out").mkdir(exist_ok=True)
-Path("out", sys.argv[1] + ".txt").write_text(os.environ.get("{WORKER_ENV}", "no worker"))
+where = os.environ.get("{WORKER_ENV}") or "cuda:" + os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+Path("out", sys.argv[1] + ".txt").write_text(where)
 """
 
 
@@ -114,3 +116,23 @@ def test_no_gpu_worker_is_refused_before_any_stage_runs(tmp_path, prefect_api):
         # without the requirement the same cluster runs every stage
         assert set(run_on(dask_cluster, project, gpu_resource=False).values()) == {"ran"}
     assert {p.read_text() for p in (project / "out").glob("*.txt")} == {"cpu"}
+
+
+@pytest.mark.slow
+def test_local_gpu_cluster_runs_model_heavy_stages_each_on_one_gpu(tmp_path, prefect_api, monkeypatch):
+    """runtime.task_runner local-gpu-cluster:1 with two GPUs (given, none needed): the pipeline's stage processes
+    see the one GPU of the worker they ran on; the model-heavy ones never run on the CPU-only worker."""
+    from dppa.pipeline.config import Runtime
+    from flows.pipeline import pipeline_flow
+    from flows.runtime import task_runner
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    project = stand_in_project(tmp_path / "project")
+    runtime = Runtime(task_runner="local-gpu-cluster:1")
+    runner = task_runner(runtime, gpu_count=2)
+    outcome = pipeline_flow.with_options(task_runner=runner)(str(project), gpu_resource=runtime.needs_gpu_resource())
+    assert set(outcome.values()) == {"ran"} and len(outcome) == 1 + 2 * len(PER_FINETUNE) + 3
+    placed = {p.stem: p.read_text() for p in (project / "out").glob("*.txt")}
+    heavy = {name: seen for name, seen in placed.items() if is_model_heavy(name.split("-")[0])}
+    assert len(heavy) == 7 and set(heavy.values()) <= {"cuda:0", "cuda:1"}, heavy
+    assert set(placed.values()) <= {"cuda:0", "cuda:1", "cuda:"}, placed  # "cuda:": a CPU-only worker

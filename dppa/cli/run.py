@@ -26,15 +26,22 @@ downloads the recorded commit first and checks every file against the record.
 The configuration is PROJECT/params.yaml, checked before any work. Where the stages run is runtime.task_runner:
   threads               local threads (default; runtime.concurrency of them)
   local-cluster:N       a Dask LocalCluster of N worker processes on this machine
+  local-gpu-cluster[:N] a Dask cluster on this machine of one worker per visible GPU (as counted by torch,
+                        within CUDA_VISIBLE_DEVICES), each seeing only its GPU, plus N CPU-only workers that see
+                        none (default 0); refused where no GPU is visible
   tcp://HOST:8786       an existing Dask scheduler (workers must see the project folder at the same path)
-With runtime.gpu_resource (default: when runtime.device is cuda) the model-heavy stages (zoo, amplify, score,
-merge, evaluate) run only on Dask workers started with `--resources GPU=1`; fetch, extract, prune and report
-run on any worker. On a machine with 2 GPUs, for example:
-  dask scheduler --port 8786 &
-  CUDA_VISIBLE_DEVICES=0 dask worker tcp://127.0.0.1:8786 --nthreads 1 --resources GPU=1 &
-  CUDA_VISIBLE_DEVICES=1 dask worker tcp://127.0.0.1:8786 --nthreads 1 --resources GPU=1 &
-  dask worker tcp://127.0.0.1:8786 --nworkers 2 --nthreads 1 &     # CPU workers, no resource
-  then runtime.task_runner: tcp://127.0.0.1:8786 and runtime.device: cuda in params.yaml
+With runtime.gpu_resource (default: when runtime.device is cuda or the runner is local-gpu-cluster) the
+model-heavy stages (zoo, amplify, score, merge, evaluate) run only on Dask workers that declare the resource GPU;
+fetch, extract, prune and report run on any worker. Each GPU's stages then run one at a time; set
+runtime.gpu_concurrency to the number of GPUs so that they run side by side. On one machine with GPUs:
+  runtime: {task_runner: "local-gpu-cluster:2", device: auto, gpu_concurrency: 8}   # 8 GPUs, 2 CPU workers
+Across machines, start a scheduler and workers by hand, one worker per GPU:
+  dask scheduler --port 8786 &                                                    # on HOST
+  CUDA_VISIBLE_DEVICES=0 dask worker tcp://HOST:8786 --nthreads 1 --resources GPU=1 &
+  CUDA_VISIBLE_DEVICES=1 dask worker tcp://HOST:8786 --nthreads 1 --resources GPU=1 &
+  CUDA_VISIBLE_DEVICES= dask worker tcp://HOST:8786 --nworkers 2 --nthreads 1 &   # CPU-only workers
+  then runtime: {task_runner: tcp://HOST:8786, gpu_resource: true, device: auto}: extract and prune follow
+  runtime.device, so device: cuda needs every worker to see a GPU (no CPU-only workers)
 No Prefect server is needed: a temporary local one records the run unless PREFECT_API_URL names one.
 
 Each run leaves a record in data/runs/latest.json (and a line in data/runs/history.jsonl): status, the stage
@@ -92,6 +99,9 @@ def run_pipeline(root: Path) -> dict[str, str]:
     from dppa.pipeline.config import load_params
 
     params = load_params(root / "params.yaml")
+    from flows.runtime import task_runner
+
+    runner = task_runner(params.runtime)  # starts nothing; refuses local-gpu-cluster where no GPU is visible
     from dppa.pipeline.run_lock import run_lock
 
     with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command="dppa run"):
@@ -102,12 +112,12 @@ def run_pipeline(root: Path) -> dict[str, str]:
                 return dict.fromkeys(up_to_date, "up to date")
         from dppa.pipeline.run_record import recorded_run
         from flows.pipeline import pipeline_flow
-        from flows.runtime import notifier, prefect_api, set_gpu_limit, task_runner
+        from flows.runtime import notifier, prefect_api, set_gpu_limit
 
         with prefect_api(), recorded_run(root, "dppa run") as record:
             record.notify = notifier(params.runtime.notify)
             set_gpu_limit(params.runtime.gpu_concurrency)
-            flow = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
+            flow = pipeline_flow.with_options(task_runner=runner)
             record.stages = flow(str(root), gpu_resource=params.runtime.needs_gpu_resource())
             return record.stages
 
