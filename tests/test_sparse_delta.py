@@ -272,3 +272,15 @@ def dppa_help(command: str, capsys) -> str:
     with pytest.raises(SystemExit):
         dppa([command, "--help"])
     return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_scaled_read_is_the_float32_product_rounded_with_positive_zeros(dtype):
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randn(4096, generator=gen) * torch.logspace(-44, 1, 4096)).to(dtype)  # underflows included
+    values[::7] = 0.0
+    product = (values.float() * 1e-3).to(dtype)
+    expected = torch.where(product == 0, torch.zeros((), dtype=dtype), product)
+    assert bool(torch.signbit(product[product == 0]).any())  # the product has -0.0 to normalise
+    assert torch.equal(bits(sparse.scaled(values, 1e-3)), bits(expected))
+    assert torch.equal(bits(sparse.positive_zeros(product)), bits(expected))
