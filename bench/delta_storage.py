@@ -6,8 +6,9 @@ deltas in the source dtype (bf16) instead of float32 changes in the merged model
 Makes (or reuses) bench/out/syn-PARAMS-Lk-bf16 with bench/make_synthetic.py, then for two fine-tunes:
 - extracts each delta twice, `--dtype source` (bf16) and `--dtype float32`;
 - prunes the bf16 delta with DP at --density, written sparse and dense, and amplifies it (factors 1.8, 1.0);
-- prints the sizes on disk and their ratio to the dense bf16 delta, and the time to read each file chunk by chunk
-  (the merge's access pattern), best of 3;
+- prints the sizes on disk and their ratio to the dense bf16 delta, the same for the bytes not hard-linked to the
+  delta's files (the shared shard of dppa/io/sparse.py is the delta's), and the time to read each folder chunk by
+  chunk from page cache (the merge's access pattern, one thread), best of 3;
 - merges (TIES of the two DP-pruned deltas) from the bf16 and from the float32 deltas, and prints the largest
   |weight| and |logit| difference between the two merged models (logits of 4 x 64 random tokens, float32).
 """
@@ -35,6 +36,12 @@ from dppa.sparsify.prune import prune_delta  # noqa: E402
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def unshared_bytes(folder: Path, delta: Path) -> int:
+    """Bytes of `folder`'s weight files that are not hard links to the delta's (its shared shard is the delta's)."""
+    linked = {p.stat().st_ino for p in delta.glob("*.safetensors")}
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.stat().st_ino not in linked)
 
 
 def read_seconds(folder: Path, chunk: int = 1 << 18) -> float:
@@ -100,20 +107,21 @@ def main() -> None:
         (f"DP-pruned d={args.density}, sparse bf16", pruned["ft1", "source"]),
         (f"amplified d={args.density}, sparse bf16", amp),
     ]:
-        size = folder_bytes(folder)
-        rows.append((label, size, size / dense_bytes, read_seconds(folder)))
+        size, own = folder_bytes(folder), unshared_bytes(folder, delta) if folder != delta else folder_bytes(folder)
+        rows.append((label, size, size / dense_bytes, own / dense_bytes, read_seconds(folder)))
     reader = open_checkpoint(pruned["ft1", "source"])
     infos = [reader.info(n) for n in read_manifest(reader.folder)["module_density"]]  # the pruned tensors
     in_scope = sum(i.stored_bytes for i in infos) / sum(i.nbytes for i in infos)
     # LLaMA-2-7B: 6.74 B parameters, of which embeddings + LM head (kept dense, outside the pruning scope) 2 x 32000
     # x 4096 and norms 0.27 M; the block matrices are pruned
     outside = (2 * 32000 * 4096 + 65 * 4096) / 6.738e9
-    print(f"pruned block matrices alone: {in_scope:.3f} x their dense size; projected whole pruned delta of "
-          f"LLaMA-2-7B: {outside + (1 - outside) * in_scope:.3f} x dense")  # fmt: skip
+    print(f"pruned block matrices alone: {in_scope:.3f} x their dense size; projected pruned delta of LLaMA-2-7B: "
+          f"{outside + (1 - outside) * in_scope:.3f} x dense, of which {(1 - outside) * in_scope:.3f} not shared "
+          "with the delta")  # fmt: skip
     print(f"checkpoint {syn.name}: {open_checkpoint(syn / 'base').total_bytes() / 1e6:.1f} MB of weights")
-    print(f"{'artifact':42} {'MB':>9} {'x dense bf16':>13} {'read s':>8}")
-    for label, size, ratio, seconds in rows:
-        print(f"{label:42} {size / 1e6:9.2f} {ratio:13.3f} {seconds:8.3f}")
+    print(f"{'artifact':42} {'MB':>9} {'x dense bf16':>13} {'not shared':>11} {'read s':>8}")
+    for label, size, ratio, own, seconds in rows:
+        print(f"{label:42} {size / 1e6:9.2f} {ratio:13.3f} {own:11.3f} {seconds:8.3f}")
     merged = {
         dtype: merge_deltas(
             syn / "base", [pruned["ft1", dtype], pruned["ft2", dtype]], work / f"merged-{dtype}", method="ties", **kw

@@ -1,5 +1,8 @@
 """Delta extraction: delta = finetuned - base, per tensor in float32, streamed chunk by chunk.
 
+The tensors outside the blocks' weight matrices (embeddings, norms, biases, LM head) are written first, to shared
+shards of their own (dppa/io/sparse.py), which the pruned and amplified deltas of this delta hard-link.
+
 Vocabulary growth rule: when a fine-tune's embedding or LM-head matrix has more rows than the base's (tokens were
 added), the delta covers the base's rows only and the added rows are dropped, so every delta has the base's shapes
 and merged models keep the base's vocabulary and tokenizer. The manifest lists each such tensor under
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dppa.architectures import block_weights
 from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 from dppa.errors import DppaError
 from dppa.io.atomic import atomic_dir, check_output_free
@@ -120,6 +124,10 @@ def extract_delta(
     check_same_tensors(base_r, ft_r)
     names = base_r.names()
     grown = {n: [base_r.shape(n)[0], ft_r.shape(n)[0]] for n in names if not matching_rows(base_r, ft_r, n)}
+    # Everything outside the blocks' weight matrices first, in shards of its own that prune and amplify link
+    in_blocks = block_weights(base_r.config, {n: base_r.shape(n) for n in names})
+    outside = [n for n in names if n not in in_blocks]
+    names = outside + [n for n in names if n in in_blocks]
     plan_dtype = {n: out_dtype or ft_r.dtype(n) for n in names}
     plan = [(n, plan_dtype[n], base_r.shape(n)) for n in names]
     base_hash, ft_hash = ContentHasher(), ContentHasher()
@@ -131,7 +139,7 @@ def extract_delta(
             f"extract {Path(finetuned).name}", base_r.total_bytes() + ft_r.total_bytes(), len(names), progress
         ) as bar,
     ):
-        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size), shared=len(outside))
         for name in names:
             base_hash.start(name, base_r.dtype(name), base_r.shape(name))
             ft_hash.start(name, ft_r.dtype(name), ft_r.shape(name))

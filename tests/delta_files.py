@@ -13,12 +13,19 @@ from safetensors import safe_open
 
 
 def load_delta(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the delta folder as a dense tensor, whether stored dense or sparse."""
+    """Every tensor of the delta folder as a dense tensor, whether stored dense or sparse, and times its factor
+    where the index scales a shared shard (float32 product rounded to the stored dtype, zeros +0.0)."""
     tensors: dict[str, torch.Tensor] = {}
+    index = Path(folder) / "model.safetensors.index.json"
+    scales = json.loads(index.read_text())["metadata"].get("dppa_scale", {}) if index.exists() else {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             metadata = handle.metadata() or {}
             stored = {name: handle.get_tensor(name) for name in handle.keys()}
+        if file.name in scales:
+            for name, t in stored.items():
+                product = (t.float() * scales[file.name]).to(t.dtype)
+                stored[name] = torch.where(product == 0, torch.zeros((), dtype=t.dtype), product)
         shapes = json.loads(metadata.get("dppa_sparse", "{}"))
         for name, shape in shapes.items():
             mask = stored.pop(f"{name}::mask").numpy()

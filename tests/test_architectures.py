@@ -60,10 +60,11 @@ FAMILIES = {
 }
 
 
-def block_matrices_by_rule(file: Path) -> dict[str, int]:
-    """The test's own rule: 2-D `.weight` tensors under `layers.N.` / `h.N.`, outside any vision part."""
+def block_matrices_by_rule(path: Path) -> dict[str, int]:
+    """The test's own rule: 2-D `.weight` tensors under `layers.N.` / `h.N.`, outside any vision part, of a
+    safetensors file or a delta folder."""
     found = {}
-    for name, tensor in load_file(file).items():
+    for name, tensor in (load_delta(path) if path.is_dir() else load_file(path)).items():
         m = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", name)
         if m and name.endswith(".weight") and tensor.dim() == 2 and "vision" not in name:
             found[name] = int(m.group(1))
@@ -149,7 +150,7 @@ def run_family(base: Path, tmp: Path) -> dict:
     assert set(densities) == set(expected) and manifest["scope_left_out"] == []
     # layer and module adjustments are each at most lamda = 0.08
     assert all(0.2 - 0.16 - 1e-9 <= d <= 0.2 + 0.16 + 1e-9 for d in densities.values())
-    pruned, delta = load_delta(tmp / "pruned"), load_file(tmp / "delta1" / "model.safetensors")
+    pruned, delta = load_delta(tmp / "pruned"), load_delta(tmp / "delta1")
     for name, values in pruned.items():
         if name in expected:  # every block matrix pruned to its DP density (the noise leaves no zero in the delta)
             assert abs(int(values.count_nonzero()) - round(densities[name] * values.numel())) <= 1, name

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dppa.cli import main as dppa
 from dppa.io.manifest import write_manifest
@@ -58,7 +58,7 @@ def test_unknown_architecture_is_refused_with_the_scope_to_pass(deltas, tmp_path
 
     assert prune(delta, tmp_path / "out", "--scope", suggested) == 0
     manifest = json.loads((tmp_path / "out" / "dppa_manifest.json").read_text())
-    assert set(manifest["module_density"]) == set(block_matrices_by_rule(delta / "model.safetensors"))
+    assert set(manifest["module_density"]) == set(block_matrices_by_rule(delta))
     assert manifest["scope_left_out"] == []
 
 
@@ -88,19 +88,21 @@ def test_user_scope_that_leaves_fused_projections_out_says_so(deltas, tmp_path, 
     manifest = json.loads((tmp_path / "out" / "dppa_manifest.json").read_text())
     fused = {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in ("self_attn.qkv_proj", "mlp.gate_up_proj")}
     assert set(manifest["scope_left_out"]) == fused
-    pruned, delta = load_delta(tmp_path / "out"), load_file(deltas["phi3"] / "model.safetensors")
+    pruned, delta = load_delta(tmp_path / "out"), load_delta(deltas["phi3"])
     assert all(torch.equal(pruned[n], delta[n]) for n in fused)  # left dense, as the note says
 
 
 def test_stacked_expert_weights_are_named_not_pruned(deltas, tmp_path, capsys):
     delta = copy_delta(deltas["llama"], tmp_path / "delta", model_type="llama")
-    tensors = load_file(delta / "model.safetensors")
+    tensors = load_delta(delta)
     tensors["model.layers.1.mlp.experts.gate_up_proj"] = torch.ones(4, 8, 32)
+    for file in [*delta.glob("*.safetensors"), delta / "model.safetensors.index.json"]:
+        file.unlink()
     save_file(tensors, delta / "model.safetensors", metadata={"format": "pt"})
     scope = compile_scope("auto", open_checkpoint(delta))
     assert scope.left_out == ["model.layers.1.mlp.experts.gate_up_proj"]
     assert "model.layers.1.mlp.experts.gate_up_proj" in capsys.readouterr().err
-    assert set(scope.layers) == set(block_matrices_by_rule(deltas["llama"] / "model.safetensors"))
+    assert set(scope.layers) == set(block_matrices_by_rule(deltas["llama"]))
 
 
 def test_a_regex_without_a_checkpoint_matches_by_name():

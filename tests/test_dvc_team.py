@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tests.test_pipeline import (
     FINETUNES,
@@ -115,20 +116,38 @@ def unique_bytes(paths) -> int:
     return sum(seen.values())
 
 
+def shared_shard(folder: Path) -> Path:
+    """The one weights file of `folder` whose safetensors header marks it shared (dppa/io/sparse.py)."""
+    found = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            if (handle.metadata() or {}).get("dppa_shared") == "1":
+                found.append(file)
+    assert len(found) == 1, folder
+    return found[0]
+
+
 def test_disk_per_finetune_counts_each_artifact_once(team, tiny_zoo, capsys):
     a, _ = team
     hashes = out_hashes(a)
     for ft in FINETUNES:
         outs = [o.format(ft) for o in PER_FINETUNE_OUTS]
         workspace = [a / o for o in outs]
-        cached = []
+        cached, listings = [], {}
         for out in outs:
             cached.append(cache_file(a, hashes[out]))
-            cached += [cache_file(a, e["md5"]) for e in json.loads(cache_file(a, hashes[out]).read_text())]
+            listings[out] = {e["relpath"]: e["md5"] for e in json.loads(cache_file(a, hashes[out]).read_text())}
+            cached += [cache_file(a, md5) for md5 in listings[out].values()]
         stored = unique_bytes(workspace + cached)
         small = sum(c.stat().st_size for c in cached if c.stat().st_size < 1 << 16)
         assert stored <= unique_bytes(workspace) + small  # the cache adds no second copy of any weights file
+        # the tensors outside the blocks' matrices: one file, one cache object, for the delta, pruned and amplified
+        deltas = outs[1:]
+        shards = [shared_shard(a / out) for out in deltas]
+        objects = {listings[out][shard.name] for out, shard in zip(deltas, shards)}
+        assert len(objects) == 1 and all(os.path.samefile(s, cache_file(a, *objects)) for s in shards)
         model = unique_bytes([tiny_zoo / ft])
+        assert stored <= 1.6 * model
         with capsys.disabled():
             parts = ", ".join(f"{o.split('/')[-2]} {unique_bytes([a / o.format(ft)])}" for o in PER_FINETUNE_OUTS)
             print(f"\n{ft}: workspace + cache {stored} B, {stored / model:.2f} x the fine-tune ({model} B): {parts}")

@@ -5,10 +5,12 @@ and merges from them bit-identical to merges from dense files. The independent s
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -135,7 +137,85 @@ def test_prune_and_amplify_write_sparse_with_the_dense_content(pruned_pairs, kin
     dense = load_file(dense_dir / "model.safetensors")
     decoded = load_delta(sparse_dir)
     assert set(decoded) == set(dense) and all(torch.equal(bits(decoded[n]), bits(dense[n])) for n in dense)
-    assert (sparse_dir / "model.safetensors").stat().st_size < (dense_dir / "model.safetensors").stat().st_size
+    assert weight_bytes(sparse_dir) < weight_bytes(dense_dir)
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+OUTSIDE = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
+    f"model.layers.{i}.{norm}.weight" for i in (0, 1) for norm in ("input_layernorm", "post_attention_layernorm")
+}  # the tiny LLaMA's tensors outside the blocks' weight matrices, by hand
+
+
+def shard_of(folder: Path, names: set[str]) -> Path:
+    """The one file of `folder` that holds exactly the tensors `names` (asserted)."""
+    found = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            if set(handle.keys()) == names:
+                found.append((file, handle.metadata()))
+    assert len(found) == 1, f"{folder}: no single file holds exactly {sorted(names)}"
+    assert found[0][1] == {"format": "pt", "dppa_shared": "1"}
+    return found[0][0]
+
+
+def test_the_tensors_outside_the_blocks_are_one_file_shared_by_delta_pruned_and_amplified(pruned_pairs):
+    _, root, out = pruned_pairs
+    delta = load_file(shard_of(root / "delta1", OUTSIDE))
+    shared = shard_of(root / "delta1", OUTSIDE).stat()
+    for kind in ("pruned1", "amp1"):
+        folder = out[kind, "sparse"]
+        assert shard_of(folder, OUTSIDE).stat().st_ino == shared.st_ino  # a hard link, not a copy
+        assert read_manifest(folder)["storage"]["linked_shards"] == 1
+    assert shared.st_nlink == 3
+    # amplified: the shared file holds the unscaled delta; read back (dppa's reader, and the independent decoder),
+    # it is the delta times the largest factor, float32 arithmetic, as the dense amplified file stores it
+    index = json.loads((out["amp1", "sparse"] / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["dppa_scale"] == {shard_of(out["amp1", "sparse"], OUTSIDE).name: 1.8}
+    reader, decoded = open_checkpoint(out["amp1", "sparse"]), load_delta(out["amp1", "sparse"])
+    dense = load_file(out["amp1", "dense"] / "model.safetensors")
+    for name in OUTSIDE:
+        assert torch.equal(decoded[name], delta[name] * 1.8) and torch.equal(reader.get(name), delta[name] * 1.8)
+        assert torch.equal(bits(reader.get(name)), bits(dense[name])), name
+    pruned = load_delta(out["pruned1", "sparse"])
+    assert all(torch.equal(bits(pruned[n]), bits(delta[n])) for n in OUTSIDE)
+
+
+def test_a_scope_that_differs_from_the_shared_file_writes_its_own(pruned_pairs, tmp_path):
+    _, root, _ = pruned_pairs
+    attention = r"^model\.layers\.(?P<layer>\d+)\.self_attn\.[qkvo]_proj\.weight$"
+    out = prune_delta(root / "delta1", tmp_path / "p", method="magnitude", density=0.2, scope=attention, progress=False)
+    mlp = {f"model.layers.{i}.mlp.{m}_proj.weight" for i in (0, 1) for m in ("gate", "up", "down")}
+    own = shard_of(out, OUTSIDE | mlp)  # the MLP matrices are out of this scope: dense, unpruned, in the shared file
+    assert own.stat().st_ino != shard_of(root / "delta1", OUTSIDE).stat().st_ino
+    assert read_manifest(out)["storage"]["linked_shards"] == 0
+    delta, pruned = load_delta(root / "delta1"), load_delta(out)
+    assert all(torch.equal(bits(pruned[n]), bits(delta[n])) for n in OUTSIDE | mlp)
+
+
+def test_a_shared_file_read_scaled_is_not_linked(pruned_pairs, tmp_path):
+    """Pruning an amplified delta: its shared file has the right header but reads scaled, so it is written anew."""
+    _, _, out = pruned_pairs
+    amplified = out["amp1", "sparse"]
+    pruned = prune_delta(amplified, tmp_path / "p", method="magnitude", density=0.5, progress=False)
+    assert read_manifest(pruned)["storage"]["linked_shards"] == 0
+    assert shard_of(pruned, OUTSIDE).stat().st_ino != shard_of(amplified, OUTSIDE).stat().st_ino
+    source, got = load_delta(amplified), load_delta(pruned)
+    assert all(torch.equal(bits(got[n]), bits(source[n])) for n in OUTSIDE)  # the scaled values, once
+
+
+def test_an_index_that_scales_an_unshared_file_is_refused(pruned_pairs, tmp_path):
+    _, _, out = pruned_pairs
+    folder = tmp_path / "amp"
+    shutil.copytree(out["amp1", "sparse"], folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != shard_of(folder, OUTSIDE).name)
+    index["metadata"]["dppa_scale"] = {other: 1.8}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(DppaError, match=rf"{other}: the index scales it but it is no shared shard"):
+        open_checkpoint(folder)
 
 
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
@@ -192,3 +272,15 @@ def dppa_help(command: str, capsys) -> str:
     with pytest.raises(SystemExit):
         dppa([command, "--help"])
     return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_scaled_read_is_the_float32_product_rounded_with_positive_zeros(dtype):
+    gen = torch.Generator().manual_seed(0)
+    values = (torch.randn(4096, generator=gen) * torch.logspace(-44, 1, 4096)).to(dtype)  # underflows included
+    values[::7] = 0.0
+    product = (values.float() * 1e-3).to(dtype)
+    expected = torch.where(product == 0, torch.zeros((), dtype=dtype), product)
+    assert bool(torch.signbit(product[product == 0]).any())  # the product has -0.0 to normalise
+    assert torch.equal(bits(sparse.scaled(values, 1e-3)), bits(expected))
+    assert torch.equal(bits(sparse.positive_zeros(product)), bits(expected))

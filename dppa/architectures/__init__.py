@@ -76,6 +76,14 @@ def block_matrices(shapes: dict[str, tuple[int, ...]], blocks: re.Pattern = ANY_
     return found
 
 
+def block_weights(config: dict | None, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """{name: block index} of the 2-D weight matrices in the language model's blocks (what `--scope auto` prunes),
+    under any block-like prefix when the model_type has no rule. Extract writes every other tensor to shards of its
+    own, which pruned and amplified deltas share with the delta (dppa/io/sparse.py)."""
+    found = block_matrices(shapes, block_prefix(config) or ANY_BLOCK)
+    return {name: layer for name, layer in found.items() if len(shapes[name]) == 2}
+
+
 def suggest_scope(names: list[str]) -> str:
     """A --scope regex naming the block matrices `names` of one stack (the language model's, when it can tell)."""
     matches = [ANY_BLOCK.match(n) for n in names]

@@ -7,6 +7,7 @@ Pickle checkpoints (`*.bin`, `*.pt`) are refused unless the caller opts in, sinc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +42,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the first element (of the kept values, when sparse) in `file`
     sparse: SparseInfo | None = None
+    scale: float = 1.0  # a shared shard read scaled (dppa/io/sparse.py), as the folder's index says
 
     @property
     def numel(self) -> int:
@@ -79,7 +81,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
 def _sparse_infos(path: Path, stored: dict[str, TensorInfo], metadata: dict) -> dict[str, TensorInfo]:
     """The dense tensors a sparse file encodes (dppa/io/sparse.py), from its stored parts."""
     fmt, version = metadata.get("dppa_format"), metadata.get("dppa_format_version")
-    if fmt != sparse.FORMAT or version != str(sparse.VERSION):
+    if fmt != sparse.FORMAT or version not in sparse.READABLE_VERSIONS:
         raise DppaError(
             f"{path}: delta format {fmt!r} version {version!r} is not one this dppa reads "
             f"({sparse.FORMAT!r} version {sparse.VERSION}); upgrade dppa or recreate the delta"
@@ -160,7 +162,8 @@ class CheckpointReader:
             raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
         if info.sparse is not None:
             return self._read_sparse(info, start, count)
-        return self._read(info.file, info.offset + start * itemsize(info.dtype), count, info.dtype)
+        values = self._read(info.file, info.offset + start * itemsize(info.dtype), count, info.dtype)
+        return values if info.scale == 1.0 else sparse.scaled(values, info.scale)
 
     def _read(self, path: Path, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         buf = torch.empty(count * itemsize(dtype), dtype=torch.uint8)
@@ -274,21 +277,30 @@ def _read_json(path: Path) -> dict | None:
         raise DppaError(f"{path}: invalid JSON ({exc}); fix or re-download it") from None
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def _safetensors_files(folder: Path) -> tuple[list[Path], dict[Path, float]]:
+    """The weight files, and the factor each shared shard is read scaled by (dppa/io/sparse.py)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = (_read_json(index) or {}).get("weight_map")
+        body = _read_json(index) or {}
+        weight_map = body.get("weight_map")
         if not isinstance(weight_map, dict):
             raise DppaError(f"{index}: has no 'weight_map'; the index is corrupt")
         files = sorted({folder / f for f in weight_map.values()})
         missing = [f for f in files if not f.exists()]
         if missing:
             raise DppaError(f"{missing[0]}: shard listed in {index.name} is missing; re-download the model")
-        return files
+        scales = (body.get("metadata") or {}).get(sparse.SCALE_KEY) or {}
+        if not isinstance(scales, dict) or any(
+            folder / f not in files or not isinstance(v, (int, float)) for f, v in scales.items()
+        ):
+            raise DppaError(
+                f"{index}: metadata.{sparse.SCALE_KEY} names no shard of the folder or no number; recreate the delta"
+            )
+        return files, {folder / f: float(v) for f, v in scales.items()}
     single = folder / "model.safetensors"
     if single.exists():
-        return [single]
-    return sorted(folder.glob("*.safetensors"))
+        return [single], {}
+    return sorted(folder.glob("*.safetensors")), {}
 
 
 def open_checkpoint(folder: str | os.PathLike, allow_pickle: bool = False) -> CheckpointReader:
@@ -296,11 +308,15 @@ def open_checkpoint(folder: str | os.PathLike, allow_pickle: bool = False) -> Ch
     folder = Path(folder)
     if not folder.is_dir():
         raise DppaError(f"{folder}: not a folder; give the path of a model folder (config.json + *.safetensors)")
-    files = _safetensors_files(folder)
+    files, scales = _safetensors_files(folder)
     if files:
         infos: dict[str, TensorInfo] = {}
         for f in files:
-            file_infos, _ = read_safetensors_header(f)
+            file_infos, metadata = read_safetensors_header(f)
+            if f in scales:
+                if metadata != {"format": "pt", **sparse.SHARED_METADATA}:
+                    raise DppaError(f"{f}: the index scales it but it is no shared shard; the delta is corrupt")
+                file_infos = {n: dataclasses.replace(i, scale=scales[f]) for n, i in file_infos.items()}
             for name, info in file_infos.items():
                 if name in infos:
                     raise DppaError(

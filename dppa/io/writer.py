@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +42,40 @@ class _Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     shard: int
+    shared: bool = False  # in a shared shard (dppa/io/sparse.py): dense, zeros as +0.0, header without artifact data
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def plan_shards(
+    plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int, shared: int = 0
+) -> list[_Entry]:
+    """Shards in plan order, each at most `max_shard_bytes` (a larger tensor alone); the first `shared` tensors fill
+    shards of their own."""
+    entries: list[_Entry] = []
+    shard, used = 0, 0
+    for i, (name, dtype, shape) in enumerate(plan):
+        entry = _Entry(name, dtype, tuple(shape), shard, shared=i < shared)
+        if (used and used + entry.nbytes > max_shard_bytes) or (0 < i == shared):
+            shard, used = shard + 1, 0
+            entry.shard = shard
+        used += entry.nbytes
+        entries.append(entry)
+    return entries
+
+
+def shard_file_name(shard: int, num_shards: int) -> str:
+    return "model.safetensors" if num_shards == 1 else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
+
+
+def shard_header(entries: list[_Entry], shard: int, metadata: dict | None = None) -> bytes:
+    """The header of a shard holding its planned tensors dense; a shared shard's carries SHARED_METADATA only."""
+    members = [e for e in entries if e.shard == shard]
+    if members and members[0].shared:
+        metadata = sparse.SHARED_METADATA
+    return build_header([(e.name, e.dtype, e.shape) for e in members], metadata)
 
 
 class ContentHasher:
@@ -100,18 +132,13 @@ class ShardedWriter:
         folder: Path,
         plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        *,
+        shared: int = 0,
     ):
+        """shared: the first `shared` tensors of the plan go to shared shards (dppa/io/sparse.py), zeros as +0.0."""
         self.folder = Path(folder)
-        self.entries: list[_Entry] = []
-        shard, used = 0, 0
-        for name, dtype, shape in plan:
-            entry = _Entry(name, dtype, tuple(shape), shard)
-            if used and used + entry.nbytes > max_shard_bytes:
-                shard, used = shard + 1, 0
-                entry.shard = shard
-            used += entry.nbytes
-            self.entries.append(entry)
-        self.num_shards = shard + 1
+        self.entries = plan_shards(plan, max_shard_bytes, shared)
+        self.num_shards = self.entries[-1].shard + 1 if self.entries else 1
         self._pos = 0  # index of the tensor being written
         self._written = 0  # bytes of it written so far
         self._file = None
@@ -120,9 +147,7 @@ class ShardedWriter:
         self.bytes_written = 0
 
     def shard_name(self, shard: int) -> str:
-        if self.num_shards == 1:
-            return "model.safetensors"
-        return f"model-{shard + 1:05d}-of-{self.num_shards:05d}.safetensors"
+        return shard_file_name(shard, self.num_shards)
 
     @property
     def expected(self) -> _Entry:
@@ -133,6 +158,8 @@ class ShardedWriter:
         entry = planned_next(self.entries, self._pos, name)
         if data.dtype != entry.dtype:
             data = data.to(entry.dtype)
+        if entry.shared:
+            data = sparse.positive_zeros(data)
         if self._written == 0:
             self._start_tensor(entry)
         raw = tensor_bytes(data.cpu())
@@ -151,9 +178,8 @@ class ShardedWriter:
         if entry.shard != self._open_shard:
             if self._file:
                 self._file.close()
-            members = [(e.name, e.dtype, e.shape) for e in self.entries if e.shard == entry.shard]
             self._file = open(self.folder / self.shard_name(entry.shard), "wb")
-            self._file.write(build_header(members))
+            self._file.write(shard_header(self.entries, entry.shard))
             self._open_shard = entry.shard
 
     def close(self) -> str:
@@ -180,11 +206,16 @@ class DeltaWriter:
     """Writes a delta folder tensor by tensor (whole tensors), each tensor in the sparse layout of dppa/io/sparse.py
     where that is smaller (with `sparse=True`), else dense.
 
-    Shards are planned from the dense sizes, so none exceeds the limit. How many values a tensor keeps is known only
-    when it arrives, so each shard's header is written last, into room reserved at the start of the file for the
-    largest header its tensors could need (the unused room is JSON whitespace, which safetensors readers skip).
-    The content hash is the dense tensors' (ContentHasher), so a sparse and a dense file of one delta hash the same.
-    Zeros are written as +0.0.
+    The first `shared` tensors of the plan are those outside the pruning scope, multiplied by `scale` (1 when
+    pruning). With `sparse=True` they go unscaled into shared shards (dppa/io/sparse.py), with `scale` in the index
+    for the reader to apply; link_shared() takes such a shard from the input delta by a hard link when that holds it
+    byte for byte. With `sparse=False` every tensor is plain safetensors, the shared ones written scaled.
+
+    Other shards are planned from the dense sizes, so none exceeds the limit. How many values a tensor keeps is known
+    only when it arrives, so such a shard's header is written last, into room reserved at the start of the file for
+    the largest header its tensors could need (the unused room is JSON whitespace, which safetensors readers skip).
+    The content hash is that of the dense tensors a reader returns (ContentHasher), so a sparse and a dense file of
+    one delta hash the same. Zeros are written as +0.0.
     """
 
     def __init__(
@@ -194,13 +225,16 @@ class DeltaWriter:
         max_shard_bytes: int,
         *,
         sparse: bool = True,
+        shared: int = 0,
+        scale: float = 1.0,
     ):
         self.folder = Path(folder)
         self.sparse = sparse
-        layout = ShardedWriter(folder, plan, max_shard_bytes)  # its shard plan only
-        self.entries = layout.entries
-        self.num_shards = layout.num_shards
-        self.shard_name = layout.shard_name
+        self.outside, self.scale = shared, float(scale)
+        self.entries = plan_shards(plan, max_shard_bytes, shared if sparse else 0)
+        self.num_shards = self.entries[-1].shard + 1 if self.entries else 1
+        self.shared_shards = sorted({e.shard for e in self.entries if e.shared})
+        self.linked: list[int] = []
         self._pos = 0
         self._file = None
         self._open_shard = -1
@@ -209,8 +243,38 @@ class DeltaWriter:
         self._reserved = 0
         self.weight_map: dict[str, str] = {}
         self.hasher = ContentHasher()
-        self.bytes_written = 0
+        self.stored_bytes = 0
         self.sparse_tensors = 0
+
+    def shard_name(self, shard: int) -> str:
+        return shard_file_name(shard, self.num_shards)
+
+    def link_shared(self, reader) -> int:
+        """Hard-link (or, across filesystems, copy) each shared shard that the delta at `reader` (a CheckpointReader)
+        holds as one file with the same header and size, read unscaled; returns how many. Call before write()."""
+        if self._pos:
+            raise RuntimeError("link_shared() comes before the first write()")
+        for shard in self.shared_shards:
+            members = [e for e in self.entries if e.shard == shard]
+            if not all(e.name in reader for e in members):
+                continue
+            infos = [reader.info(e.name) for e in members]
+            source = infos[0].file
+            if any(i.file != source or i.sparse is not None or i.scale != 1.0 for i in infos):
+                continue
+            header = shard_header(self.entries, shard)
+            if source.stat().st_size != len(header) + sum(e.nbytes for e in members):
+                continue
+            with open(source, "rb") as fh:
+                if fh.read(len(header)) != header:
+                    continue
+            target = self.folder / self.shard_name(shard)
+            try:
+                os.link(source, target)
+            except OSError:  # another filesystem, or links not allowed
+                shutil.copyfile(source, target)
+            self.linked.append(shard)
+        return len(self.linked)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the whole tensor `name` (the next one in the plan), converted to its planned dtype."""
@@ -219,14 +283,24 @@ class DeltaWriter:
         # Pruning multiplies by a 0/1 mask, which leaves -0.0 where a negative entry was dropped; every zero is
         # stored as +0.0 (either storage), so a dropped entry needs no bit in the sparse layout. No sum or
         # product of the merges tells -0.0 from +0.0 unless a base weight is itself -0.0.
-        tensor = torch.where(tensor == 0, torch.zeros((), dtype=tensor.dtype), tensor).contiguous()
+        tensor = sparse.positive_zeros(tensor).contiguous()
         if tensor.numel() != math.prod(entry.shape):
             raise RuntimeError(f"tensor {name!r}: {tensor.numel()} elements, its shape {entry.shape} needs more")
+        value = tensor  # what a reader returns
+        if self._pos < self.outside and self.scale != 1.0:
+            value = sparse.scaled(tensor, self.scale)
+            if not entry.shared:
+                tensor = value
+        self._pos += 1
+        self.hasher.start(name, entry.dtype, entry.shape)
+        self.hasher.update(tensor_bytes(value))
+        if entry.shard in self.linked:
+            self.weight_map[name] = self.shard_name(entry.shard)
+            self.stored_bytes += entry.nbytes
+            return
         if entry.shard != self._open_shard:
             self._open(entry.shard)
-        self.hasher.start(name, entry.dtype, entry.shape)
-        self.hasher.update(tensor_bytes(tensor))
-        parts = sparse.encode(tensor) if self.sparse else None
+        parts = sparse.encode(tensor) if self.sparse and not entry.shared else None
         if parts is None:
             self._put(name, tensor.view(entry.shape))
         else:
@@ -234,17 +308,22 @@ class DeltaWriter:
             self.sparse_tensors += 1
             for part in sparse.PARTS:
                 self._put(sparse.part_name(name, part), parts[part])
-        self._pos += 1
 
     def _put(self, stored_name: str, data: torch.Tensor) -> None:
         raw = tensor_bytes(data)
         self._file.write(raw)
-        self.bytes_written += len(raw)
+        self.stored_bytes += len(raw)
         self._stored.append((stored_name, data.dtype, tuple(data.shape)))
         self.weight_map[stored_name] = self.shard_name(self._open_shard)
 
     def _open(self, shard: int) -> None:
         self._finish_shard()
+        self._file = open(self.folder / self.shard_name(shard), "wb")
+        self._open_shard = shard
+        if shard in self.shared_shards:  # all dense: the header is known now
+            self._reserved = 0
+            self._file.write(shard_header(self.entries, shard))
+            return
         members = [e for e in self.entries if e.shard == shard]
         # The largest header: every tensor sparse, every number as wide as any file could need.
         wide = (10**15,)
@@ -252,18 +331,17 @@ class DeltaWriter:
         worst_meta = sparse.header_metadata({e.name: wide * max(1, len(e.shape)) for e in members})
         self._reserved = len(build_header(worst, worst_meta)) + 16 * len(worst)
         self._reserved += -self._reserved % HEADER_ALIGN
-        self._file = open(self.folder / self.shard_name(shard), "wb")
         self._file.write(b"\0" * self._reserved)
-        self._open_shard = shard
 
     def _finish_shard(self) -> None:
         if self._file is None:
             return
-        metadata = sparse.header_metadata(self._sparse_shapes) if self.sparse else None
-        header = build_header(self._stored, metadata)
-        body = header[8:] + b" " * (self._reserved - len(header))
-        self._file.seek(0)
-        self._file.write(len(body).to_bytes(8, "little") + body)
+        if self._reserved:
+            metadata = sparse.header_metadata(self._sparse_shapes) if self.sparse else None
+            header = build_header(self._stored, metadata)
+            body = header[8:] + b" " * (self._reserved - len(header))
+            self._file.seek(0)
+            self._file.write(len(body).to_bytes(8, "little") + body)
         self._file.close()
         self._file, self._stored, self._sparse_shapes = None, [], {}
 
@@ -275,8 +353,10 @@ class DeltaWriter:
         if self._pos != len(self.entries):
             raise RuntimeError(f"tensor {self.entries[self._pos].name!r} was not written")
         self._finish_shard()
-        if self.num_shards > 1:
-            index = {"metadata": {"total_size": self.bytes_written}, "weight_map": self.weight_map}
+        scales = {self.shard_name(s): self.scale for s in self.shared_shards} if self.scale != 1.0 else {}
+        if self.num_shards > 1 or scales:
+            metadata = {"total_size": self.stored_bytes, **({sparse.SCALE_KEY: scales} if scales else {})}
+            index = {"metadata": metadata, "weight_map": self.weight_map}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return self.hasher.hexdigest()
 
@@ -289,6 +369,9 @@ class DeltaWriter:
             "version": sparse.VERSION,
             "sparse_tensors": self.sparse_tensors,
             "dense_tensors": len(self.entries) - self.sparse_tensors,
-            "stored_bytes": self.bytes_written,
+            "stored_bytes": self.stored_bytes,
             "dense_bytes": sum(e.nbytes for e in self.entries),
+            "shared_shards": len(self.shared_shards),
+            "linked_shards": len(self.linked),
+            "shared_scale": self.scale,
         }

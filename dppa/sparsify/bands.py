@@ -161,9 +161,8 @@ def amplify_delta(
     regex = compile_scope(scope, reader)
     plan = plan_bands(reader, densities, options=options, scope=regex, device=device, progress=progress)
 
-    def amplify(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
-        index = None if layer is None else band_index(values, plan.keep_counts[name])
-        return amplify_tensor(values.float(), index, factors, combine)
+    def amplify(name: str, values: torch.Tensor, layer: int) -> torch.Tensor:
+        return amplify_tensor(values.float(), band_index(values, plan.keep_counts[name]), factors, combine)
 
     manifest = {
         "kind": "amplified",
@@ -190,4 +189,5 @@ def amplify_delta(
         progress=progress,
         max_shard_size=max_shard_size,
         storage=storage,
+        outside_scale=max(factors),  # what amplify_tensor does out of scope (docs/method.md)
     )

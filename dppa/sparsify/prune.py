@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dppa.compute import resolve_device
 from dppa.errors import DppaError
 from dppa.io.atomic import check_output_free
@@ -62,13 +60,10 @@ def prune_delta(
         **plan.manifest,
     }
 
-    def prune(name: str, values: torch.Tensor, layer: int | None) -> torch.Tensor:
-        return values if layer is None else plan.prune(name, values, layer)
-
     return transform_delta(
         reader,
         out,
-        prune,
+        plan.prune,
         scope=regex,
         device=dev,
         manifest=manifest,

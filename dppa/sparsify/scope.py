@@ -12,7 +12,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from dppa.architectures import ANY_BLOCK, block_matrices, block_prefix, suggest_scope
+from dppa.architectures import ANY_BLOCK, block_matrices, block_prefix, block_weights, suggest_scope
 from dppa.errors import DppaError
 from dppa.io.reader import CheckpointReader
 
@@ -106,7 +106,7 @@ def _auto_scope(reader: CheckpointReader) -> Scope:
             f"{', '.join(names[:3])}{more}; pass --scope '{suggest_scope(names)}'"
         )
     in_blocks = block_matrices(shapes, blocks)
-    layers = {n: i for n, i in in_blocks.items() if len(shapes[n]) == 2}
+    layers = block_weights(reader.config, shapes)
     if not layers:
         raise DppaError(
             f"{reader.folder}: model_type {model_type!r} but no 2-D weight is under {blocks.pattern!r}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,9 @@ from dppa.io.reader import CheckpointReader
 from dppa.io.writer import DeltaWriter, parse_size
 from dppa.sparsify.scope import layer_of
 
-# fn(name, delta in its stored dtype on the compute device, layer index or None when out of scope) -> new delta
-# (any float dtype; it is written in the stored dtype)
-TensorFn = Callable[[str, torch.Tensor, "int | None"], torch.Tensor]
+# fn(name, delta in its stored dtype on the compute device, layer index) -> new delta, for in-scope tensors (any float
+# dtype; it is written in the stored dtype)
+TensorFn = Callable[[str, torch.Tensor, int], torch.Tensor]
 
 
 def check_density(density: float, flag: str = "--density") -> float:
@@ -50,15 +51,20 @@ def transform_delta(
     progress: bool,
     max_shard_size: str = "5GB",
     storage: str = "sparse",
+    outside_scale: float = 1.0,
 ) -> Path:
-    """Apply `fn` to every tensor of the delta at `reader` and write the result, same names, shapes and dtypes.
+    """Apply `fn` to every in-scope tensor of the delta at `reader` and write the result, same names, shapes and
+    dtypes; out-of-scope tensors are multiplied by `outside_scale` (dppa.io.sparse.scaled).
 
-    storage: `sparse` writes each tensor in the sparse layout (dppa/io/sparse.py) where that is smaller, `dense`
+    storage: `sparse` writes each in-scope tensor in the sparse layout (dppa/io/sparse.py) where that is smaller and
+    the out-of-scope ones in shared shards, hard-linked from the input where it holds them (DeltaWriter); `dense`
     writes plain safetensors.
     """
     check_storage(storage)
     upstream = read_manifest(reader.folder)
-    names = reader.names()
+    inside = [n for n in reader.names() if layer_of(scope, n) is not None]
+    outside = [n for n in reader.names() if layer_of(scope, n) is None]
+    names = outside + inside
     plan = [(n, reader.dtype(n), reader.shape(n)) for n in names]
 
     def transform(name: str) -> torch.Tensor:
@@ -69,10 +75,19 @@ def transform_delta(
         Progress(desc, reader.total_bytes(), len(names), progress) as bar,
         chunk_workers() as (pool, workers),
     ):
-        writer = DeltaWriter(tmp, plan, parse_size(max_shard_size), sparse=storage == "sparse")
+        writer = DeltaWriter(
+            tmp,
+            plan,
+            parse_size(max_shard_size),
+            sparse=storage == "sparse",
+            shared=len(outside),
+            scale=outside_scale,
+        )
+        writer.link_shared(reader)
         # one tensor per worker in flight: memory stays at a few copies of the largest tensor
-        for name, result in zip(names, ordered_map(pool, workers, transform, names, window=workers)):
-            writer.write(name, result)
+        results = zip(inside, ordered_map(pool, workers, transform, inside, window=workers))
+        for name, result in itertools.chain(((n, reader.get(n)) for n in outside), results):
+            writer.write(name, result)  # an out-of-scope tensor in a linked shard is only hashed
             bar.advance(reader.info(name).nbytes)
             bar.tensor_done()
         content_hash = writer.close()
