@@ -8,7 +8,8 @@ Makes (or reuses) bench/out/syn-PARAMS-Lk-bf16 with bench/make_synthetic.py, the
 - prunes the bf16 delta with DP at --density, written sparse and dense, and amplifies it (factors 1.8, 1.0);
 - prints the sizes on disk and their ratio to the dense bf16 delta, the same for the bytes not hard-linked to the
   delta's files (the shared shard of dppa/io/sparse.py is the delta's), and the time to read each folder chunk by
-  chunk from page cache (the merge's access pattern, one thread), best of 3;
+  chunk (the merge's access pattern, one thread), best of 3, from page cache and from disk (the files dropped from
+  the page cache before each read with posix_fadvise DONTNEED);
 - merges (TIES of the two DP-pruned deltas) from the bf16 and from the float32 deltas, and prints the largest
   |weight| and |logit| difference between the two merged models (logits of 4 x 64 random tokens, float32).
 """
@@ -16,6 +17,7 @@ Makes (or reuses) bench/out/syn-PARAMS-Lk-bf16 with bench/make_synthetic.py, the
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -44,9 +46,23 @@ def unshared_bytes(folder: Path, delta: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.stat().st_ino not in linked)
 
 
-def read_seconds(folder: Path, chunk: int = 1 << 18) -> float:
+def evict(folder: Path) -> None:
+    """Drop the folder's weight files from the page cache (POSIX_FADV_DONTNEED: no root needed), so that the next
+    read comes from disk. Hard-linked files are the same inode, so the shared shard is evicted through any name."""
+    for path in folder.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_seconds(folder: Path, chunk: int = 1 << 18, *, cold: bool = False) -> float:
     best = float("inf")
     for _ in range(3):
+        if cold:
+            evict(folder)
         reader = open_checkpoint(folder)
         start = time.perf_counter()
         for name in reader.names():
@@ -108,7 +124,8 @@ def main() -> None:
         (f"amplified d={args.density}, sparse bf16", amp),
     ]:
         size, own = folder_bytes(folder), unshared_bytes(folder, delta) if folder != delta else folder_bytes(folder)
-        rows.append((label, size, size / dense_bytes, own / dense_bytes, read_seconds(folder)))
+        warm, cold = read_seconds(folder), read_seconds(folder, cold=True)
+        rows.append((label, size, size / dense_bytes, own / dense_bytes, warm, cold))
     reader = open_checkpoint(pruned["ft1", "source"])
     infos = [reader.info(n) for n in read_manifest(reader.folder)["module_density"]]  # the pruned tensors
     in_scope = sum(i.stored_bytes for i in infos) / sum(i.nbytes for i in infos)
@@ -119,9 +136,9 @@ def main() -> None:
           f"{outside + (1 - outside) * in_scope:.3f} x dense, of which {(1 - outside) * in_scope:.3f} not shared "
           "with the delta")  # fmt: skip
     print(f"checkpoint {syn.name}: {open_checkpoint(syn / 'base').total_bytes() / 1e6:.1f} MB of weights")
-    print(f"{'artifact':42} {'MB':>9} {'x dense bf16':>13} {'not shared':>11} {'read s':>8}")
-    for label, size, ratio, own, seconds in rows:
-        print(f"{label:42} {size / 1e6:9.2f} {ratio:13.3f} {own:11.3f} {seconds:8.3f}")
+    print(f"{'artifact':42} {'MB':>9} {'x dense bf16':>13} {'not shared':>11} {'cached s':>9} {'disk s':>8}")
+    for label, size, ratio, own, warm, cold in rows:
+        print(f"{label:42} {size / 1e6:9.2f} {ratio:13.3f} {own:11.3f} {warm:9.3f} {cold:8.3f}")
     merged = {
         dtype: merge_deltas(
             syn / "base", [pruned["ft1", dtype], pruned["ft2", dtype]], work / f"merged-{dtype}", method="ties", **kw
