@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 
-def timed_forward(cls, clock: list[float]):
+def timed_forward(cls, clock: list[float], scoring: list[bool]):
+    """Adds the time of each call of ``cls.forward`` made while a candidate is scored to ``clock[0]`` (the
+    evaluator's setup, which checks its generation loop against the harness's, is not a candidate's time)."""
     original = cls.forward
 
     @functools.wraps(original)
@@ -27,9 +29,24 @@ def timed_forward(cls, clock: list[float]):
         try:
             return original(self, *args, **kwargs)
         finally:
-            clock[0] += time.perf_counter() - t0
+            if scoring[0]:
+                clock[0] += time.perf_counter() - t0
 
     cls.forward = forward
+
+
+def flag_scoring(evaluator_cls, scoring: list[bool]):
+    original = evaluator_cls.scores
+
+    @functools.wraps(original)
+    def scores(self):
+        scoring[0] = True
+        try:
+            return original(self)
+        finally:
+            scoring[0] = False
+
+    evaluator_cls.scores = scores
 
 
 def main() -> None:
@@ -43,6 +60,7 @@ def main() -> None:
 
     import transformers
 
+    from dppa.evaluation.harness import Evaluator
     from dppa.extract import extract_delta
     from dppa.search.runner import search_amplification
 
@@ -53,8 +71,9 @@ def main() -> None:
 
         build_zoo(zoo, size="tiny", regime="heavy", seed=0, workers=1, log=lambda _m: None)
     architecture = json.loads((zoo / "base" / "config.json").read_text())["architectures"][0]
-    clock = [0.0]
-    timed_forward(getattr(transformers, architecture), clock)
+    clock, scoring = [0.0], [False]
+    timed_forward(getattr(transformers, architecture), clock, scoring)
+    flag_scoring(Evaluator, scoring)
     delta = extract_delta(zoo / "base", zoo / args.domain, work / "delta", progress=False)
     reference = work / "reference.json"
     reference.write_text(json.dumps({f"zoo_{args.domain}": {"exact_match": 1.0}}))

@@ -17,11 +17,12 @@ import torch
 
 from dppa.errors import DppaError
 from dppa.io.reader import open_checkpoint
-from dppa.sparsify.bands import amplify_tensor, band_factors, compute_bands
+from dppa.sparsify.bands import band_factors, compute_bands
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
 # name -> (delta in float32, uint8 band index with 0 = pruned and b = band b, or None when out of scope)
 Bands = Mapping[str, "tuple[torch.Tensor, torch.Tensor | None]"]
+CHUNK = 1 << 22  # elements a candidate is built in at a time: bounds its scratch memory (12 bytes an element)
 
 
 class CandidateWeights:
@@ -34,7 +35,8 @@ class CandidateWeights:
 
     Each call starts from the base, so candidates never accumulate. ``model`` must hold the base weights when this
     is made; a parameter's base is copied aside the first time it is touched (memory: one extra copy of the touched
-    parameters).
+    parameters). The band deltas are moved into flat buffers (``_FlatBands``): a ``bands`` dict is emptied as they
+    are, so that the deltas are not held twice.
     """
 
     def __init__(
@@ -52,14 +54,14 @@ class CandidateWeights:
         self.factors: tuple[float, ...] | None = None  # the amplified candidate the model holds now, if any
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._base: dict[str, torch.Tensor] = {}
-        self._bands: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.dtype]] = {}
-        for name, (delta, index) in (bands or {}).items():
-            param = self._param(name, delta.shape, "the delta")
-            self._bands[name] = (
-                delta.to(param.device, torch.float32),
-                None if index is None else index.to(param.device),
-                (delta_dtypes or {}).get(name, torch.float32),
-            )
+        entries = []
+        for name in list(bands or {}):
+            delta, index = bands.pop(name) if isinstance(bands, dict) else bands[name]
+            entries.append((name, self._param(name, delta.shape, "the delta"), delta, index))
+        self._bands = {name for name, *_ in entries}
+        self._flat = _FlatBands(entries, n_bands, delta_dtypes or {}) if entries else None
+        if self._flat is not None:
+            self._base.update(self._flat.base_views())
 
     def _param(self, name: str, shape, source) -> torch.nn.Parameter:
         if name not in self._params:
@@ -90,11 +92,9 @@ class CandidateWeights:
         if any(f < 0 for f in factors):
             raise DppaError(f"factors {factors}: must be >= 0")
         self.restore(keep=self._bands)
-        for name, (delta, index, stored_dtype) in self._bands.items():
-            amplified = amplify_tensor(delta, index, factors, self.combine)
-            if stored_dtype != torch.float32:
-                amplified = amplified.to(stored_dtype).float()  # the folder route stores it in the delta's dtype
-            self._set(name, amplified, "the delta", add_base=True)
+        if self._flat is not None:
+            # amplify_tensor's factors: 0 for pruned entries, each band's factor, the largest for out-of-scope tensors
+            self._flat.build([0.0, *band_factors(factors, self.combine), max(factors)])
         self.factors = tuple(factors)
 
     def add_delta(self, folder: str | os.PathLike, scale: float = 1.0) -> None:
@@ -144,6 +144,103 @@ class CandidateWeights:
             yield self.model
         finally:
             self.restore()
+
+
+class _FlatBands:
+    """The band deltas of one model side by side in flat buffers, so that a candidate is a few operations over all
+    of them (a small model has many small tensors, and per-tensor operations cost more than their arithmetic).
+
+    Per element, ``build`` computes what ``amplify_tensor`` then the folder route compute: factor[band index] x
+    delta in float32, rounded through the delta folder's stored dtype where it is not float32, plus the base in
+    float32, rounded to the parameter's dtype. The base is kept in the parameters' dtype (float32 when they differ,
+    which holds any of them exactly). Where the parameters share one dtype, they are moved into one flat buffer as
+    well (each parameter then views its part of it), and a float32 model's candidate is computed straight into its
+    parameters. Work goes a chunk (``CHUNK`` elements) at a time, so scratch memory is bounded.
+    """
+
+    def __init__(self, entries: list, n_bands: int, stored_dtypes: Mapping[str, torch.dtype]):
+        params = [param for _, param, _, _ in entries]
+        device = params[0].device
+        if any(param.device != device for param in params):
+            raise DppaError("the model's parameters are on several devices; load it on one device for the search")
+        dtypes = {param.dtype for param in params}
+        total = sum(param.numel() for param in params)
+        self.device = device
+        self.delta = torch.empty(total, dtype=torch.float32, device=device)
+        self.index = torch.empty(total, dtype=torch.uint8, device=device)  # n_bands + 1: out of scope
+        self.base = torch.empty(total, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=device)
+        # one buffer for the parameters, unless they differ in dtype or one is listed twice (tied weights)
+        shared = not dtypes and len({id(p) for p in params}) == len(params)
+        self.params = torch.empty(total, dtype=self.base.dtype, device=device) if shared else None
+        self.spans: dict[str, tuple[int, int, torch.Size]] = {}
+        pieces, rounding = [], []  # (start, end, parameter's flat view); (start, end, stored dtype)
+        offset = 0
+        for name, param, delta, index in entries:
+            end = offset + param.numel()
+            self.delta[offset:end].copy_(delta.reshape(-1))
+            if index is None:
+                self.index[offset:end].fill_(n_bands + 1)
+            else:
+                self.index[offset:end].copy_(index.reshape(-1))
+            self.base[offset:end].copy_(param.detach().reshape(-1))
+            self.spans[name] = (offset, end, param.shape)
+            if self.params is not None:
+                self.params[offset:end].copy_(param.detach().reshape(-1))
+                param.data = self.params[offset:end].view(param.shape)
+            else:
+                pieces.append((offset, end, param.detach().view(-1)))
+            stored = stored_dtypes.get(name, torch.float32)
+            if stored != torch.float32:
+                if rounding and rounding[-1][1] == offset and rounding[-1][2] == stored:
+                    rounding[-1] = (rounding[-1][0], end, stored)
+                else:
+                    rounding.append((offset, end, stored))
+            offset = end
+        # per chunk: its range, the pieces of parameters it fills and the runs it rounds, relative to the chunk
+        self.chunks = []
+        for start in range(0, total, CHUNK):
+            stop = min(start + CHUNK, total)
+            self.chunks.append(
+                (
+                    start,
+                    stop,
+                    [(view[max(a, start) - a : min(b, stop) - a], max(a, start) - start, min(b, stop) - start)
+                     for a, b, view in pieces if a < stop and b > start],
+                    [(max(a, start) - start, min(b, stop) - start, dtype)
+                     for a, b, dtype in rounding if a < stop and b > start],
+                )
+            )  # fmt: skip
+        size = min(CHUNK, total)
+        # band indices as int32 (the index type index_select reads fastest); kept for good when one chunk holds all
+        self._positions = torch.empty(size, dtype=torch.int32, device=device)
+        self._fixed_positions = len(self.chunks) == 1
+        if self._fixed_positions:
+            self._positions.copy_(self.index)
+        self._direct = self.params is not None and self.params.dtype == torch.float32
+        self._values = None if self._direct else torch.empty(size, dtype=torch.float32, device=device)
+
+    def base_views(self) -> dict[str, torch.Tensor]:
+        """Each parameter's base, as views of the flat base."""
+        return {name: self.base[a:b].view(shape) for name, (a, b, shape) in self.spans.items()}
+
+    @torch.no_grad()
+    def build(self, table: list[float]) -> None:
+        """Every parameter := base + table[band index] x delta (see the class)."""
+        table = torch.tensor(table, dtype=torch.float32, device=self.device)
+        for start, stop, pieces, rounding in self.chunks:
+            positions = self._positions[: stop - start]
+            if not self._fixed_positions:
+                positions.copy_(self.index[start:stop])
+            values = self.params[start:stop] if self._direct else self._values[: stop - start]
+            torch.index_select(table, 0, positions, out=values)
+            values.mul_(self.delta[start:stop])
+            for a, b, dtype in rounding:
+                values[a:b].copy_(values[a:b].to(dtype))
+            values.add_(self.base[start:stop])
+            if self.params is not None and not self._direct:
+                self.params[start:stop].copy_(values)
+            for view, a, b in pieces:
+                view.copy_(values[a:b])
 
 
 def candidates_for_delta(
