@@ -98,7 +98,8 @@ class Evaluator:
     evaluation loop does. lm-eval's ``simple_evaluate`` also collects environment information on every call (it
     runs ``pip list`` and more in subprocesses, 0.5-5 s), which has nothing to do with the scores, and its
     ``evaluate`` builds every request again. The seeds ``simple_evaluate`` sets are set here before the requests
-    are built and before each call, so results equal its results.
+    are built (the few-shot examples are drawn then), and before each call where the harness's generation may
+    sample, so results equal its results.
     """
 
     def __init__(
@@ -125,7 +126,8 @@ class Evaluator:
 
     def results(self) -> dict:
         """The harness's full results (deterministic: greedy decoding, fixed seeds)."""
-        _seed(self.tasks)
+        if self.prepared.uses_rng:
+            _seed(self.tasks)
         return self.prepared.results()
 
     def scores(self) -> dict[str, dict[str, float]]:

@@ -71,6 +71,8 @@ class PreparedEvaluation:
         # each instance once per repeat, as the harness sends them to the model
         self.sent = {kind: [i for i in insts for _ in range(i.repeats)] for kind, insts in self.requests.items()}
         self.generation = GreedyGeneration.prepare(lm, self.sent.get("generate_until", []))
+        # only the harness's own generation may sample; everything else here is deterministic
+        self.uses_rng = bool(self.sent.get("generate_until")) and self.generation is None
         self._metrics: dict = {}
 
     def results(self) -> dict:
@@ -121,6 +123,13 @@ class _Batch:
     kwargs: dict  # what the harness passes on to HF's generate besides the above
     lookback: list[int]  # per stop string: how many last generated tokens the harness decodes to look for it
     texts: dict = field(default_factory=dict)  # generated tokens -> the harness's answer text
+
+    def __post_init__(self):
+        mask = self.attention_mask
+        # generate numbers positions from the mask (padding does not move a prompt), and drops a mask of ones
+        self.positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self.padded = bool((mask == 0).any())
+        self.ones = mask.new_ones((mask.shape[0], 1))  # the mask's column for each generated token
 
 
 class GreedyGeneration:
@@ -261,16 +270,14 @@ class GreedyGeneration:
     @torch.no_grad()
     def _generate(self, batch: _Batch) -> list[list[int]]:
         """Each row's generated tokens, as HF's greedy ``generate`` returns them with lm-eval's stop criteria."""
-        tokens, mask = batch.input_ids, batch.attention_mask
+        tokens, positions = batch.input_ids, batch.positions
+        mask = batch.attention_mask if batch.padded else None
         rows, prompt = tokens.shape
         inputs = {"input_ids": tokens}
-        if self.with_positions:  # generate numbers positions from the mask: padding does not move a prompt
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        if self.with_positions:
             inputs["position_ids"] = positions
-        if bool((mask == 0).any()):  # generate drops a mask of ones
+        if mask is not None:
             inputs["attention_mask"] = mask
-        else:
-            mask = None
         generated: list[list[int]] = [[] for _ in range(rows)]
         ended: list[int] = []  # rows that produced EOS: generate gives them the pad token from then on
         seen = [[False] * rows for _ in batch.until]  # per stop string, per row: seen in the decoded last tokens
@@ -293,7 +300,7 @@ class GreedyGeneration:
                 positions = positions[:, -1:] + 1
                 inputs["position_ids"] = positions
             if mask is not None:
-                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=-1)
+                mask = torch.cat([mask, batch.ones], dim=-1)
                 inputs["attention_mask"] = mask
             out = self.model(**inputs, **self.model_kwargs)
         return generated
