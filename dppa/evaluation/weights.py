@@ -10,6 +10,7 @@ scores match it.
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -22,7 +23,6 @@ from dppa.sparsify.scope import DEFAULT_SCOPE
 
 # name -> (delta in float32, uint8 band index with 0 = pruned and b = band b, or None when out of scope)
 Bands = Mapping[str, "tuple[torch.Tensor, torch.Tensor | None]"]
-CHUNK = 1 << 22  # elements a candidate is built in at a time: bounds its scratch memory (12 bytes an element)
 
 
 class CandidateWeights:
@@ -54,14 +54,18 @@ class CandidateWeights:
         self.factors: tuple[float, ...] | None = None  # the amplified candidate the model holds now, if any
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._base: dict[str, torch.Tensor] = {}
-        entries = []
+        groups: dict[tuple, dict[int, tuple]] = {}  # (device, dtype) -> {parameter: entry}; tied names: the last
+        self._bands: set[str] = set()
         for name in list(bands or {}):
+            self._bands.add(name)
             delta, index = bands.pop(name) if isinstance(bands, dict) else bands[name]
-            entries.append((name, self._param(name, delta.shape, "the delta"), delta, index))
-        self._bands = {name for name, *_ in entries}
-        self._flat = _FlatBands(entries, n_bands, delta_dtypes or {}) if entries else None
-        if self._flat is not None:
-            self._base.update(self._flat.base_views())
+            param = self._param(name, delta.shape, "the delta")
+            stored = (delta_dtypes or {}).get(name, torch.float32)
+            groups.setdefault((param.device, param.dtype), {})[id(param)] = (name, param, delta, index, stored)
+        self._flat = [_FlatBands(list(group.values())) for group in groups.values()]
+        for flat in self._flat:
+            self._base.update(flat.base_views())
+        self._pruned_hold_base = True  # band parameters hold the base wherever their band index is 0
 
     def _param(self, name: str, shape, source) -> torch.nn.Parameter:
         if name not in self._params:
@@ -79,6 +83,7 @@ class CandidateWeights:
     def _set(self, name: str, value: torch.Tensor, source, *, add_base: bool) -> None:
         """Parameter ``name`` := base + value (``value``, a float32 tensor this call may overwrite) or value."""
         param = self._param(name, value.shape, source)
+        self._pruned_hold_base = self._pruned_hold_base and name not in self._bands
         base = self._base.setdefault(name, param.detach().clone())
         value = value.to(param.device, torch.float32)
         param.copy_(value.add_(base) if add_base else value)
@@ -91,10 +96,11 @@ class CandidateWeights:
             raise DppaError(f"{len(factors)} factors for {self.n_bands} bands; give one factor per band")
         if any(f < 0 for f in factors):
             raise DppaError(f"factors {factors}: must be >= 0")
-        self.restore(keep=self._bands)
-        if self._flat is not None:
-            # amplify_tensor's factors: 0 for pruned entries, each band's factor, the largest for out-of-scope tensors
-            self._flat.build([0.0, *band_factors(factors, self.combine), max(factors)])
+        self.restore(keep=self._bands if self._pruned_hold_base else ())
+        # amplify_tensor's factors by band index: 0 (pruned), each band's factor, the largest (out of scope)
+        table = [0.0, *band_factors(factors, self.combine), max(factors)]
+        for flat in self._flat:
+            flat.build(table)
         self.factors = tuple(factors)
 
     def add_delta(self, folder: str | os.PathLike, scale: float = 1.0) -> None:
@@ -134,6 +140,7 @@ class CandidateWeights:
         for name, base in self._base.items():
             if name not in keep:
                 self._params[name].copy_(base)
+        self._pruned_hold_base = self._pruned_hold_base or not keep
         self.factors = None
 
     @contextmanager
@@ -147,77 +154,68 @@ class CandidateWeights:
 
 
 class _FlatBands:
-    """The band deltas of one model side by side in flat buffers, so that a candidate is a few operations over all
-    of them (a small model has many small tensors, and per-tensor operations cost more than their arithmetic).
+    """The band parameters of one device and dtype, moved into one flat buffer (each parameter then views its
+    part of it), with their deltas laid out so that a candidate is a few operations over all of them: a small model
+    has many small tensors, and per-tensor operations cost more than their arithmetic.
 
     Per element, ``build`` computes what ``amplify_tensor`` then the folder route compute: factor[band index] x
     delta in float32, rounded through the delta folder's stored dtype where it is not float32, plus the base in
-    float32, rounded to the parameter's dtype. The base is kept in the parameters' dtype (float32 when they differ,
-    which holds any of them exactly). Where the parameters share one dtype, they are moved into one flat buffer as
-    well (each parameter then views its part of it), and a float32 model's candidate is computed straight into its
-    parameters. Work goes a chunk (``CHUNK`` elements) at a time, so scratch memory is bounded.
+    float32, rounded to the parameter's dtype. Out-of-scope tensors (one factor for all) come first, as one dense
+    range. In-scope elements of band 0 (pruned) are base + 0 x delta = the base, which the parameters hold between
+    candidates, so they are left alone; the others are kept in compact arrays grouped by band and stored dtype (one
+    multiplication per group) with their positions, and written with one indexed copy. A base of zero (whose sign
+    0 x delta could flip) or a non-finite delta (0 x inf is NaN) is kept with them, so every element still equals
+    the full computation.
     """
 
-    def __init__(self, entries: list, n_bands: int, stored_dtypes: Mapping[str, torch.dtype]):
-        params = [param for _, param, _, _ in entries]
-        device = params[0].device
-        if any(param.device != device for param in params):
-            raise DppaError("the model's parameters are on several devices; load it on one device for the search")
-        dtypes = {param.dtype for param in params}
-        total = sum(param.numel() for param in params)
+    def __init__(self, entries: list):
+        entries.sort(key=lambda entry: entry[3] is not None)  # out of scope first
+        device, dtype = entries[0][1].device, entries[0][1].dtype
+        total = sum(entry[1].numel() for entry in entries)
         self.device = device
-        self.delta = torch.empty(total, dtype=torch.float32, device=device)
-        self.index = torch.empty(total, dtype=torch.uint8, device=device)  # n_bands + 1: out of scope
-        self.base = torch.empty(total, dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, device=device)
-        # one buffer for the parameters, unless they differ in dtype or one is listed twice (tied weights)
-        shared = not dtypes and len({id(p) for p in params}) == len(params)
-        self.params = torch.empty(total, dtype=self.base.dtype, device=device) if shared else None
+        self.params = torch.empty(total, dtype=dtype, device=device)
+        self.base = torch.empty(total, dtype=dtype, device=device)
         self.spans: dict[str, tuple[int, int, torch.Size]] = {}
-        pieces, rounding = [], []  # (start, end, parameter's flat view); (start, end, stored dtype)
+        dense, dense_rounding = [], []  # out-of-scope deltas; their (start, end, stored dtype) runs
+        kept: dict[tuple[int, torch.dtype], list] = defaultdict(list)  # (band, stored dtype) -> [(positions, deltas)]
         offset = 0
-        for name, param, delta, index in entries:
-            end = offset + param.numel()
-            self.delta[offset:end].copy_(delta.reshape(-1))
-            if index is None:
-                self.index[offset:end].fill_(n_bands + 1)
-            else:
-                self.index[offset:end].copy_(index.reshape(-1))
-            self.base[offset:end].copy_(param.detach().reshape(-1))
-            self.spans[name] = (offset, end, param.shape)
-            if self.params is not None:
-                self.params[offset:end].copy_(param.detach().reshape(-1))
+        with torch.no_grad():
+            for name, param, delta, index, stored in entries:
+                end = offset + param.numel()
+                flat_param, flat_delta = param.detach().reshape(-1), delta.reshape(-1).to(device, torch.float32)
+                self.params[offset:end].copy_(flat_param)
+                self.base[offset:end].copy_(flat_param)
                 param.data = self.params[offset:end].view(param.shape)
-            else:
-                pieces.append((offset, end, param.detach().view(-1)))
-            stored = stored_dtypes.get(name, torch.float32)
-            if stored != torch.float32:
-                if rounding and rounding[-1][1] == offset and rounding[-1][2] == stored:
-                    rounding[-1] = (rounding[-1][0], end, stored)
+                self.spans[name] = (offset, end, param.shape)
+                if index is None:
+                    dense.append(flat_delta)
+                    if stored != torch.float32:
+                        dense_rounding.append((offset, end, stored))
                 else:
-                    rounding.append((offset, end, stored))
-            offset = end
-        # per chunk: its range, the pieces of parameters it fills and the runs it rounds, relative to the chunk
-        self.chunks = []
-        for start in range(0, total, CHUNK):
-            stop = min(start + CHUNK, total)
-            self.chunks.append(
-                (
-                    start,
-                    stop,
-                    [(view[max(a, start) - a : min(b, stop) - a], max(a, start) - start, min(b, stop) - start)
-                     for a, b, view in pieces if a < stop and b > start],
-                    [(max(a, start) - start, min(b, stop) - start, dtype)
-                     for a, b, dtype in rounding if a < stop and b > start],
-                )
-            )  # fmt: skip
-        size = min(CHUNK, total)
-        # band indices as int32 (the index type index_select reads fastest); kept for good when one chunk holds all
-        self._positions = torch.empty(size, dtype=torch.int32, device=device)
-        self._fixed_positions = len(self.chunks) == 1
-        if self._fixed_positions:
-            self._positions.copy_(self.index)
-        self._direct = self.params is not None and self.params.dtype == torch.float32
-        self._values = None if self._direct else torch.empty(size, dtype=torch.float32, device=device)
+                    bands = index.reshape(-1).to(device)
+                    keep = (bands != 0) | (flat_param == 0) | ~torch.isfinite(flat_delta)
+                    for band in bands[keep].unique().tolist():
+                        chosen = keep & (bands == band)
+                        kept[band, stored].append((chosen.nonzero().squeeze(1) + offset, flat_delta[chosen]))
+                offset = end
+        self.dense_end = sum(d.numel() for d in dense)
+        self.dense_delta = torch.cat(dense) if dense else None
+        self.dense_rounding = dense_rounding
+        self.groups: list[tuple[int, int, int, torch.dtype]] = []  # (start, end, band, stored dtype) in kept order
+        positions, deltas, start = [], [], 0
+        for (band, stored), parts in sorted(kept.items(), key=lambda item: (item[0][0], str(item[0][1]))):
+            for where, values in parts:
+                positions.append(where)
+                deltas.append(values)
+            count = sum(where.numel() for where, _ in parts)
+            self.groups.append((start, start + count, band, stored))
+            start += count
+        self.positions = torch.cat(positions) if positions else None
+        self.kept_delta = torch.cat(deltas) if deltas else None
+        self.kept_base = self.base[self.positions].float() if positions else None
+        self._kept_values = torch.empty(start, dtype=torch.float32, device=device)
+        self._kept_cast = None if dtype == torch.float32 else torch.empty(start, dtype=dtype, device=device)
+        self._dense_values = None if dtype == torch.float32 else torch.empty(self.dense_end, device=device)
 
     def base_views(self) -> dict[str, torch.Tensor]:
         """Each parameter's base, as views of the flat base."""
@@ -225,22 +223,26 @@ class _FlatBands:
 
     @torch.no_grad()
     def build(self, table: list[float]) -> None:
-        """Every parameter := base + table[band index] x delta (see the class)."""
-        table = torch.tensor(table, dtype=torch.float32, device=self.device)
-        for start, stop, pieces, rounding in self.chunks:
-            positions = self._positions[: stop - start]
-            if not self._fixed_positions:
-                positions.copy_(self.index[start:stop])
-            values = self.params[start:stop] if self._direct else self._values[: stop - start]
-            torch.index_select(table, 0, positions, out=values)
-            values.mul_(self.delta[start:stop])
-            for a, b, dtype in rounding:
-                values[a:b].copy_(values[a:b].to(dtype))
-            values.add_(self.base[start:stop])
-            if self.params is not None and not self._direct:
-                self.params[start:stop].copy_(values)
-            for view, a, b in pieces:
-                view.copy_(values[a:b])
+        """Every parameter := base + table[band index] x delta (see the class); band 0 is left as the base."""
+        factors = torch.tensor(table, dtype=torch.float32, device=self.device)
+        if self.dense_delta is not None:
+            values = self.params[: self.dense_end] if self._dense_values is None else self._dense_values
+            torch.mul(self.dense_delta, factors[-1], out=values)
+            for a, b, stored in self.dense_rounding:
+                values[a:b].copy_(values[a:b].to(stored))
+            values.add_(self.base[: self.dense_end])
+            if self._dense_values is not None:
+                self.params[: self.dense_end].copy_(values)
+        if self.positions is not None:
+            values = self._kept_values
+            for a, b, band, stored in self.groups:
+                torch.mul(self.kept_delta[a:b], factors[band], out=values[a:b])
+                if stored != torch.float32:
+                    values[a:b].copy_(values[a:b].to(stored))
+            values.add_(self.kept_base)
+            if self._kept_cast is not None:
+                values = self._kept_cast.copy_(values)
+            self.params.index_copy_(0, self.positions, values)
 
 
 def candidates_for_delta(
