@@ -112,7 +112,9 @@ class Evaluator:
         limit: int | None = None,
         batch_size: int = 32,
         include_path: Sequence[str | os.PathLike] = (),
+        repeated: bool = True,
     ):
+        """``repeated=False``: for one evaluation (``dppa.evaluation.prepared.PreparedEvaluation``)."""
         from lm_eval.models.huggingface import HFLM
 
         from dppa.evaluation.prepared import PreparedEvaluation
@@ -122,7 +124,7 @@ class Evaluator:
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.limit = limit
         _seed(self.tasks)
-        self.prepared = PreparedEvaluation(self.lm, self.tasks, limit)
+        self.prepared = PreparedEvaluation(self.lm, self.tasks, limit, repeated=repeated)
 
     def results(self) -> dict:
         """The harness's full results (deterministic: greedy decoding, fixed seeds)."""
@@ -172,8 +174,9 @@ def evaluate_model(
 ) -> dict:
     """Scores of a model object already in memory, {task: {metric: value}} (or the harness's full results)."""
     evaluator = Evaluator(
-        model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size, include_path=include_path
-    )
+        model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size, include_path=include_path,
+        repeated=False,
+    )  # fmt: skip
     return evaluator.results() if full_results else evaluator.scores()
 
 

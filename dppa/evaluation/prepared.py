@@ -40,9 +40,12 @@ NEUTRAL_GENERATION_CONFIG = {
 
 class PreparedEvaluation:
     """The requests of ``task_dict``'s tasks built once for the harness's model wrapper ``lm``; ``results()`` runs
-    them on the model's current weights and returns the harness's results dict."""
+    them on the model's current weights and returns the harness's results dict.
 
-    def __init__(self, lm, task_dict: dict, limit: int | float | None):
+    ``repeated=False`` for a single evaluation: generation then stays with the harness (``GreedyGeneration``'s
+    check would cost two batches and gain nothing) and the harness's progress bars show."""
+
+    def __init__(self, lm, task_dict: dict, limit: int | float | None, *, repeated: bool = True):
         from lm_eval.evaluator_utils import get_sample_size
 
         self.lm = lm
@@ -70,7 +73,8 @@ class PreparedEvaluation:
             ]
         # each instance once per repeat, as the harness sends them to the model
         self.sent = {kind: [i for i in insts for _ in range(i.repeats)] for kind, insts in self.requests.items()}
-        self.generation = GreedyGeneration.prepare(lm, self.sent.get("generate_until", []))
+        self.progress = not repeated
+        self.generation = GreedyGeneration.prepare(lm, self.sent.get("generate_until", [])) if repeated else None
         # only the harness's own generation may sample; everything else here is deterministic
         self.uses_rng = bool(self.sent.get("generate_until")) and self.generation is None
         self._metrics: dict = {}
@@ -87,7 +91,7 @@ class PreparedEvaluation:
             if kind == "generate_until" and self.generation is not None:
                 outputs = self.generation.run()
             else:
-                outputs = getattr(self.lm, kind)(sent, disable_tqdm=True)
+                outputs = getattr(self.lm, kind)(sent, disable_tqdm=not self.progress)
             for output, instance in zip(outputs, sent, strict=True):
                 instance.resps.append(output)
         accumulated = {}
