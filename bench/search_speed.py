@@ -10,6 +10,9 @@ Each figure is given twice: by the wall clock, and by the CPU time of this proce
 jobs, wall time also counts the waits for a core, which fall on forward passes and overhead alike at random).
 
     python bench/search_speed.py --zoo data/models/zoo --candidates 20 --limit 64
+    python bench/search_speed.py --zoo data/models/zoo --candidates 20 --limit 64 --at 98684b8   # an earlier dppa/
+
+The last line is the search's path and scores: runs of two versions on the same inputs must print the same one.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from runner import BENCH, REPO, snapshot, source_label
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -59,7 +65,10 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=6, help="pattern-search budget (all evaluated for real)")
     parser.add_argument("--limit", type=int, default=32, help="validation examples per task")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--at", help="a commit whose dppa/ to measure instead of the working tree's")
     args = parser.parse_args()
+    src = snapshot(args.at, BENCH / "out" / "search_speed") if args.at else REPO
+    sys.path.insert(0, str(src))  # before anything imports dppa
 
     import transformers
 
@@ -102,6 +111,7 @@ def main() -> None:
     )
     wall = time.perf_counter() - started
     n = len(report.timings)
+    print(f"dppa at {source_label(src)}")
     print(f"candidates evaluated: {n}, limit {args.limit} examples, batch {args.batch_size}")
     print(f"search wall time: {wall:.1f} s (setup {report.setup_s:.1f} s, writing the output included)")
     for kind in CLOCKS:

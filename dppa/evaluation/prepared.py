@@ -57,7 +57,7 @@ class PreparedEvaluation:
             if "bypass" in getattr(task, "_metric_fn_list", {}):
                 raise DppaError(f"task {name}: has no metric (bypass); give a task that scores its answers")
         self.requests: dict[str, list] = defaultdict(list)  # request type -> instances, in task order
-        self.docs: dict[str, list] = {}  # task -> [(doc, its instances in request order)]
+        self.docs: dict[str, list] = {}  # task -> [(doc_id, doc, its instances in request order)]
         for name, task in self.tasks.items():
             task_limit = get_sample_size(task, limit)
             task.build_all_requests(limit=task_limit, rank=lm.rank, world_size=lm.world_size)

@@ -2,9 +2,9 @@
 
 The factor search evaluates many factor vectors for one fine-tune, and evaluation in memory scores base + delta
 without writing a model. Writing each candidate to disk (amplify, then apply) costs two full model writes per step;
-here the model is loaded once and each candidate is a few tensor operations per parameter, with the same
-arithmetic as the folder route (``dppa amplify`` then ``dppa apply``: float32 sums rounded to the model's dtype), so
-scores match it.
+here the model is loaded once and each candidate is a few tensor operations over all its band parameters, with the
+same arithmetic as the folder route (``dppa amplify`` then ``dppa apply``: float32 sums rounded to the model's
+dtype), so scores match it.
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ class CandidateWeights:
         self.factors: tuple[float, ...] | None = None  # the amplified candidate the model holds now, if any
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._base: dict[str, torch.Tensor] = {}
+        self._bands = set(bands or {})
+        for name in self._bands:
+            self._param(name, bands[name][0].shape, "the delta")  # every name checked before any is taken
         groups: dict[tuple, dict[int, tuple]] = {}  # (device, dtype) -> {parameter: entry}; tied names: the last
-        self._bands: set[str] = set()
         for name in list(bands or {}):
-            self._bands.add(name)
             delta, index = bands.pop(name) if isinstance(bands, dict) else bands[name]
-            param = self._param(name, delta.shape, "the delta")
+            param = self._params[name]
             stored = (delta_dtypes or {}).get(name, torch.float32)
             groups.setdefault((param.device, param.dtype), {})[id(param)] = (name, param, delta, index, stored)
         self._flat = [_FlatBands(list(group.values())) for group in groups.values()]
