@@ -142,7 +142,7 @@ class GreedyGeneration:
     On a small model HF's ``generate`` spends a tenth of its time outside the model (logits processors, criteria,
     lm-eval's stop check that decodes the whole batch every step). This loop feeds the model what ``generate``
     feeds it (the left-padded prompts with their mask, then one token per step with the grown mask and the key/value
-    cache), takes the argmax of the float32 logits, pads rows that ended with EOS, and stops exactly where
+    cache), takes the argmax of the last logits, pads rows that ended with EOS, and stops exactly where
     ``generate`` with lm-eval's stop criteria stops: at the maximum length, when every row has ended, or when every
     row has shown one stop string in the decoded last few tokens (decodings are remembered). The answers are then
     cut as the harness cuts them. ``prepare`` checks this against the harness on the first batch (bitwise equal
