@@ -9,7 +9,7 @@ from dppa.errors import DppaError
 from dppa.evaluation.weights import CandidateWeights, candidates_for_delta
 from dppa.extract import extract_delta
 from dppa.merging.merge import apply_delta
-from dppa.sparsify.bands import amplify_delta
+from dppa.sparsify.bands import amplify_delta, compute_bands
 
 DENSITIES = [0.1, 0.2]
 
@@ -113,3 +113,70 @@ def test_delta_folder_and_model_folder_weights_and_restore(tmp_path):
     save_file({"not.a.parameter": torch.ones(2)}, foreign / "model.safetensors")
     with pytest.raises(DppaError, match="not.a.parameter"):
         weights.add_delta(foreign)
+
+
+def _amplified_by_hand(model_params, bands, factors, stored):
+    """base + amplified delta as the folder route computes it, in plain torch: factor by band (0 pruned, the
+    largest out of scope) x delta in float32, rounded to the delta's stored dtype, + base in float32, rounded to the
+    parameter's dtype."""
+    table = torch.tensor([0.0, max(factors[0], factors[1]), factors[1], max(factors)])
+    expected = {}
+    for name, (delta, index) in bands.items():
+        band = torch.full(delta.shape, 3) if index is None else index.long()
+        amplified = (delta * table[band]).to(stored[name]).float()
+        expected[name] = (model_params[name].detach().float() + amplified).to(model_params[name].dtype)
+    return expected
+
+
+def _bits(tensor):
+    return tensor.detach().float().view(torch.int32)  # float32 holds every value exactly; the sign of 0 shows
+
+
+def test_pruned_zeros_nonfinite_and_mixed_dtypes_as_the_plain_computation(tmp_path):
+    # Pruned elements are left at the base, which base + 0 x delta equals except for a base of -0.0 (the sum is
+    # +0.0) and a non-finite delta (NaN): those are planted here, in a model whose parameters have two dtypes.
+    base_dir, delta_dir = _save_pair(tmp_path, torch.float32)
+    bands, _ = compute_bands(delta_dir, DENSITIES)
+    name = "model.layers.0.mlp.up_proj.weight"
+    pruned = (bands[name][1] == 0).nonzero()[:6]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    for module in model.model.layers[1].modules():
+        module.to(torch.bfloat16)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for row, col in pruned[:3].tolist():
+            params[name][row, col] = -0.0
+            bands[name][0][row, col] = abs(bands[name][0][row, col]) + 1e-3
+        row, col = pruned[3].tolist()
+        bands[name][0][row, col] = float("inf")
+    stored = {n: torch.float32 for n in bands}
+    factors = (1.3, 0.7)
+    expected = _amplified_by_hand(params, bands, factors, stored)
+    original = {n: p.detach().clone() for n, p in params.items()}
+    builder = CandidateWeights(model, {n: (d.clone(), i) for n, (d, i) in bands.items()}, 2)
+    builder.amplify(factors)
+    assert {p.dtype for p in model.parameters()} == {torch.float32, torch.bfloat16}
+    for n, value in expected.items():
+        assert params[n].dtype == value.dtype
+        assert torch.equal(_bits(params[n]), _bits(value)), n
+    assert torch.isnan(params[name]).sum() == 1 and (_bits(params[name]) == 0).sum() >= 3  # +0.0 where -0.0 was
+    builder.restore()
+    assert all(torch.equal(_bits(p), _bits(original[n])) for n, p in params.items())
+
+
+def test_amplify_after_other_candidates_starts_from_the_base(tmp_path):
+    # add_delta, towards and load_weights change pruned elements too; the next amplified candidate must not keep
+    # them (amplify leaves pruned elements alone only while they hold the base).
+    base_dir, delta_dir = _save_pair(tmp_path, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    builder = candidates_for_delta(model, delta_dir, DENSITIES)
+    expected = _folder_candidate(tmp_path, base_dir, delta_dir, (1.5, 0.5))
+    for other in [
+        lambda: builder.add_delta(delta_dir, scale=0.5),
+        lambda: builder.towards(tmp_path / "ft", 2.0),
+        lambda: builder.load_weights(tmp_path / "ft"),
+    ]:
+        other()
+        builder.amplify((1.5, 0.5))
+        for name, param in model.named_parameters():
+            assert torch.equal(param, expected[name]), name

@@ -194,3 +194,45 @@ def test_reference_scores_file_must_cover_the_tasks(tiny_zoo, facts_delta, tmp_p
     path.write_text(json.dumps({"zoo_arith": 0.5}))
     with pytest.raises(DppaError, match=TASK):
         _search(tiny_zoo, facts_delta, tmp_path / "amp", path, tmp_path / "c.jsonl")
+
+
+@pytest.mark.slow
+def test_each_candidate_scores_as_the_harness_scores_it_written_out(
+    tiny_zoo, facts_delta, reference_json, tmp_path, monkeypatch
+):
+    # The search sets each candidate's weights in memory and scores it with requests prepared once; the reference
+    # is the candidate written out by the folder route (amplify, then apply) and scored by lm-eval's own evaluation
+    # loop with freshly loaded tasks, as before the search prepared anything. The tiny zoo's fine-tunes score 0
+    # on exact match, so each candidate's answers are compared as well.
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dppa.evaluation.harness import Evaluator, load_tasks, metrics_from_results
+    from dppa.merging.merge import apply_delta
+    from dppa.sparsify.bands import amplify_delta
+
+    answers = []  # each scored candidate's answers, in document order
+    scores_of = Evaluator.scores
+
+    def scores_and_answers(evaluator):
+        scores = scores_of(evaluator)
+        answers.append([i.filtered_resps["none"] for _, _, insts in evaluator.prepared.docs[TASK] for i in insts])
+        return scores
+
+    monkeypatch.setattr(Evaluator, "scores", scores_and_answers)
+    report = _search(
+        tiny_zoo, facts_delta, tmp_path / "amp", reference_json, tmp_path / "c.jsonl", strategy="pattern", budget=4
+    )
+    assert len(report.candidate_scores) == len(answers) == 4
+    assert len({json.dumps(a) for a in answers}) > 1  # the factors change the answers
+    for n, (factors, scores) in enumerate(report.candidate_scores.items()):
+        amplified = amplify_delta(facts_delta, tmp_path / f"a{n}", densities=[0.1, 0.2], factors=list(factors),
+                                  progress=False)  # fmt: skip
+        folder = apply_delta(tiny_zoo / "base", amplified, tmp_path / f"m{n}", progress=False)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(folder), batch_size=32)
+        results = evaluate(lm=lm, task_dict=load_tasks([TASK], "validation"), limit=LIMIT, bootstrap_iters=0)
+        assert scores == metrics_from_results(results), factors
+        expected = [s["filtered_resps"][0] for s in sorted(results["samples"][TASK], key=lambda s: s["doc_id"])]
+        assert answers[n] == expected, factors

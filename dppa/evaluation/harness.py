@@ -93,10 +93,13 @@ def metrics_from_results(results: dict) -> dict[str, dict[str, float]]:
 class Evaluator:
     """Scores one model in memory, again and again, as its weights change (the search's candidates).
 
-    The harness's model wrapper and the tasks are built once. Each call runs only the harness's evaluation loop
-    (``lm_eval.evaluator.evaluate``): its ``simple_evaluate`` also collects environment information on every call
-    (it runs ``pip list`` and more in subprocesses, 0.5-5 s), which has nothing to do with the scores. The seeds
-    ``simple_evaluate`` sets are set here before each call, so results equal its results.
+    The harness's model wrapper, the tasks and their requests are built once (``dppa.evaluation.prepared``); each
+    call runs the model on the prepared requests and the tasks' own metrics and aggregation, as the harness's
+    evaluation loop does. lm-eval's ``simple_evaluate`` also collects environment information on every call (it
+    runs ``pip list`` and more in subprocesses, 0.5-5 s), which has nothing to do with the scores, and its
+    ``evaluate`` builds every request again. The seeds ``simple_evaluate`` sets are set here before the requests
+    are built (the few-shot examples are drawn then), and before each call where the harness's generation may
+    sample, so results equal its results.
     """
 
     def __init__(
@@ -109,35 +112,43 @@ class Evaluator:
         limit: int | None = None,
         batch_size: int = 32,
         include_path: Sequence[str | os.PathLike] = (),
+        repeated: bool = True,
     ):
+        """``repeated=False``: for one evaluation (``dppa.evaluation.prepared.PreparedEvaluation``)."""
         from lm_eval.models.huggingface import HFLM
+
+        from dppa.evaluation.prepared import PreparedEvaluation
 
         _compile_templates_once()
         self.tasks = load_tasks(tasks, split, include_path)
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.limit = limit
+        _seed(self.tasks)
+        self.prepared = PreparedEvaluation(self.lm, self.tasks, limit, repeated=repeated)
 
     def results(self) -> dict:
         """The harness's full results (deterministic: greedy decoding, fixed seeds)."""
-        import random
-
-        import numpy as np
-        from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
-        from lm_eval.evaluator import evaluate
-
-        random.seed(DEFAULT_RANDOM_SEED)
-        np.random.seed(DEFAULT_OTHER_SEED)
-        torch.manual_seed(DEFAULT_OTHER_SEED)
-        for task in self.tasks["tasks"].values():
-            task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)  # the few-shot sampler's state must not carry over
-        results = evaluate(lm=self.lm, task_dict=self.tasks, limit=self.limit, bootstrap_iters=0, log_samples=False)
-        if results is None:
-            raise DppaError("lm-eval returned no results")
-        return results
+        if self.prepared.uses_rng:
+            _seed(self.tasks)
+        return self.prepared.results()
 
     def scores(self) -> dict[str, dict[str, float]]:
         """{task: {metric: value}}."""
         return metrics_from_results(self.results())
+
+
+def _seed(task_dict: dict) -> None:
+    """The seeds lm-eval's ``simple_evaluate`` sets before it builds requests and evaluates."""
+    import random
+
+    import numpy as np
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    torch.manual_seed(DEFAULT_OTHER_SEED)
+    for task in task_dict["tasks"].values():
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
 
 
 def _compile_templates_once() -> None:
@@ -163,8 +174,9 @@ def evaluate_model(
 ) -> dict:
     """Scores of a model object already in memory, {task: {metric: value}} (or the harness's full results)."""
     evaluator = Evaluator(
-        model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size, include_path=include_path
-    )
+        model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size, include_path=include_path,
+        repeated=False,
+    )  # fmt: skip
     return evaluator.results() if full_results else evaluator.scores()
 
 

@@ -2,14 +2,15 @@
 
 The factor search evaluates many factor vectors for one fine-tune, and evaluation in memory scores base + delta
 without writing a model. Writing each candidate to disk (amplify, then apply) costs two full model writes per step;
-here the model is loaded once and each candidate is a few tensor operations per parameter, with the same
-arithmetic as the folder route (``dppa amplify`` then ``dppa apply``: float32 sums rounded to the model's dtype), so
-scores match it.
+here the model is loaded once and each candidate is a few tensor operations over all its band parameters, with the
+same arithmetic as the folder route (``dppa amplify`` then ``dppa apply``: float32 sums rounded to the model's
+dtype), so scores match it.
 """
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -17,7 +18,7 @@ import torch
 
 from dppa.errors import DppaError
 from dppa.io.reader import open_checkpoint
-from dppa.sparsify.bands import amplify_tensor, band_factors, compute_bands
+from dppa.sparsify.bands import band_factors, compute_bands
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
 # name -> (delta in float32, uint8 band index with 0 = pruned and b = band b, or None when out of scope)
@@ -34,7 +35,8 @@ class CandidateWeights:
 
     Each call starts from the base, so candidates never accumulate. ``model`` must hold the base weights when this
     is made; a parameter's base is copied aside the first time it is touched (memory: one extra copy of the touched
-    parameters).
+    parameters). The band deltas are moved into flat buffers (``_FlatBands``): a ``bands`` dict is emptied as they
+    are, so that the deltas are not held twice.
     """
 
     def __init__(
@@ -52,14 +54,19 @@ class CandidateWeights:
         self.factors: tuple[float, ...] | None = None  # the amplified candidate the model holds now, if any
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._base: dict[str, torch.Tensor] = {}
-        self._bands: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.dtype]] = {}
-        for name, (delta, index) in (bands or {}).items():
-            param = self._param(name, delta.shape, "the delta")
-            self._bands[name] = (
-                delta.to(param.device, torch.float32),
-                None if index is None else index.to(param.device),
-                (delta_dtypes or {}).get(name, torch.float32),
-            )
+        self._bands = set(bands or {})
+        for name in self._bands:
+            self._param(name, bands[name][0].shape, "the delta")  # every name checked before any is taken
+        groups: dict[tuple, dict[int, tuple]] = {}  # (device, dtype) -> {parameter: entry}; tied names: the last
+        for name in list(bands or {}):
+            delta, index = bands.pop(name) if isinstance(bands, dict) else bands[name]
+            param = self._params[name]
+            stored = (delta_dtypes or {}).get(name, torch.float32)
+            groups.setdefault((param.device, param.dtype), {})[id(param)] = (name, param, delta, index, stored)
+        self._flat = [_FlatBands(list(group.values())) for group in groups.values()]
+        for flat in self._flat:
+            self._base.update(flat.base_views())
+        self._pruned_hold_base = True  # band parameters hold the base wherever their band index is 0
 
     def _param(self, name: str, shape, source) -> torch.nn.Parameter:
         if name not in self._params:
@@ -77,6 +84,7 @@ class CandidateWeights:
     def _set(self, name: str, value: torch.Tensor, source, *, add_base: bool) -> None:
         """Parameter ``name`` := base + value (``value``, a float32 tensor this call may overwrite) or value."""
         param = self._param(name, value.shape, source)
+        self._pruned_hold_base = self._pruned_hold_base and name not in self._bands
         base = self._base.setdefault(name, param.detach().clone())
         value = value.to(param.device, torch.float32)
         param.copy_(value.add_(base) if add_base else value)
@@ -89,12 +97,11 @@ class CandidateWeights:
             raise DppaError(f"{len(factors)} factors for {self.n_bands} bands; give one factor per band")
         if any(f < 0 for f in factors):
             raise DppaError(f"factors {factors}: must be >= 0")
-        self.restore(keep=self._bands)
-        for name, (delta, index, stored_dtype) in self._bands.items():
-            amplified = amplify_tensor(delta, index, factors, self.combine)
-            if stored_dtype != torch.float32:
-                amplified = amplified.to(stored_dtype).float()  # the folder route stores it in the delta's dtype
-            self._set(name, amplified, "the delta", add_base=True)
+        self.restore(keep=self._bands if self._pruned_hold_base else ())
+        # amplify_tensor's factors by band index: 0 (pruned), each band's factor, the largest (out of scope)
+        table = [0.0, *band_factors(factors, self.combine), max(factors)]
+        for flat in self._flat:
+            flat.build(table)
         self.factors = tuple(factors)
 
     def add_delta(self, folder: str | os.PathLike, scale: float = 1.0) -> None:
@@ -134,6 +141,7 @@ class CandidateWeights:
         for name, base in self._base.items():
             if name not in keep:
                 self._params[name].copy_(base)
+        self._pruned_hold_base = self._pruned_hold_base or not keep
         self.factors = None
 
     @contextmanager
@@ -144,6 +152,98 @@ class CandidateWeights:
             yield self.model
         finally:
             self.restore()
+
+
+class _FlatBands:
+    """The band parameters of one device and dtype, moved into one flat buffer (each parameter then views its
+    part of it), with their deltas laid out so that a candidate is a few operations over all of them: a small model
+    has many small tensors, and per-tensor operations cost more than their arithmetic.
+
+    Per element, ``build`` computes what ``amplify_tensor`` then the folder route compute: factor[band index] x
+    delta in float32, rounded through the delta folder's stored dtype where it is not float32, plus the base in
+    float32, rounded to the parameter's dtype. Out-of-scope tensors (one factor for all) come first, as one dense
+    range. In-scope elements of band 0 (pruned) are base + 0 x delta = the base, which the parameters hold between
+    candidates, so they are left alone; the others are kept in compact arrays grouped by band and stored dtype (one
+    multiplication per group) with their positions, and written with one indexed copy. A base of zero (whose sign
+    0 x delta could flip) or a non-finite delta (0 x inf is NaN) is kept with them, so every element still equals
+    the full computation.
+    """
+
+    def __init__(self, entries: list):
+        entries.sort(key=lambda entry: entry[3] is not None)  # out of scope first
+        device, dtype = entries[0][1].device, entries[0][1].dtype
+        total = sum(entry[1].numel() for entry in entries)
+        self.device = device
+        self.params = torch.empty(total, dtype=dtype, device=device)
+        self.base = torch.empty(total, dtype=dtype, device=device)
+        self.spans: dict[str, tuple[int, int, torch.Size]] = {}
+        dense, dense_rounding = [], []  # out-of-scope deltas; their (start, end, stored dtype) runs
+        kept: dict[tuple[int, torch.dtype], list] = defaultdict(list)  # (band, stored dtype) -> [(positions, deltas)]
+        offset = 0
+        with torch.no_grad():
+            for name, param, delta, index, stored in entries:
+                end = offset + param.numel()
+                flat_param, flat_delta = param.detach().reshape(-1), delta.reshape(-1).to(device, torch.float32)
+                self.params[offset:end].copy_(flat_param)
+                self.base[offset:end].copy_(flat_param)
+                param.data = self.params[offset:end].view(param.shape)
+                self.spans[name] = (offset, end, param.shape)
+                if index is None:
+                    dense.append(flat_delta)
+                    if stored != torch.float32:
+                        dense_rounding.append((offset, end, stored))
+                else:
+                    bands = index.reshape(-1).to(device)
+                    keep = (bands != 0) | (flat_param == 0) | ~torch.isfinite(flat_delta)
+                    for band in bands[keep].unique().tolist():
+                        chosen = keep & (bands == band)
+                        kept[band, stored].append((chosen.nonzero().squeeze(1) + offset, flat_delta[chosen]))
+                offset = end
+        self.dense_end = sum(d.numel() for d in dense)
+        self.dense_delta = torch.cat(dense) if dense else None
+        self.dense_rounding = dense_rounding
+        self.groups: list[tuple[int, int, int, torch.dtype]] = []  # (start, end, band, stored dtype) in kept order
+        positions, deltas, start = [], [], 0
+        for (band, stored), parts in sorted(kept.items(), key=lambda item: (item[0][0], str(item[0][1]))):
+            for where, values in parts:
+                positions.append(where)
+                deltas.append(values)
+            count = sum(where.numel() for where, _ in parts)
+            self.groups.append((start, start + count, band, stored))
+            start += count
+        self.positions = torch.cat(positions) if positions else None
+        self.kept_delta = torch.cat(deltas) if deltas else None
+        self.kept_base = self.base[self.positions].float() if positions else None
+        self._kept_values = torch.empty(start, dtype=torch.float32, device=device)
+        self._kept_cast = None if dtype == torch.float32 else torch.empty(start, dtype=dtype, device=device)
+        self._dense_values = None if dtype == torch.float32 else torch.empty(self.dense_end, device=device)
+
+    def base_views(self) -> dict[str, torch.Tensor]:
+        """Each parameter's base, as views of the flat base."""
+        return {name: self.base[a:b].view(shape) for name, (a, b, shape) in self.spans.items()}
+
+    @torch.no_grad()
+    def build(self, table: list[float]) -> None:
+        """Every parameter := base + table[band index] x delta (see the class); band 0 is left as the base."""
+        factors = torch.tensor(table, dtype=torch.float32, device=self.device)
+        if self.dense_delta is not None:
+            values = self.params[: self.dense_end] if self._dense_values is None else self._dense_values
+            torch.mul(self.dense_delta, factors[-1], out=values)
+            for a, b, stored in self.dense_rounding:
+                values[a:b].copy_(values[a:b].to(stored))
+            values.add_(self.base[: self.dense_end])
+            if self._dense_values is not None:
+                self.params[: self.dense_end].copy_(values)
+        if self.positions is not None:
+            values = self._kept_values
+            for a, b, band, stored in self.groups:
+                torch.mul(self.kept_delta[a:b], factors[band], out=values[a:b])
+                if stored != torch.float32:
+                    values[a:b].copy_(values[a:b].to(stored))
+            values.add_(self.kept_base)
+            if self._kept_cast is not None:
+                values = self._kept_cast.copy_(values)
+            self.params.index_copy_(0, self.positions, values)
 
 
 def candidates_for_delta(

@@ -30,7 +30,7 @@ def normalised(scores: dict[str, float], dense: dict[str, float]) -> float | Non
 
 class BaseInMemory:
     """One loaded base model whose weights are set to candidates in turn (`CandidateWeights`), each scored once
-    through the evaluation cache."""
+    through the evaluation cache, by one `Evaluator` per task list and settings (its requests built once)."""
 
     def __init__(self, base: Path, device: str | None):
         from dppa.evaluation.harness import load_model
@@ -39,6 +39,17 @@ class BaseInMemory:
         self.hash = content_hash(base)
         self.model, self.tokenizer = load_model(base, device)
         self.weights = CandidateWeights(self.model)
+        self._evaluators: dict[tuple, object] = {}
+
+    def _evaluator(self, tasks: Sequence[str], split: str, limit: int | None, batch_size: int):
+        from dppa.evaluation.harness import Evaluator
+
+        key = (tuple(tasks), split, limit, batch_size)
+        if key not in self._evaluators:
+            self._evaluators[key] = Evaluator(
+                self.model, self.tokenizer, list(tasks), split=split, limit=limit, batch_size=batch_size
+            )
+        return self._evaluators[key]
 
     def _score(
         self,
@@ -50,15 +61,12 @@ class BaseInMemory:
         cache: EvalCache,
         set_weights: Callable[[], None],
     ) -> dict[str, float]:
-        from dppa.evaluation.harness import evaluate_model
-
         scores = cache.get(key)
         if scores is None:
+            evaluator = self._evaluator(tasks, split, limit, batch_size)
             try:
                 set_weights()
-                scores = evaluate_model(
-                    self.model, self.tokenizer, list(tasks), split=split, limit=limit, batch_size=batch_size
-                )
+                scores = evaluator.scores()
             finally:
                 self.weights.restore()
             cache.put(key, scores)
