@@ -17,7 +17,6 @@ Makes (or reuses) bench/out/syn-PARAMS-Lk-bf16 with bench/make_synthetic.py, the
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.runner import evict  # noqa: E402
 from dppa.extract import extract_delta  # noqa: E402
 from dppa.io.manifest import read_manifest  # noqa: E402
 from dppa.io.reader import open_checkpoint  # noqa: E402
@@ -44,18 +44,6 @@ def unshared_bytes(folder: Path, delta: Path) -> int:
     """Bytes of `folder`'s weight files that are not hard links to the delta's (its shared shard is the delta's)."""
     linked = {p.stat().st_ino for p in delta.glob("*.safetensors")}
     return sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.stat().st_ino not in linked)
-
-
-def evict(folder: Path) -> None:
-    """Drop the folder's weight files from the page cache (POSIX_FADV_DONTNEED: no root needed), so that the next
-    read comes from disk. Hard-linked files are the same inode, so the shared shard is evicted through any name."""
-    for path in folder.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_seconds(folder: Path, chunk: int = 1 << 18, *, cold: bool = False) -> float:

@@ -1,4 +1,7 @@
-"""Shared by the benchmark scripts: run a command under /usr/bin/time -v, make or find a synthetic checkpoint."""
+"""Shared by the benchmark scripts: run a command under /usr/bin/time -v, make or find a synthetic checkpoint, drop
+files from the page cache.
+
+    python bench/runner.py evict FOLDER...    # before a command timed from disk, e.g. with farm-bench"""
 
 from __future__ import annotations
 
@@ -136,3 +139,22 @@ def ensure_checkpoint(work: Path, params: str, dtype: str, seed: int, finetunes:
             check=True,
         )
     return folder.resolve()
+
+
+def evict(folder: Path) -> None:
+    """Drop the folder's weight files from the page cache (POSIX_FADV_DONTNEED: no root needed), so that the next
+    read comes from disk. Hard-linked files are the same inode, so a shared shard is evicted through any name."""
+    for path in Path(folder).glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "evict":
+        sys.exit("usage: python bench/runner.py evict FOLDER...")
+    for folder in sys.argv[2:]:
+        evict(Path(folder))
