@@ -99,26 +99,19 @@ def test_two_processes_that_need_one_missing_model_download_it_once(tmp_path):
         release = hub.hold["model.safetensors"] = threading.Event()
         env = store_env(hub.url, tmp_path, store)
         logs = {name: tmp_path / f"{name}.log" for name in ("first", "second")}
-        first = subprocess.Popen(
-            [sys.executable, "-c", ENSURE, str(record_dir), "quiet"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=logs["first"].open("w"),
-            text=True,
-        )
+
+        def ensure(name: str, mode: str) -> subprocess.Popen:
+            command = [sys.executable, "-c", ENSURE, str(record_dir), mode]
+            return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=logs[name].open("w"), text=True)
+
+        first = ensure("first", "quiet")
         second = None
         try:
             deadline = time.monotonic() + 120
             while not hub.holding.is_set():  # the first is mid-download of the weights
                 assert time.monotonic() < deadline and first.poll() is None, "the download did not get under way"
                 time.sleep(0.05)
-            second = subprocess.Popen(
-                [sys.executable, "-c", ENSURE, str(record_dir), "log-locks"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=logs["second"].open("w"),
-                text=True,
-            )
+            second = ensure("second", "log-locks")
             lock_name = f".{commit}.lock"
             # filelock logs each time it finds the lock taken: the second process is waiting for the first
             while not any("not acquired" in line and lock_name in line for line in logs["second"].open()):
