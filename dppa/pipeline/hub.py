@@ -251,9 +251,9 @@ def models_store() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dppa" / "models"
 
 
-def store_folder(repo_id: str, commit: str) -> Path:
-    """The models store's folder of `repo_id` at `commit` (a full sha)."""
-    return models_store() / repo_id.replace("/", "--") / commit
+def store_folder(repo_id: str, commit: str, store: Path | None = None) -> Path:
+    """The folder of `repo_id` at `commit` (a full sha) in `store` (default: `models_store()`)."""
+    return (store or models_store()) / repo_id.replace("/", "--") / commit
 
 
 def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, *, described_in: str = "") -> Path:
@@ -266,7 +266,9 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
     folder = store_folder(repo_id, commit)
     folder.parent.mkdir(parents=True, exist_ok=True)
     hashes_path = folder.parent / STORE_HASHES.format(commit=commit)
-    with FileLock(folder.parent / STORE_LOCK.format(commit=commit)):
+    lock_path = folder.parent / STORE_LOCK.format(commit=commit)
+    with FileLock(lock_path):
+        os.utime(lock_path)  # its time is the commit's last use, which `dppa store clean --older-than` reads
         manifest = read_manifest(folder)
         if manifest.get("resolved_commit") != commit:
             # absent, or left incomplete by hand (atomic_dir never leaves a partial folder): download it whole
