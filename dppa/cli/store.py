@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dppa.errors import DppaError
+from dppa.io.manifest import read_manifest
+from dppa.pipeline.hub import COMMIT_SHA, RECORD, STORE_HASHES, STORE_LOCK, models_store, store_folder
 
 ORDER = 9
 
@@ -86,20 +88,14 @@ class Commit:
 
     @property
     def lock(self) -> Path:
-        from dppa.pipeline.hub import STORE_LOCK
-
         return self.repo_dir / STORE_LOCK.format(commit=self.commit)
 
     @property
     def hashes(self) -> Path:
-        from dppa.pipeline.hub import STORE_HASHES
-
         return self.repo_dir / STORE_HASHES.format(commit=self.commit)
 
     @property
     def repo_id(self) -> str:
-        from dppa.io.manifest import read_manifest
-
         if self.folder is not None and (hub_id := read_manifest(self.folder).get("hub_id")):
             return hub_id
         return self.repo_dir.name.replace("--", "/", 1)
@@ -134,8 +130,6 @@ def scan(store: Path) -> list[Commit]:
 
 
 def scan_repo(repo_dir: Path) -> list[Commit]:
-    from dppa.pipeline.hub import COMMIT_SHA, STORE_HASHES, STORE_LOCK
-
     commits: dict[tuple[Path, str], Commit] = {}
     if repo_dir.is_dir():
         for entry in sorted(repo_dir.iterdir()):
@@ -152,8 +146,6 @@ def scan_repo(repo_dir: Path) -> list[Commit]:
 
 def used_folders(projects: list[str], store: Path) -> set[Path]:
     """The store folders of the hub commits that the projects' fetch records name."""
-    from dppa.pipeline.hub import RECORD, store_folder
-
     used = set()
     for project in map(Path, projects):
         if not project.is_dir():
@@ -185,8 +177,6 @@ def format_time(seconds: float) -> str:
 
 
 def store_root(args) -> Path:
-    from dppa.pipeline.hub import models_store
-
     return Path(args.store).expanduser().absolute() if args.store else models_store()
 
 
