@@ -53,7 +53,11 @@ def make_project(folder: Path) -> Path:
 
 
 def run_env(hub: FakeHub, home: Path, store: Path) -> dict[str, str]:
-    return {**stage_environment(), **hub_env(hub.url, home, TOKEN), MODELS_DIR_ENV: str(store)}
+    """The hub's variables, the models store, and this interpreter's bin folder on PATH (for `dvc repro` called
+    here directly: `make test` does not put the virtualenv on PATH)."""
+    env = {**hub_env(hub.url, home, TOKEN), MODELS_DIR_ENV: str(store)}
+    env["PATH"] = stage_environment()["PATH"]
+    return env
 
 
 def scheduled_run(project: Path, hub: FakeHub, home: Path, store: Path) -> tuple[dict[str, str], str]:
