@@ -269,7 +269,19 @@ def report(c: Commit, verb: str, *, remove: bool = False) -> int:
 
 
 def register(subparsers) -> None:
-    def common(parser: argparse.ArgumentParser) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "store",
+        help="list the models store (hub models, one folder per commit) and clean the commits no project uses",
+        description=DESCRIPTION,
+        formatter_class=formatter,
+    )
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+
+    def action(name: str, help: str, description: str, func) -> argparse.ArgumentParser:
+        """A store action with the options every action takes (--store, -C)."""
+        parser = actions.add_parser(name, help=help, description=description, formatter_class=formatter)
         parser.add_argument(
             "--store", metavar="DIR", help="the models store (default: $DPPA_MODELS_DIR, else ~/.cache/dppa/models)"
         )
@@ -281,31 +293,11 @@ def register(subparsers) -> None:
             metavar="PROJECT",
             help="a project using the store (its root folder); repeat for each project",
         )
+        parser.set_defaults(func=func)
+        return parser
 
-    formatter = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser(
-        "store",
-        help="list the models store (hub models, one folder per commit) and clean the commits no project uses",
-        description=DESCRIPTION,
-        formatter_class=formatter,
-    )
-    p.set_defaults(func=lambda args: p.print_help() or 2)
-    actions = p.add_subparsers(dest="action", metavar="ACTION")
-    listing = actions.add_parser(
-        "list",
-        help="commits with size, last use, and whether the projects use them",
-        description=LIST_DESCRIPTION,
-        formatter_class=formatter,
-    )
-    common(listing)
-    listing.set_defaults(func=run_list)
-    clean = actions.add_parser(
-        "clean",
-        help="remove the commits no given project uses",
-        description=CLEAN_DESCRIPTION,
-        formatter_class=formatter,
-    )
-    common(clean)
+    action("list", "commits with size, last use, and whether the projects use them", LIST_DESCRIPTION, run_list)
+    clean = action("clean", "remove the commits no given project uses", CLEAN_DESCRIPTION, run_clean)
     clean.add_argument("--all", action="store_true", help="remove every commit (instead of -C)")
     clean.add_argument(
         "--older-than",
@@ -314,4 +306,3 @@ def register(subparsers) -> None:
         help="remove only what was not used in the last DAYS days",
     )
     clean.add_argument("--dry-run", action="store_true", help="print what would be removed and the space freed")
-    clean.set_defaults(func=run_clean)
