@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install lint test test-fast demo experiment clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py dppa/io/_codec.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0

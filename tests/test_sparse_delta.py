@@ -18,7 +18,7 @@ from dppa.cli import main as dppa
 from dppa.errors import DppaError
 from dppa.evaluation.weights import CandidateWeights
 from dppa.extract import extract_delta
-from dppa.io import sparse
+from dppa.io import codec, sparse
 from dppa.io.manifest import read_manifest
 from dppa.io.reader import open_checkpoint
 from dppa.io.writer import DeltaWriter
@@ -57,7 +57,11 @@ def write(folder: Path, tensors: dict[str, torch.Tensor], **kwargs) -> DeltaWrit
     return writer
 
 
-def test_sparse_file_decodes_to_the_exact_bytes_and_reads_any_range(tmp_path):
+@pytest.mark.parametrize("kernels", ["default", "numpy"])
+def test_sparse_file_decodes_to_the_exact_bytes_and_reads_any_range(tmp_path, monkeypatch, kernels):
+    if kernels == "numpy":  # what an install without the compiled dppa/io/_codec.c reads with
+        monkeypatch.setattr(codec, "count_kept", codec.count_kept_numpy)
+        monkeypatch.setattr(codec, "expand", codec.expand_numpy)
     tensors = hand_tensors()
     writer = write(tmp_path / "d", tensors)
     assert writer.sparse_tensors == 1  # the dense and the empty tensor are stored plain
@@ -75,6 +79,8 @@ def test_sparse_file_decodes_to_the_exact_bytes_and_reads_any_range(tmp_path):
         (3, 17),
         (sparse.BLOCK - 5, 11),
         (sparse.BLOCK, 1),
+        (sparse.BLOCK, sparse.BLOCK),  # ends on a block: the block counts give the number of values
+        (5, 2 * sparse.BLOCK - 5),
         (70_001, 120_000),
         (NUMEL - 9, 9),
     ]:
@@ -83,6 +89,28 @@ def test_sparse_file_decodes_to_the_exact_bytes_and_reads_any_range(tmp_path):
     info = reader.info("layers.0.w")
     assert info.stored_bytes <= 0.3 * info.nbytes
     assert sparse.part_name("layers.0.w", "values") in load_file(tmp_path / "d" / "model.safetensors")
+
+
+def part_offset(file: Path, name: str) -> int:
+    """The absolute byte offset of stored tensor `name` in a safetensors file (read from its header by hand)."""
+    data = file.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    return 8 + header_len + json.loads(data[8 : 8 + header_len])[name]["data_offsets"][0]
+
+
+@pytest.mark.parametrize("part, at, value", [("mask", 7, 0xFF), ("counts", 8, 2**40)])
+def test_a_corrupt_sparse_tensor_is_refused_not_misread(tmp_path, part, at, value):
+    """A mask that keeps other elements than its values, or block counts out of order: the file is named as corrupt."""
+    write(tmp_path / "d", hand_tensors())
+    file = tmp_path / "d" / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    offset = part_offset(file, sparse.part_name("layers.0.w", part)) + at
+    width = 1 if part == "mask" else 8
+    data[offset : offset + width] = value.to_bytes(width, "little")
+    file.write_bytes(bytes(data))
+    reader = open_checkpoint(tmp_path / "d")
+    with pytest.raises(DppaError, match=f"{file}: sparse tensor.*the file is corrupt"):
+        reader.read_flat("layers.0.w")
 
 
 def test_dense_storage_writes_plain_safetensors(tmp_path):
@@ -275,12 +303,17 @@ def dppa_help(command: str, capsys) -> str:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_a_scaled_read_is_the_float32_product_rounded_with_positive_zeros(dtype):
+@pytest.mark.parametrize("factor", [1e-3, 0.7, 1.8, 3.3])
+def test_a_scaled_read_is_the_float32_product_rounded_with_positive_zeros(dtype, factor):
     gen = torch.Generator().manual_seed(0)
-    values = (torch.randn(4096, generator=gen) * torch.logspace(-44, 1, 4096)).to(dtype)  # underflows included
+    values = (torch.randn(1 << 16, generator=gen) * torch.logspace(-44, 4, 1 << 16)).to(dtype)  # underflows included
     values[::7] = 0.0
-    product = (values.float() * 1e-3).to(dtype)
+    values = torch.where(values == 0, torch.zeros((), dtype=dtype), values)  # stored zeros are +0.0 (the writers')
+    factor32 = torch.tensor(factor, dtype=torch.float32)  # the factor is rounded to float32, the product too
+    product = (values.float() * factor32).to(dtype)
     expected = torch.where(product == 0, torch.zeros((), dtype=dtype), product)
-    assert bool(torch.signbit(product[product == 0]).any())  # the product has -0.0 to normalise
-    assert torch.equal(bits(sparse.scaled(values, 1e-3)), bits(expected))
+    if factor == 1e-3:
+        assert bool(torch.signbit(product[product == 0]).any())  # products that underflow to -0.0 are normalised
+    assert torch.equal(bits(sparse.scaled(values, factor)), bits(expected))
+    assert torch.equal(bits(sparse.scaled(values.clone(), factor, inplace=True)), bits(expected))
     assert torch.equal(bits(sparse.positive_zeros(product)), bits(expected))

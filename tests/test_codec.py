@@ -1,0 +1,84 @@
+"""The sparse format's decoding kernels (dppa/io/codec.py): the compiled ones (dppa/io/_codec.c) and the numpy ones
+give what plain torch and numpy's packbits say, for every element size, density and unaligned range."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dppa.io import codec
+
+IMPLEMENTATIONS = {"numpy": (codec.count_kept_numpy, codec.expand_numpy)}
+if codec.COMPILED:
+    from dppa.io import _codec
+
+    IMPLEMENTATIONS["compiled"] = (_codec.count_kept, _codec.expand)
+
+
+def test_the_compiled_kernels_are_built():
+    """CI and `make install` build dppa/io/_codec.c; without it sparse reads fall back to numpy, ten times slower."""
+    if os.environ.get("DPPA_CODEC") == "python":
+        pytest.skip("DPPA_CODEC=python asks for the numpy kernels")
+    assert codec.COMPILED, "dppa/io/_codec.c was not built: install a C compiler, then `make install` again"
+
+
+def case(seed: int, size: int, density: float):
+    """A random dense range of `size`-byte elements (rows of bytes), its mask (numpy's packbits, little bit order)
+    with bits before and after the range, and its kept values in order."""
+    gen = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(0, 70, (), generator=gen))
+    count = int(torch.randint(0, 700, (), generator=gen))
+    keep = torch.rand(first + count + 13, generator=gen) < density
+    elements = torch.randint(1, 256, (count, size), generator=gen, dtype=torch.uint8)  # no all-zero element
+    in_range = keep[first : first + count]
+    dense = torch.where(in_range[:, None], elements, torch.zeros((), dtype=torch.uint8))
+    mask = np.packbits(keep.numpy(), bitorder="little")
+    return mask, first, count, dense, elements[in_range].contiguous()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.2, 0.5, 0.97, 1.0])
+def test_expand_and_count_match_plain_torch(impl, size, density):
+    count_kept, expand = IMPLEMENTATIONS[impl]
+    for seed in range(25):
+        mask, first, count, dense, values = case(seed, size, density)
+        assert count_kept(mask, first, count) == int((dense != 0).any(1).sum())
+        out = torch.full((count, size), 0xAB, dtype=torch.uint8)  # every byte is written
+        expand(mask, first, values.numpy(), out.numpy(), size)
+        assert torch.equal(out, dense), (seed, first, count)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_long_aligned_bfloat16_ranges(impl):
+    """The vector path on whole mask bytes (2- and 4-byte elements), as a chunk of a big tensor reads it."""
+    count_kept, expand = IMPLEMENTATIONS[impl]
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float32):
+        tensor = torch.randn(1 << 17, generator=gen).to(dtype)
+        tensor[torch.rand(tensor.numel(), generator=gen) > 0.2] = 0.0
+        keep = tensor != 0
+        mask = np.packbits(keep.numpy(), bitorder="little")
+        for first, count in [(0, 1 << 17), (1 << 16, 1 << 16), (8, 4096), (4, 4100), (3, 5000)]:
+            values = tensor[first : first + count][keep[first : first + count]]
+            out = torch.empty(count, dtype=dtype)
+            expand(mask, first, values.view(torch.uint8).numpy(), out.view(torch.uint8).numpy(), dtype.itemsize)
+            assert torch.equal(out.view(torch.uint8), tensor[first : first + count].view(torch.uint8))
+            assert count_kept(mask, first, count) == int(keep[first : first + count].sum())
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_values_that_disagree_with_the_mask_are_refused(impl):
+    count_kept, expand = IMPLEMENTATIONS[impl]
+    mask, first, count, dense, values = case(3, 2, 0.5)
+    assert len(values) > 1
+    for wrong in (values[:-1], torch.cat([values, values[:1]])):
+        with pytest.raises(ValueError, match="the mask keeps (more|fewer) elements than the"):
+            expand(mask, first, wrong.numpy(), torch.empty(count, 2, dtype=torch.uint8).numpy(), 2)
+    with pytest.raises(ValueError, match="outside a mask"):
+        count_kept(mask, first, 8 * len(mask))
+    with pytest.raises(ValueError, match="outside a mask"):
+        expand(mask, 8 * len(mask), values[:0].numpy(), torch.empty(1, 2, dtype=torch.uint8).numpy(), 2)
