@@ -118,7 +118,7 @@ class CheckpointReader:
     def __init__(self, folder: Path, infos: dict[str, TensorInfo]):
         self.folder = folder
         self._infos = infos
-        self._handles: dict[Path, int] = {}
+        self._handles: dict[tuple[Path, str], int] = {}
         self._counts: dict[tuple[Path, int], list[int]] = {}  # sparse tensors' block counts, see _block_counts
         self._lock = threading.Lock()
         self.config = _read_json(folder / "config.json")
@@ -165,9 +165,9 @@ class CheckpointReader:
         values = self._read(info.file, info.offset + start * itemsize(info.dtype), count, info.dtype)
         return values if info.scale == 1.0 else sparse.scaled(values, info.scale, inplace=True)
 
-    def _read(self, path: Path, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    def _read(self, path: Path, offset: int, count: int, dtype: torch.dtype, stream: str = "") -> torch.Tensor:
         buf = torch.empty(count * itemsize(dtype), dtype=torch.uint8)
-        self._read_into(path, offset, buf)
+        self._read_into(path, offset, buf, stream)
         return buf.view(dtype)
 
     def _read_sparse(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
@@ -179,7 +179,8 @@ class CheckpointReader:
         block, end = start // sparse.BLOCK, start + count
         first_bit = block * sparse.BLOCK
         first_byte, end_byte = first_bit // 8, math.ceil(end / 8)
-        mask = self._read(info.file, info.sparse.mask + first_byte, end_byte - first_byte, torch.uint8).numpy()
+        mask_at = info.sparse.mask + first_byte
+        mask = self._read(info.file, mask_at, end_byte - first_byte, torch.uint8, stream="mask").numpy()
         head = start - first_bit
         before = counts[block] + codec.count_kept(mask, 0, head)
         if end % sparse.BLOCK == 0 or end == info.numel:  # chunks end on a block: the counts know their values
@@ -221,13 +222,16 @@ class CheckpointReader:
         for at in range(start, numel, max(1, chunk_elems)):
             yield at, self.read_flat(name, at, min(chunk_elems, numel - at))
 
-    def _read_into(self, path: Path, offset: int, buf: torch.Tensor) -> None:
-        fd = self._handles.get(path)
+    def _read_into(self, path: Path, offset: int, buf: torch.Tensor, stream: str = "") -> None:
+        # A sparse tensor is read as two sequential streams at once, its mask and its values: each has a descriptor
+        # of its own, so the kernel's read-ahead (kept per open file) sees two sequential readers, not a random one.
+        key = (path, stream)
+        fd = self._handles.get(key)
         if fd is None:
-            with self._lock:  # chunk workers read in parallel; open each file once
-                fd = self._handles.get(path)
+            with self._lock:  # chunk workers read in parallel; open each file once per stream
+                fd = self._handles.get(key)
                 if fd is None:
-                    fd = self._handles[path] = os.open(path, os.O_RDONLY)
+                    fd = self._handles[key] = os.open(path, os.O_RDONLY)
         view = memoryview(buf.numpy()).cast("B")
         done = 0
         while done < len(view):
