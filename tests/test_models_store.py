@@ -8,8 +8,11 @@ this process (they need no network: HF_HUB_OFFLINE=1 here).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -186,3 +189,83 @@ def test_help_names_the_models_store():
             [sys.executable, "-m", "dppa", command, "--help"], capture_output=True, text=True, check=True
         )
         assert "$DPPA_MODELS_DIR, else ~/.cache/dppa/models" in done.stdout, command
+
+
+# -- a store shared by a team: members are other users of one machine (or of a shared filesystem) ------------------
+TEAM_GID, MEMBER_A, MEMBER_B = 54321, 54322, 54323  # ids no account uses: setpriv needs no user database entry
+STORED = (
+    "import os, sys; os.umask(0o022); from dppa.pipeline.hub import stored_model; "
+    "print(stored_model(sys.argv[1], sys.argv[2]))"
+)
+
+
+def as_member(uid: int, code: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`python -c code` run as user `uid` in the team's group (umask 022, as most accounts have)."""
+    command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={TEAM_GID}", sys.executable, "-c", code]
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300, cwd=Path.cwd())
+
+
+@pytest.fixture
+def team_folder():
+    """A folder every test user can enter (pytest's own tmp folder is private to root), removed afterwards."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running processes as other users needs root and setpriv (util-linux)")
+    folder = Path(tempfile.mkdtemp(prefix="dppa-team-"))
+    folder.chmod(0o755)
+    probe = as_member(MEMBER_A, "import dppa.pipeline.hub, filelock, huggingface_hub", dict(os.environ))
+    if probe.returncode != 0:
+        shutil.rmtree(folder)
+        pytest.skip(f"this checkout or its Python is not readable by another user: {probe.stderr.strip()[-200:]}")
+    yield folder
+    shutil.rmtree(folder)
+
+
+def member_env(hub_url: str, folder: Path, uid: int, store: Path) -> dict:
+    home = folder / f"home-{uid}"
+    home.mkdir()
+    os.chown(home, uid, uid)
+    return {**store_env(hub_url, home, store), "HOME": str(home)}
+
+
+def make_store(folder: Path, mode: int, owner: int = -1) -> Path:
+    store = folder / f"store-{mode:o}"
+    store.mkdir()
+    os.chown(store, owner, TEAM_GID)
+    store.chmod(mode)
+    return store
+
+
+def test_a_group_writable_store_is_shared_by_the_members_of_the_group(team_folder):
+    """Member A downloads a commit; B (another user of the group) uses it without downloading, downloads a second
+    commit into A's repository folder; A then cleans the store, B's files included. The control: in a store that is
+    not group-writable, B cannot even take the lock of A's commit."""
+    with FakeHub() as hub:
+        first = hub.commit("org/model", FILES)
+        second = hub.commit("org/model", {**FILES, "config.json": b'{"model_type": "llama", "v": 2}'})
+        store = make_store(team_folder, 0o2775)  # the team's group owns it, setgid: what is made inside keeps it
+        env_a = member_env(hub.url, team_folder, MEMBER_A, store)
+        env_b = member_env(hub.url, team_folder, MEMBER_B, store)
+
+        done = as_member(MEMBER_A, STORED, env_a, "org/model", first)
+        assert done.returncode == 0, done.stderr
+        hub.seen.clear()
+        done = as_member(MEMBER_B, STORED, env_b, "org/model", first)
+        assert done.returncode == 0, done.stderr
+        assert Path(done.stdout.strip()) == store / "org--model" / first
+        assert hub.requests(contains="/resolve/") == []  # B used A's download
+        done = as_member(MEMBER_B, STORED, env_b, "org/model", second)
+        assert done.returncode == 0, done.stderr
+        owners = {p.stat().st_uid for p in (store / "org--model").rglob("*")}
+        assert owners == {MEMBER_A, MEMBER_B}
+        assert {p.stat().st_gid for p in store.rglob("*")} == {TEAM_GID}
+
+        clean = ["store", "clean", "--all", "--store", str(store)]
+        done = as_member(MEMBER_A, "import sys; from dppa.cli import main; sys.exit(main(sys.argv[1:]))", env_a, *clean)
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert list(store.iterdir()) == []  # both commits, their locks and hash caches, the repository folder
+
+        private = make_store(team_folder, 0o755, owner=MEMBER_A)  # in the team's group, but not group-writable
+        env_a[MODELS_DIR_ENV] = env_b[MODELS_DIR_ENV] = str(private)
+        assert as_member(MEMBER_A, STORED, env_a, "org/model", first).returncode == 0
+        refused = as_member(MEMBER_B, STORED, env_b, "org/model", first)
+        assert refused.returncode != 0 and "permission denied in the models store" in refused.stderr

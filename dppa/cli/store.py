@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dppa.errors import DppaError
 from dppa.io.manifest import read_manifest
-from dppa.pipeline.hub import COMMIT_SHA, RECORD, STORE_HASHES, STORE_LOCK, models_store, store_folder
+from dppa.pipeline.hub import COMMIT_SHA, RECORD, STORE_HASHES, STORE_LOCK, models_store, store_folder, store_lock
 
 ORDER = 9
 
@@ -208,7 +208,7 @@ def run_list(args) -> int:
 
 
 def run_clean(args) -> int:
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     if not args.project and not args.all:
         raise DppaError(
@@ -228,7 +228,7 @@ def run_clean(args) -> int:
         if args.dry_run:
             freed += report(c, "would remove")
             continue
-        lock = FileLock(c.lock)
+        lock = store_lock(c.lock, store)
         try:
             lock.acquire(timeout=0)
         except Timeout:

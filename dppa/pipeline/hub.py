@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +252,36 @@ def models_store() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dppa" / "models"
 
 
+def shared_store(store: Path) -> bool:
+    """A store whose root is group-writable is a team's (README, "Hub models"): what dppa creates in it is made
+    group-writable too, so that every member can download, check, touch and clean any commit."""
+    try:
+        return bool(store.stat().st_mode & stat.S_IWGRP)
+    except FileNotFoundError:
+        return False
+
+
+def store_lock(lock_path: Path, store: Path):
+    """The file lock of one commit; readable and writable by the group in a shared store, so that any member can
+    take it (and touch it: its time is the commit's last use)."""
+    from filelock import FileLock
+
+    return FileLock(lock_path, mode=0o664) if shared_store(store) else FileLock(lock_path)
+
+
+def share_with_group(*paths: Path) -> None:
+    """Add group write (and search, for folders) to `paths` and everything under them (one owner's files only: a
+    file another member created is already shared)."""
+    for path in paths:
+        for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+            st = p.lstat()
+            if st.st_uid != os.getuid() or stat.S_ISLNK(st.st_mode):
+                continue
+            extra = stat.S_IWGRP | stat.S_IRGRP | (stat.S_IXGRP if stat.S_ISDIR(st.st_mode) else 0)
+            if st.st_mode & extra != extra:
+                os.chmod(p, st.st_mode | extra)
+
+
 def store_folder(repo_id: str, commit: str, store: Path | None = None) -> Path:
     """The folder of `repo_id` at `commit` (a full sha) in `store` (default: `models_store()`)."""
     return (store or models_store()) / repo_id.replace("/", "--") / commit
@@ -261,13 +292,26 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
     checked against `expected` (name, size, sha256: a fetch record's, `described_in`; default the folder's own
     manifest). One process at a time per commit (a file lock): two stages that need the same model wait for one
     download. A file that does not match is refused (StoreMismatch): the store is never silently repaired."""
-    from filelock import FileLock
+    store = models_store()
+    try:
+        return _stored_model(store, repo_id, commit, expected, described_in)
+    except PermissionError as exc:
+        raise DppaError(
+            f"{exc.filename}: permission denied in the models store {store} (another user's, or read-only); set "
+            f"{MODELS_DIR_ENV} to a store of your own, or share this one with your group (chgrp GROUP {store} && "
+            f"chmod 2775 {store}: README, Hub models)"
+        ) from None
 
-    folder = store_folder(repo_id, commit)
+
+def _stored_model(store: Path, repo_id: str, commit: str, expected: list[dict] | None, described_in: str) -> Path:
+    folder = store_folder(repo_id, commit, store)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    shared = shared_store(store)
+    if shared:
+        share_with_group(folder.parent)
     hashes_path = folder.parent / STORE_HASHES.format(commit=commit)
     lock_path = folder.parent / STORE_LOCK.format(commit=commit)
-    with FileLock(lock_path):
+    with store_lock(lock_path, store):
         os.utime(lock_path)  # its time is the commit's last use, which `dppa store clean --older-than` reads
         manifest = read_manifest(folder)
         if manifest.get("resolved_commit") != commit:
@@ -277,6 +321,8 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
             manifest = fetch_hub(repo_id, commit, folder, overwrite=True)
             # fetch_hub checked every file against the hub's hashes: what it computed need not be computed again
             atomic_write_text(hashes_path, json.dumps(hash_entries(folder, manifest["files"]), indent=2) + "\n")
+            if shared:
+                share_with_group(folder, hashes_path)
         known = json.loads(hashes_path.read_text()) if hashes_path.exists() else {}
         where = described_in or f"{folder / 'dppa_manifest.json'}"
         entries = {}
@@ -295,6 +341,8 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
                 )
         if any(known.get(name) != entry for name, entry in entries.items()):
             atomic_write_text(hashes_path, json.dumps({**known, **entries}, indent=2) + "\n")
+            if shared:
+                share_with_group(hashes_path)
     return folder
 
 
