@@ -179,15 +179,15 @@ class CheckpointReader:
         block, end = start // sparse.BLOCK, start + count
         first_bit = block * sparse.BLOCK
         first_byte, end_byte = first_bit // 8, math.ceil(end / 8)
-        mask_at = info.sparse.mask + first_byte
-        mask = self._read(info.file, mask_at, end_byte - first_byte, torch.uint8, stream="mask").numpy()
+        mask_bytes = end_byte - first_byte
+        mask = self._read(info.file, info.sparse.mask + first_byte, mask_bytes, torch.uint8, stream="mask").numpy()
         head = start - first_bit
         before = counts[block] + codec.count_kept(mask, 0, head)
         if end % sparse.BLOCK == 0 or end == info.numel:  # chunks end on a block: the counts know their values
             n_kept = counts[math.ceil(end / sparse.BLOCK)] - before
         else:
             n_kept = codec.count_kept(mask, head, count)
-        if before + n_kept > info.sparse.kept:
+        if n_kept < 0 or before + n_kept > info.sparse.kept:
             raise DppaError(f"{info.file}: sparse tensor's mask and values disagree; the file is corrupt")
         size = itemsize(info.dtype)
         values = self._read(info.file, info.offset + before * size, n_kept, info.dtype)
