@@ -236,9 +236,9 @@ def make_store(folder: Path, mode: int, owner: int = -1) -> Path:
 
 
 def test_a_group_writable_store_is_shared_by_the_members_of_the_group(team_folder):
-    """Member A downloads a commit; B (another user of the group) uses it without downloading, downloads a second
-    commit into A's repository folder; A then cleans the store, B's files included. The control: in a store that is
-    not group-writable, B cannot even take the lock of A's commit."""
+    """Member A's download of a commit is killed half-way; B (another user of the group) completes it, A uses it
+    without downloading, B downloads a second commit into A's repository folder; A then cleans the store, B's files
+    included. The control: in a store that is not group-writable, B cannot even take the lock of A's commit."""
     with FakeHub() as hub:
         first = hub.commit("org/model", FILES)
         second = hub.commit("org/model", {**FILES, "config.json": b'{"model_type": "llama", "v": 2}'})
@@ -246,13 +246,22 @@ def test_a_group_writable_store_is_shared_by_the_members_of_the_group(team_folde
         env_a = member_env(hub.url, team_folder, MEMBER_A, store)
         env_b = member_env(hub.url, team_folder, MEMBER_B, store)
 
-        done = as_member(MEMBER_A, STORED, env_a, "org/model", first)
-        assert done.returncode == 0, done.stderr
-        hub.seen.clear()
+        # A's download is killed half-way through the weights: B completes it, in the staging folder A left
+        release = hub.hold["model.safetensors"] = threading.Event()
+        command = ["setpriv", f"--reuid={MEMBER_A}", f"--regid={MEMBER_A}", f"--groups={TEAM_GID}"]
+        killed = subprocess.Popen([*command, sys.executable, "-c", STORED, "org/model", first], env=env_a)
+        assert hub.holding.wait(timeout=120)
+        killed.kill()
+        killed.wait(timeout=60)
+        release.set()
+        assert list((store / "org--model").glob(f".{first}.download-*"))  # what A left
         done = as_member(MEMBER_B, STORED, env_b, "org/model", first)
         assert done.returncode == 0, done.stderr
+        hub.seen.clear()
+        done = as_member(MEMBER_A, STORED, env_a, "org/model", first)
+        assert done.returncode == 0, done.stderr
         assert Path(done.stdout.strip()) == store / "org--model" / first
-        assert hub.requests(contains="/resolve/") == []  # B used A's download
+        assert hub.requests(contains="/resolve/") == []  # A uses B's download
         done = as_member(MEMBER_B, STORED, env_b, "org/model", second)
         assert done.returncode == 0, done.stderr
         owners = {p.stat().st_uid for p in (store / "org--model").rglob("*")}

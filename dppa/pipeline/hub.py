@@ -269,17 +269,20 @@ def store_lock(lock_path: Path, store: Path):
     return FileLock(lock_path, mode=0o664) if shared_store(store) else FileLock(lock_path)
 
 
-def share_with_group(*paths: Path) -> None:
-    """Add group write (and search, for folders) to `paths` and everything under them (one owner's files only: a
-    file another member created is already shared)."""
-    for path in paths:
-        for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
-            st = p.lstat()
-            if st.st_uid != os.getuid() or stat.S_ISLNK(st.st_mode):
-                continue
-            extra = stat.S_IWGRP | stat.S_IRGRP | (stat.S_IXGRP if stat.S_ISDIR(st.st_mode) else 0)
-            if st.st_mode & extra != extra:
-                os.chmod(p, st.st_mode | extra)
+@contextlib.contextmanager
+def group_writable_files(shared: bool):
+    """In a shared store, what is created while this lasts is group-writable: the umask loses its group bits. This
+    covers huggingface_hub's own staging files too, so that a member can resume another member's killed download.
+    The umask is the process's; a stage process does nothing else meanwhile."""
+    if not shared:
+        yield
+        return
+    umask = os.umask(0o022)
+    os.umask(umask & ~0o070)
+    try:
+        yield
+    finally:
+        os.umask(umask)
 
 
 def store_folder(repo_id: str, commit: str, store: Path | None = None) -> Path:
@@ -294,7 +297,8 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
     download. A file that does not match is refused (StoreMismatch): the store is never silently repaired."""
     store = models_store()
     try:
-        return _stored_model(store, repo_id, commit, expected, described_in)
+        with group_writable_files(shared_store(store)):
+            return _stored_model(store, repo_id, commit, expected, described_in)
     except PermissionError as exc:
         raise DppaError(
             f"{exc.filename}: permission denied in the models store {store} (another user's, or read-only); set "
@@ -306,9 +310,6 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
 def _stored_model(store: Path, repo_id: str, commit: str, expected: list[dict] | None, described_in: str) -> Path:
     folder = store_folder(repo_id, commit, store)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    shared = shared_store(store)
-    if shared:
-        share_with_group(folder.parent)
     hashes_path = folder.parent / STORE_HASHES.format(commit=commit)
     lock_path = folder.parent / STORE_LOCK.format(commit=commit)
     with store_lock(lock_path, store):
@@ -321,8 +322,6 @@ def _stored_model(store: Path, repo_id: str, commit: str, expected: list[dict] |
             manifest = fetch_hub(repo_id, commit, folder, overwrite=True)
             # fetch_hub checked every file against the hub's hashes: what it computed need not be computed again
             atomic_write_text(hashes_path, json.dumps(hash_entries(folder, manifest["files"]), indent=2) + "\n")
-            if shared:
-                share_with_group(folder, hashes_path)
         known = json.loads(hashes_path.read_text()) if hashes_path.exists() else {}
         where = described_in or f"{folder / 'dppa_manifest.json'}"
         entries = {}
@@ -341,8 +340,6 @@ def _stored_model(store: Path, repo_id: str, commit: str, expected: list[dict] |
                 )
         if any(known.get(name) != entry for name, entry in entries.items()):
             atomic_write_text(hashes_path, json.dumps({**known, **entries}, indent=2) + "\n")
-            if shared:
-                share_with_group(hashes_path)
     return folder
 
 
