@@ -16,7 +16,16 @@ from pathlib import Path
 
 from dppa.errors import DppaError
 from dppa.io.manifest import read_manifest
-from dppa.pipeline.hub import COMMIT_SHA, RECORD, STORE_HASHES, STORE_LOCK, models_store, store_folder, store_lock
+from dppa.pipeline.hub import (
+    COMMIT_SHA,
+    RECORD,
+    STORE_HASHES,
+    STORE_LOCK,
+    models_store,
+    shared_store,
+    store_folder,
+    store_lock,
+)
 
 ORDER = 9
 
@@ -218,6 +227,7 @@ def run_clean(args) -> int:
     if args.project and args.all:
         raise DppaError("-C and --all contradict each other: -C keeps what the projects use, --all keeps nothing")
     store = store_root(args)
+    shared = shared_store(store)
     used = used_folders(args.project, store)
     cutoff = time.time() - args.older_than * 86400 if args.older_than is not None else None
     freed = kept = skipped = 0
@@ -228,7 +238,7 @@ def run_clean(args) -> int:
         if args.dry_run:
             freed += report(c, "would remove")
             continue
-        lock = store_lock(c.lock, store)
+        lock = store_lock(c.lock, shared)
         try:
             lock.acquire(timeout=0)
         except Timeout:

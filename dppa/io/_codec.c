@@ -1,7 +1,6 @@
 /* The hot loops of reading stored deltas (dppa/io/sparse.py), compiled: counting the kept elements of a range of
  * the bit mask, and expanding the kept values of a range into a dense buffer. dppa/io/codec.py holds the same
- * functions in numpy, used when this module was not built;
- * tests/test_codec.py checks both against plain torch.
+ * functions in numpy, used when this module was not built; tests/test_codec.py checks both against plain torch.
  *
  * Bit i of the mask (bit i % 8 of byte i / 8, little bit order) set means flat element i is kept; the kept values
  * follow in flat order. Elements of any size are copied as bytes, so the dtype does not matter here.

@@ -66,6 +66,11 @@ def plan_shards(
     return entries
 
 
+def shard_count(entries: list[_Entry]) -> int:
+    """How many files `plan_shards`' entries fill (one, empty, when there are none)."""
+    return entries[-1].shard + 1 if entries else 1
+
+
 def shard_file_name(shard: int, num_shards: int) -> str:
     return "model.safetensors" if num_shards == 1 else f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
 
@@ -138,7 +143,7 @@ class ShardedWriter:
         """shared: the first `shared` tensors of the plan go to shared shards (dppa/io/sparse.py), zeros as +0.0."""
         self.folder = Path(folder)
         self.entries = plan_shards(plan, max_shard_bytes, shared)
-        self.num_shards = self.entries[-1].shard + 1 if self.entries else 1
+        self.num_shards = shard_count(self.entries)
         self._pos = 0  # index of the tensor being written
         self._written = 0  # bytes of it written so far
         self._file = None
@@ -232,7 +237,7 @@ class DeltaWriter:
         self.sparse = sparse
         self.outside, self.scale = shared, float(scale)
         self.entries = plan_shards(plan, max_shard_bytes, shared if sparse else 0)
-        self.num_shards = self.entries[-1].shard + 1 if self.entries else 1
+        self.num_shards = shard_count(self.entries)
         self.shared_shards = sorted({e.shard for e in self.entries if e.shared})
         self.linked: list[int] = []
         self._pos = 0

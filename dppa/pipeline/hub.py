@@ -261,12 +261,12 @@ def shared_store(store: Path) -> bool:
         return False
 
 
-def store_lock(lock_path: Path, store: Path):
-    """The file lock of one commit; readable and writable by the group in a shared store, so that any member can
-    take it (and touch it: its time is the commit's last use)."""
+def store_lock(lock_path: Path, shared: bool):
+    """The file lock of one commit; readable and writable by the group in a shared store (`shared_store`), so that
+    any member can take it (and touch it: its time is the commit's last use)."""
     from filelock import FileLock
 
-    return FileLock(lock_path, mode=0o664) if shared_store(store) else FileLock(lock_path)
+    return FileLock(lock_path, mode=0o664) if shared else FileLock(lock_path)
 
 
 @contextlib.contextmanager
@@ -296,9 +296,10 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
     manifest). One process at a time per commit (a file lock): two stages that need the same model wait for one
     download. A file that does not match is refused (StoreMismatch): the store is never silently repaired."""
     store = models_store()
+    shared = shared_store(store)
     try:
-        with group_writable_files(shared_store(store)):
-            return _stored_model(store, repo_id, commit, expected, described_in)
+        with group_writable_files(shared):
+            return _stored_model(store, shared, repo_id, commit, expected, described_in)
     except PermissionError as exc:
         raise DppaError(
             f"{exc.filename}: permission denied in the models store {store} (another user's, or read-only); set "
@@ -307,12 +308,14 @@ def stored_model(repo_id: str, commit: str, expected: list[dict] | None = None, 
         ) from None
 
 
-def _stored_model(store: Path, repo_id: str, commit: str, expected: list[dict] | None, described_in: str) -> Path:
+def _stored_model(
+    store: Path, shared: bool, repo_id: str, commit: str, expected: list[dict] | None, described_in: str
+) -> Path:
     folder = store_folder(repo_id, commit, store)
     folder.parent.mkdir(parents=True, exist_ok=True)
     hashes_path = folder.parent / STORE_HASHES.format(commit=commit)
     lock_path = folder.parent / STORE_LOCK.format(commit=commit)
-    with store_lock(lock_path, store):
+    with store_lock(lock_path, shared):
         os.utime(lock_path)  # its time is the commit's last use, which `dppa store clean --older-than` reads
         manifest = read_manifest(folder)
         if manifest.get("resolved_commit") != commit:
