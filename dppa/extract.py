@@ -21,6 +21,7 @@ import torch
 from dppa.architectures import block_weights
 from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 from dppa.errors import DppaError
+from dppa.io.adapter import open_finetune, provenance
 from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.io.manifest import source_record, write_manifest
 from dppa.io.reader import CheckpointReader, open_checkpoint
@@ -119,7 +120,8 @@ def extract_delta(
     check_output_free(out, overwrite)
     dev = resolve_device(device)
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
-    base_r, ft_r = open_checkpoint(base, allow_pickle), open_checkpoint(finetuned, allow_pickle)
+    base_r = open_checkpoint(base, allow_pickle)
+    ft_r = open_finetune(finetuned, base_r, allow_pickle)  # a model folder, or a LoRA adapter read as one
     check_same_architecture(base_r, ft_r)
     check_same_tensors(base_r, ft_r)
     names = base_r.names()
@@ -186,7 +188,7 @@ def extract_delta(
                 "content_hash": content_hash,
                 "storage": {"format": "dense"},
                 "base": source_record(base_r.folder, base_hash.hexdigest()),
-                "finetuned": source_record(ft_r.folder, ft_hash.hexdigest()),
+                "finetuned": {**source_record(ft_r.folder, ft_hash.hexdigest()), **provenance(ft_r)},
                 "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",
                 "vocab_growth": grown,
                 "pruned": False,

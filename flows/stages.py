@@ -244,7 +244,9 @@ def evaluate_flow(params: ParamsBase, root: Path, fetched: Path, merged: Path, o
     folders["merged"] = merged
     # One model at a time: evaluations are model-heavy; parallel ones would only compete for the same device.
     results = {
-        name: evaluation.score(folder, tasks, ev.split, ev.limit, ev.batch_size, _eval_device(params), cache)
+        name: evaluation.score(
+            folder, tasks, ev.split, ev.limit, ev.batch_size, _eval_device(params), cache, base=folders[BASE_NAME]
+        )
         for name, folder in folders.items()
     }
     scores = {

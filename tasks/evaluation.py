@@ -11,12 +11,20 @@ from tasks import GPU_TAG
 
 @task(tags=[GPU_TAG])
 def score(
-    model: Path, tasks: list[str], split: str, limit: int | None, batch_size: int, device: str | None, cache: Path
+    model: Path,
+    tasks: list[str],
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    device: str | None,
+    cache: Path,
+    base: Path | None = None,
 ) -> dict:
+    """A model folder's scores; `base`: the base model, for a LoRA adapter folder."""
     from dppa.evaluation.scores import score_folder
 
     scores, _cached = score_folder(
-        model, tasks, split=split, limit=limit, batch_size=batch_size, device=device, cache=cache
+        model, tasks, split=split, limit=limit, batch_size=batch_size, device=device, cache=cache, base=base
     )
     return scores
 
@@ -41,7 +49,9 @@ def score_finetune(
 
     def folder_scores(folder: Path) -> dict[str, float]:
         return primary_scores(
-            score_folder(folder, tasks, split=split, limit=limit, batch_size=batch_size, device=device, cache=cache)[0]
+            score_folder(
+                folder, tasks, split=split, limit=limit, batch_size=batch_size, device=device, cache=cache, base=base
+            )[0]
         )
 
     scores = {"base": folder_scores(base), "dense": folder_scores(finetune)}

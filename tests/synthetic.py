@@ -45,3 +45,24 @@ def make_finetune(base: Path, folder: Path, seed: int, scale: float = 0.02, grow
         model.resize_token_embeddings(model.config.vocab_size + grow_vocab)
     model.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def make_lora_adapter(folder: Path, seed: int, modules: dict[str, tuple[int, int]], r: int = 4, alpha: int = 8) -> Path:
+    """A PEFT-format LoRA adapter written by hand (no peft): `modules` maps a module path of the base (e.g.
+    `model.layers.0.self_attn.q_proj`) to its (out, in) shape; factors are seeded normals."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (rows, cols) in modules.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn((r, cols), generator=gen) * 0.1
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn((rows, r), generator=gen) * 0.1
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets}
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/base"}))
+    return folder

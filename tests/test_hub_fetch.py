@@ -16,8 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
+from tests.delta_files import load_delta
 from tests.hub_server import FakeHub
-from tests.synthetic import make_base, make_finetune
+from tests.synthetic import make_base, make_finetune, make_lora_adapter
 
 TOKEN = "hf_TestSecretToken0123456789abcdef"
 CHUNK = 10 * 1024 * 1024  # huggingface_hub writes what it receives in chunks of this size
@@ -325,3 +328,37 @@ def test_prefect_retries_network_failures_not_the_hubs_refusals():
 
     assert may_recover(None, None, Failed(data=DppaError("org/m@main: cannot reach the hub")))
     assert not may_recover(None, None, Failed(data=HubRefusal("org/m@nope: no such revision")))
+
+
+def test_a_repository_holding_a_lora_adapter_is_fetched_and_extracted(tmp_path):
+    """A hub repo with only adapter_config.json + adapter_model.safetensors is a fine-tune: fetched, then extracted
+    into base + scaling x B @ A (computed here by hand)."""
+    from safetensors.torch import load_file
+
+    base = make_base(tmp_path / "local/base")
+    modules = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.1.mlp.up_proj": (64, 32)}
+    adapter = make_lora_adapter(tmp_path / "local/adapter", seed=3, modules=modules, r=4, alpha=8)
+    with FakeHub() as hub:
+        sha = hub.commit("org/lora", folder_files(adapter))
+        done = dppa_fetch(hub.url, tmp_path, "org/lora", "--revision", "main", "-o", str(tmp_path / "lora"))
+        assert done.returncode == 0, done.stderr
+    assert manifest(tmp_path / "lora")["resolved_commit"] == sha
+    delta = tmp_path / "delta"
+    subprocess.run(
+        [sys.executable, "-m", "dppa", "extract", str(base), str(tmp_path / "lora"), "-o", str(delta), "-q"],
+        check=True,
+        capture_output=True,
+    )
+    record = manifest(delta)["finetuned"]
+    assert (record["resolved_commit"], record["adapter"]["base_model_name_or_path"]) == (sha, "org/base")
+    weights, factors = load_file(base / "model.safetensors"), load_file(adapter / "adapter_model.safetensors")
+    got = load_delta(delta)
+    for name, w in weights.items():
+        module = name.removesuffix(".weight")
+        if module in modules:
+            a = factors[f"base_model.model.{module}.lora_A.weight"]
+            b = factors[f"base_model.model.{module}.lora_B.weight"]
+            want = (w + (b @ a) * 2.0) - w  # scaling = alpha / r = 2; the fine-tune rounded to float32 first
+            assert got[name].abs().max() > 0 and torch.equal(got[name], want), name
+        else:
+            assert not got[name].any(), name

@@ -12,11 +12,18 @@ Compute delta = FINETUNED - BASE for every tensor (in float32, streamed chunk by
 safetensors folder with the model's tensor names, plus dppa_manifest.json recording both inputs, their content
 hashes and per-tensor statistics (numel, mean |delta|, max |delta|).
 
+FINETUNED may be a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors): its delta is what
+peft's merge_and_unload() would add to BASE (scaling x B @ A per adapted module, in float32; modules_to_save
+replace the base's tensors), computed one module at a time; every other tensor's delta is exactly zero. DoRA and
+other adapter types (IA3, LoHa, prompt tuning ...) are refused. The manifest records the adapter's
+base_model_name_or_path and the tensors it changes.
+
 If the fine-tune added tokens (embedding / LM-head rows beyond the base's), the delta keeps the base's rows only;
 the manifest lists those tensors under vocab_growth. Any other shape difference is an error.
 
 example:
   dppa extract models/llama-7b models/llama-7b-math -o data/deltas/math
+  dppa extract models/llama-7b adapters/math-lora -o data/deltas/math-lora     # a LoRA adapter
 """
 
 
@@ -28,7 +35,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("base", metavar="BASE", help="base model folder")
-    p.add_argument("finetuned", metavar="FINETUNED", help="fine-tuned model folder (same architecture)")
+    p.add_argument(
+        "finetuned",
+        metavar="FINETUNED",
+        help="fine-tuned model folder (same architecture), or a LoRA adapter folder of BASE",
+    )
     add_common(p)
     p.add_argument(
         "--dtype",

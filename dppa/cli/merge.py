@@ -16,7 +16,9 @@ The inputs are either delta folders (written by extract, prune or amplify) or fi
 never a mix: each folder's dppa_manifest.json decides (a delta's manifest says so; a folder without one, or a
 model dppa merged, is a model). A model's delta is taken on the fly, tensor by tensor, exactly as `dppa extract`
 stores it (fine-tune - base in float32, rounded to the fine-tune's dtype), so the output is the same as extracting
-first and merging the deltas, in one pass and without writing the deltas.
+first and merging the deltas, in one pass and without writing the deltas. A PEFT LoRA adapter folder counts as a
+fine-tuned model (base + adapter, as peft's merge_and_unload() would make it; see `dppa extract --help`), so
+adapters and full fine-tunes mix freely.
 
 methods:
 {methods}
@@ -25,6 +27,7 @@ examples:
   dppa merge BASE data/amplified/math data/amplified/law -o data/merged/dppa-ties --method ties
   dppa merge BASE data/deltas/math data/deltas/law -o merged --method ties --density 0.2 --scale 1.0
   dppa merge BASE models/math-ft models/law-ft -o merged --method ties --density 0.2   # from model folders
+  dppa merge BASE adapters/math-lora models/law-ft -o merged --method ties --density 0.2  # an adapter too
 """
 
 APPLY_DESCRIPTION = """\
@@ -47,7 +50,7 @@ def register(subparsers) -> None:
         "deltas",
         metavar="INPUT",
         nargs="+",
-        help="delta folders (extract / prune / amplify outputs), or fine-tuned model folders of BASE",
+        help="delta folders (extract / prune / amplify outputs), or fine-tuned model or LoRA adapter folders of BASE",
     )
     add_common(p)
     p.add_argument("--method", choices=MERGERS.names(), default="ties", help="merge method (default ties)")

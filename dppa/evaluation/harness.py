@@ -190,22 +190,39 @@ def evaluate_folder(
     device: str | None = None,
     include_path: Sequence[str | os.PathLike] = (),
     full_results: bool = False,
+    base: str | os.PathLike | None = None,
 ) -> dict:
-    """Scores of a model folder (or a hub name), loaded from disk and then evaluated like a model in memory."""
-    model, tokenizer = load_model(path, device=device)
+    """Scores of a model folder (or a hub name, or a LoRA adapter folder on `base`), loaded from disk and then
+    evaluated like a model in memory."""
+    model, tokenizer = load_model(path, device=device, base=base)
     return evaluate_model(
         model, tokenizer, tasks, split=split, limit=limit, batch_size=batch_size, include_path=include_path,
         full_results=full_results,
     )  # fmt: skip
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device | None = None):
-    """(model, tokenizer) of an HF model folder or hub name, in its saved dtype, on `device` (default: cuda if any).
+def load_model(
+    path: str | os.PathLike, device: str | torch.device | None = None, base: str | os.PathLike | None = None
+):
+    """(model, tokenizer) of an HF model folder or hub name, in its saved dtype, on `device` (default: cuda if any);
+    a LoRA adapter folder is `base` loaded with the adapted tensors set as peft's merge would write them.
 
     Loaded here rather than by the harness, whose loader needs `accelerate` for device placement.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dppa.io.adapter import is_adapter, open_model
+
+    if is_adapter(path):
+        with open_model(path, base) as adapted:  # refuses an adapter without its base
+            model, tokenizer = load_model(base, device)
+            params = dict(model.named_parameters(remove_duplicate=False))
+            for name in adapted.changed():
+                if name not in params:
+                    raise DppaError(f"{path}: the adapter changes {name!r}, which the loaded model has no parameter of")
+                with torch.no_grad():
+                    params[name].copy_(adapted.get(name).view(params[name].shape))
+        return model, tokenizer
     text = str(path)
     if Path(text).exists() and not (Path(text) / "config.json").exists():
         raise DppaError(f"{text}: not a model folder (no config.json)")

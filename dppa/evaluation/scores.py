@@ -41,13 +41,14 @@ def primary_scores(scores: Scores) -> dict[str, float]:
     return {task: metrics[primary_metric(metrics)] for task, metrics in scores.items()}
 
 
-def checkpoint_hash(folder: str | os.PathLike) -> str:
-    """The content hash the engine's manifests use (sha256 over tensor names, dtypes, shapes and bytes)."""
-    from dppa.io.reader import open_checkpoint
+def checkpoint_hash(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """The content hash the engine's manifests use (sha256 over tensor names, dtypes, shapes and bytes); a LoRA
+    adapter folder hashes as the model it makes of `base`."""
+    from dppa.io.adapter import open_model
     from dppa.io.writer import ContentHasher, tensor_bytes
 
     hasher = ContentHasher()
-    reader = open_checkpoint(folder)
+    reader = open_model(folder, base)
     for name in reader.names():
         hasher.start(name, reader.dtype(name), reader.shape(name))
         for _, chunk in reader.iter_chunks(name, 1 << 24):
@@ -55,14 +56,14 @@ def checkpoint_hash(folder: str | os.PathLike) -> str:
     return hasher.hexdigest()
 
 
-def recorded_hash(folder: str | os.PathLike, record: Mapping | None) -> str:
+def recorded_hash(folder: str | os.PathLike, record: Mapping | None, base: str | os.PathLike | None = None) -> str:
     """``folder``'s content hash: taken from a manifest's source record when it names this folder, else computed."""
     if record and record.get("content_hash") and Path(record.get("path", "")) == Path(folder).resolve():
         return record["content_hash"]
-    return checkpoint_hash(folder)
+    return checkpoint_hash(folder, base)
 
 
-def content_hash(folder: str | os.PathLike) -> str:
+def content_hash(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
     """The engine's manifest hash when the folder has one, else computed from the tensors."""
     from dppa.io.manifest import read_manifest
 
@@ -70,7 +71,7 @@ def content_hash(folder: str | os.PathLike) -> str:
         recorded = read_manifest(folder).get("content_hash")
     except Exception:  # no manifest: a model folder written by another tool
         recorded = None
-    return recorded or checkpoint_hash(folder)
+    return recorded or checkpoint_hash(folder, base)
 
 
 def folder_key(digest: str, tasks: Sequence[str], *, split: str, limit: int | None) -> EvalKey:
@@ -88,19 +89,22 @@ def score_folder(
     device: str | None,
     cache: str | os.PathLike | None,
     digest: str | None = None,
+    base: str | os.PathLike | None = None,
 ) -> tuple[Scores, bool]:
     """(scores {task: {metric: value}}, whether they came from the cache); ``digest``: the folder's content hash
-    when the caller knows it."""
+    when the caller knows it; ``base``: the base model folder, for a LoRA adapter folder (scored as base + adapter)."""
     from dppa.evaluation.harness import evaluate_folder
 
     evals = EvalCache(cache) if cache is not None else None
     key = None
     if evals is not None:
-        key = folder_key(digest or content_hash(folder), tasks, split=split, limit=limit)
+        key = folder_key(digest or content_hash(folder, base), tasks, split=split, limit=limit)
         hit = evals.get(key)
         if hit is not None:
             return hit, True
-    scores = evaluate_folder(Path(folder), list(tasks), split=split, limit=limit, batch_size=batch_size, device=device)
+    scores = evaluate_folder(
+        Path(folder), list(tasks), split=split, limit=limit, batch_size=batch_size, device=device, base=base
+    )
     if evals is not None:
         evals.put(key, scores)
     return scores, False

@@ -30,6 +30,8 @@ def check_is_delta(folder: str | os.PathLike) -> dict:
     kind = manifest.get("kind")
     if kind not in DELTA_KINDS:
         what = "a model folder" if kind in (None, "model") else f"a {kind!r} artifact"
+        if (Path(folder) / "adapter_config.json").is_file():
+            what = "a LoRA adapter folder"
         raise DppaError(f"{folder}: is {what}, not a delta; run `dppa extract BASE MODEL` first")
     return manifest
 

@@ -23,6 +23,7 @@ import torch
 from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 from dppa.errors import DppaError
 from dppa.extract import check_finite, check_same_architecture, check_same_tensors, matching_rows
+from dppa.io.adapter import open_finetune, provenance
 from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.io.manifest import check_is_delta, input_kind, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
@@ -75,7 +76,7 @@ class MergeInput:
 
     def record(self) -> dict:
         if self.is_model:
-            return source_record(self.reader.folder, self.hasher.hexdigest())
+            return {**source_record(self.reader.folder, self.hasher.hexdigest()), **provenance(self.reader)}
         return source_record(self.reader.folder, self.manifest.get("content_hash", ""))
 
 
@@ -103,7 +104,8 @@ def open_inputs(base: CheckpointReader, paths: list, dev, *, models: bool, allow
         )
     inputs = []
     for path, kind, manifest in kinds:
-        reader = open_checkpoint(path, allow_pickle and kind == "model")
+        # a fine-tuned model folder, or a LoRA adapter read as the model it describes on this base
+        reader = open_finetune(path, base, allow_pickle) if kind == "model" else open_checkpoint(path)
         check_same_architecture(base, reader)
         if kind == "model":
             check_same_tensors(base, reader)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dppa.errors import DppaError
+from dppa.io.adapter import is_adapter
 from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
 from dppa.io.manifest import read_manifest, write_manifest
 
@@ -421,8 +422,11 @@ def local_fingerprint(folder: Path) -> list[dict]:
 def record_local(kind: str, source: str, folder: Path, out: Path, root: Path | None = None) -> dict:
     """For zoo and local models nothing is copied: the record names the folder the later stages read, relative to
     the project `root` when inside it (so that data/ stays valid when the project moves)."""
-    if not (folder / "config.json").exists():
-        raise DppaError(f"{folder}: not a model folder (no config.json); check the source {source!r} in params.yaml")
+    if not (folder / "config.json").exists() and not is_adapter(folder):
+        raise DppaError(
+            f"{folder}: neither a model folder (no config.json) nor a LoRA adapter (no adapter_config.json); "
+            f"check the source {source!r} in params.yaml"
+        )
     record = {"kind": kind, "source": source, "path": project_relative(folder, root)}
     if kind == "local":
         record["files"] = local_fingerprint(folder)

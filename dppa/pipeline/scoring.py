@@ -149,7 +149,14 @@ def search_merge(
     references = {
         n: primary_scores(
             score_folder(
-                folder, tasks[n], split=split, limit=limit, batch_size=batch_size, device=eval_device, cache=cache
+                folder,
+                tasks[n],
+                split=split,
+                limit=limit,
+                batch_size=batch_size,
+                device=eval_device,
+                cache=cache,
+                base=base,
             )[0]
         )
         for n, folder in dense.items()

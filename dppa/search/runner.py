@@ -34,6 +34,7 @@ from dppa.compute import resolve_device
 from dppa.errors import DppaError
 from dppa.evaluation.cache import CachedEvaluator, EvalCache, eval_key
 from dppa.evaluation.scores import Scores, primary_scores, recorded_hash, score_folder
+from dppa.io.adapter import is_adapter
 from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
 from dppa.io.manifest import read_manifest
 from dppa.search.core import SearchResult, normalised_geomean
@@ -327,7 +328,9 @@ def search_amplification(
     cache_path = Path(cache) if cache is not None else default_cache_path()
     dev = resolve_device(device)
 
-    dense, reference_hash, ref_source = reference_scores(Path(reference), manifest, settings, cache_path, str(dev))
+    dense, reference_hash, ref_source = reference_scores(
+        Path(reference), manifest, settings, cache_path, str(dev), base=base
+    )
     reference_primary = primary_scores(dense)
     log(f"dense fine-tune on {split}: {reference_primary}")
     divisor = objective_reference(reference_primary, log)
@@ -393,16 +396,17 @@ def search_amplification(
 
 
 def reference_scores(
-    reference: Path, manifest: dict, settings: SearchSettings, cache: Path, device: str
+    reference: Path, manifest: dict, settings: SearchSettings, cache: Path, device: str, base: Path | None = None
 ) -> tuple[Scores, str, str]:
     """The dense fine-tune's scores on the search split, its identity for the fingerprint, and where the scores came
-    from: "file", "cache" or "evaluated". A model folder is scored as the evaluate stage scores it (same cache key)."""
+    from: "file", "cache" or "evaluated". A model folder is scored as the evaluate stage scores it (same cache key);
+    a LoRA adapter folder as the model it makes of `base`."""
     if reference.is_file():
         scores = read_reference_scores(reference, settings.tasks)
         return scores, hashlib.sha256(json.dumps(scores, sort_keys=True).encode()).hexdigest(), "file"
-    if not (reference / "config.json").exists():
-        raise DppaError(f"{reference}: neither a model folder (no config.json) nor a scores JSON file")
-    ft_hash = recorded_hash(reference, manifest.get("finetuned"))
+    if not (reference / "config.json").exists() and not is_adapter(reference):
+        raise DppaError(f"{reference}: neither a model or adapter folder (no config.json) nor a scores JSON file")
+    ft_hash = recorded_hash(reference, manifest.get("finetuned"), base)
     scores, from_cache = score_folder(
         reference,
         settings.tasks,
@@ -412,6 +416,7 @@ def reference_scores(
         device=device,
         cache=cache,
         digest=ft_hash,
+        base=base,
     )
     return scores, ft_hash, "cache" if from_cache else "evaluated"
 

@@ -1,0 +1,82 @@
+"""The pipeline with LoRA adapters as its fine-tunes: real DVC, real Prefect, real lm-eval, real peft.
+
+Two adapters of the tiny zoo's base (random non-zero factors, saved by peft) are the fine-tunes of params.yaml, as
+local folders. `dvc repro` must run every stage on them: the deltas are taken from the adapters, and the dense
+fine-tunes are scored as base + adapter, which must give the scores of peft's own merged model folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.delta_files import load_delta
+from tests.test_pipeline import ALL_STAGES, FINETUNES, dvc, make_project, stages_run
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.slow
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    """(adapter folder, merge_and_unload folder) of a LoRA on q/v/up projections with random factors."""
+    from transformers import AutoModelForCausalLM
+
+    wrapped = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    wrapped.save_pretrained(out / "adapter")
+    wrapped.merge_and_unload().save_pretrained(out / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (base / name).exists():
+            (out / "merged" / name).write_bytes((base / name).read_bytes())
+    return out
+
+
+def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api):
+    adapters = {ft: make_adapter(tiny_zoo / "base", tmp_path / ft, seed=i) for i, ft in enumerate(FINETUNES)}
+    project = make_project(tmp_path / "project", tiny_zoo)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for ft in FINETUNES:
+        params["models"]["finetunes"][ft]["source"] = str(adapters[ft] / "adapter")
+    params["merge"].update(scale=0.8, search=None)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    assert stages_run(dvc(project, "repro").stdout) == ALL_STAGES
+
+    base = load_file(tiny_zoo / "base" / "model.safetensors")
+    for ft in FINETUNES:
+        merged = load_file(adapters[ft] / "merged" / "model.safetensors")
+        delta = load_delta(project / "data" / "deltas" / ft)
+        assert set(delta) == set(base)
+        for name in base:  # the delta of the adapter is peft's merged model minus the base
+            assert torch.equal(delta[name], merged[name] - base[name]), name
+        manifest = json.loads((project / "data" / "deltas" / ft / "dppa_manifest.json").read_text())
+        assert manifest["finetuned"]["adapter"]["adapted"]
+
+    scores = json.loads((project / "data/metrics/scores.json").read_text())
+    from dppa.evaluation.scores import score_folder
+
+    for ft in FINETUNES:  # the adapter scored as base + adapter = peft's merged folder scored as a model
+        alone, _ = score_folder(
+            adapters[ft] / "merged",
+            scores["tasks"],
+            split=scores["split"],
+            limit=scores["limit"],
+            batch_size=8,
+            device="cpu",
+            cache=None,
+        )
+        assert scores["models"][ft] == alone
+        record = json.loads((project / f"data/metrics/finetunes/{ft}.json").read_text())
+        assert record["scores"]["dense"][f"zoo_{ft}"] == alone[f"zoo_{ft}"]["exact_match"]
