@@ -263,11 +263,19 @@ def evaluate_flow(params: ParamsBase, root: Path, fetched: Path, merged: Path, o
 
 @flow(name="stage-report")
 def report_flow(
-    params: ParamsBase, root: Path, scores: Path, finetunes: Path, traces: Path, merge: Path, out: Path, summary: Path
+    params: ParamsBase,
+    root: Path,
+    scores: Path,
+    finetunes: Path,
+    traces: Path,
+    merge: Path,
+    merged: Path,
+    out: Path,
+    summary: Path,
 ) -> Path:
-    """Tables and plots of every score, and the summary metrics."""
+    """Tables and plots of every score, the summary metrics, and the merged model's card with its scores."""
     clear_leftovers(out)
-    return evaluation.report(scores, finetunes, traces, merge, out, summary)
+    return evaluation.report(scores, finetunes, traces, merge, merged, out, summary)
 
 
 STAGES = {

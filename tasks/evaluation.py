@@ -76,9 +76,15 @@ def search_merge(
 
 
 @task
-def report(scores_json: Path, finetunes: Path, traces: Path, merge_json: Path, out: Path, summary_json: Path) -> Path:
+def report(
+    scores_json: Path, finetunes: Path, traces: Path, merge_json: Path, merged: Path, out: Path, summary_json: Path
+) -> Path:
+    """The report; its model_card.md is the merged model's card with the evaluation's scores (what publish uploads)."""
     from dppa.evaluation.report import write_report
+    from dppa.merging.card import REPORT_CARD, scored_card
     from dppa.pipeline.scoring import pipeline_notes
 
-    write_report(scores_json, traces, out, summary_json, notes=pipeline_notes(finetunes, merge_json))
+    card = scored_card(merged, scores_json)
+    notes = pipeline_notes(finetunes, merge_json)
+    write_report(scores_json, traces, out, summary_json, notes=notes, extra_files={REPORT_CARD: card} if card else {})
     return out

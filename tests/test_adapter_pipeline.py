@@ -80,3 +80,14 @@ def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api):
         assert scores["models"][ft] == alone
         record = json.loads((project / f"data/metrics/finetunes/{ft}.json").read_text())
         assert record["scores"]["dense"][f"zoo_{ft}"] == alone[f"zoo_{ft}"]["exact_match"]
+
+    # the merged model's card names the adapters; the report's copy adds the scores of every model
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(project / "data/merged/model/README.md")
+    assert card.data.tags == ["merge", "dppa", "ties"] and card.text.count(
+        "DPPA: bands at densities [0.1, 0.2], factors [1.8, 1.0] (LoRA r=4, alpha=8)"
+    ) == len(FINETUNES)
+    scored = ModelCard.load(project / "data/report/model_card.md").text
+    merged_arith = scores["models"]["merged"]["zoo_arith"]["exact_match"]
+    assert "## Scores" in scored and f"| merged | {merged_arith:.3f} |" in scored

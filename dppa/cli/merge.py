@@ -1,8 +1,13 @@
 """`dppa merge` and `dppa apply`: deltas back into a model."""
 
 import argparse
+import shutil
+from pathlib import Path
 
 from dppa.cli.options import add_common, add_method_options, common_kwargs, float_list
+from dppa.errors import DppaError
+from dppa.io.manifest import read_manifest
+from dppa.merging.card import RECIPE_NAME, check_rebuilt, read_recipe, recipe_merge_kwargs
 from dppa.merging.merge import apply_delta, merge_deltas
 from dppa.merging.registry import MERGERS
 
@@ -28,6 +33,10 @@ examples:
   dppa merge BASE data/deltas/math data/deltas/law -o merged --method ties --density 0.2 --scale 1.0
   dppa merge BASE models/math-ft models/law-ft -o merged --method ties --density 0.2   # from model folders
   dppa merge BASE adapters/math-lora models/law-ft -o merged --method ties --density 0.2  # an adapter too
+  dppa merge --recipe merged/dppa_recipe.yaml -o rebuilt    # the same merge again, from its recipe
+
+Every merged folder gets a model card (README.md: front matter base_model / tags / library_name, the method and
+its settings, each input's lineage and content hash) and dppa_recipe.yaml, which --recipe rebuilds.
 """
 
 APPLY_DESCRIPTION = """\
@@ -45,17 +54,24 @@ def register(subparsers) -> None:
         description=MERGE_DESCRIPTION.format(methods=MERGERS.describe()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("base", metavar="BASE", help="base model folder")
+    p.add_argument("base", metavar="BASE", nargs="?", help="base model folder")
     p.add_argument(
         "deltas",
         metavar="INPUT",
-        nargs="+",
+        nargs="*",
         help="delta folders (extract / prune / amplify outputs), or fine-tuned model or LoRA adapter folders of BASE",
     )
     add_common(p)
-    p.add_argument("--method", choices=MERGERS.names(), default="ties", help="merge method (default ties)")
+    p.add_argument("--method", choices=MERGERS.names(), help="merge method (default ties)")
     p.add_argument("--weights", type=float_list, metavar="W1,W2,..", help="one weight per input (default all 1)")
-    p.add_argument("--scale", type=float, default=1.0, metavar="L", help="lambda, scales the merged delta (default 1)")
+    p.add_argument("--scale", type=float, metavar="L", help="lambda, scales the merged delta (default 1)")
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        metavar="RECIPE",
+        help=f"rebuild the merge a {RECIPE_NAME} describes (its inputs, method and settings; no BASE or INPUT, "
+        "and no merge settings, with it); the inputs' and the result's content hashes are checked against it",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle base and models (can run code!)")
     add_method_options(p, MERGERS)
     p.set_defaults(func=run_merge)
@@ -75,18 +91,41 @@ def register(subparsers) -> None:
 
 
 def run_merge(args) -> int:
+    if args.recipe is not None:
+        return run_recipe(args)
+    if args.base is None or not args.deltas:
+        raise DppaError("give BASE and at least one INPUT, or --recipe RECIPE")
+    method = args.method or "ties"
     out = merge_deltas(
         args.base,
         args.deltas,
         args.output,
-        method=args.method,
+        method=method,
         weights=args.weights,
-        scale=args.scale,
-        options=MERGERS.options_from_args(args.method, args),
+        scale=1.0 if args.scale is None else args.scale,
+        options=MERGERS.options_from_args(method, args),
         models=True,
         allow_pickle=args.allow_pickle,
         **common_kwargs(args),
     )
+    print(out)
+    return 0
+
+
+def run_recipe(args) -> int:
+    given = [f"--{k}" for k in ("method", "weights", "scale", *MERGERS.option_fields()) if getattr(args, k, None)]
+    if args.base is not None or given:
+        what = "BASE and INPUT" if args.base is not None else given[0]
+        raise DppaError(f"{what}: not with --recipe (the recipe fixes the merge; edit {args.recipe} instead)")
+    body = read_recipe(args.recipe)
+    out = merge_deltas(
+        **recipe_merge_kwargs(body), out=args.output, allow_pickle=args.allow_pickle, **common_kwargs(args)
+    )
+    try:
+        check_rebuilt(body, read_manifest(out), args.recipe)
+    except DppaError:
+        shutil.rmtree(out)  # not the model the recipe describes: leave nothing behind
+        raise
     print(out)
     return 0
 

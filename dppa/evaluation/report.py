@@ -107,12 +107,13 @@ def write_report(
     out: str | os.PathLike,
     summary_json: str | os.PathLike,
     notes: str = "",
+    extra_files: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Write out/{scores.csv, scores.md, scores.png, search.png} and the summary metrics file; returns the table.
-    `notes` (Markdown) is appended to scores.md."""
+    `notes` (Markdown) is appended to scores.md; `extra_files` ({name: text}) join the report."""
     scores = json.loads(Path(scores_json).read_text())
     if scores.get("skipped"):
-        return _write_nothing_evaluated(scores["skipped"], traces, out, summary_json, notes)
+        return _write_nothing_evaluated(scores["skipped"], traces, out, summary_json, notes, extra_files)
     table = scores_table(scores)
     with atomic_dir(out, overwrite=True) as tmp:
         table.to_csv(tmp / "scores.csv", float_format="%.4f")
@@ -120,11 +121,13 @@ def write_report(
         (tmp / "scores.md").write_text(heading + table.to_markdown(floatfmt=".3f") + "\n" + notes)
         plot_scores(table, tmp / "scores.png")
         plot_search(read_traces(traces), tmp / "search.png")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     atomic_write_text(summary_json, json.dumps(summary(table), indent=2) + "\n")
     return table
 
 
-def _write_nothing_evaluated(why: str, traces, out, summary_json, notes: str) -> pd.DataFrame:
+def _write_nothing_evaluated(why: str, traces, out, summary_json, notes: str, extra_files=None) -> pd.DataFrame:
     """The report of a pipeline that evaluates nothing (a merge-only pipeline): the same files, saying so."""
     import matplotlib
 
@@ -141,5 +144,7 @@ def _write_nothing_evaluated(why: str, traces, out, summary_json, notes: str) ->
         fig.savefig(tmp / "scores.png", dpi=110)
         plt.close(fig)
         plot_search(read_traces(traces), tmp / "search.png")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     atomic_write_text(summary_json, json.dumps({"skipped": why}, indent=2) + "\n")
     return table

@@ -29,6 +29,7 @@ from dppa.io.manifest import check_is_delta, input_kind, source_record, write_ma
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
+from dppa.merging.card import write_card_and_recipe
 from dppa.merging.registry import MERGERS
 from dppa.merging.ties import trim_threshold
 from dppa.sparsify.threshold import key_bits, magnitude_keys
@@ -233,20 +234,19 @@ def merge_deltas(
             bar.tensor_done()
         content_hash = writer.close()
         copy_model_files(base_r.folder, tmp)
-        write_manifest(
-            tmp,
-            {
-                "kind": "model",
-                "content_hash": content_hash,
-                "method": method,
-                "weights": weights,
-                "scale": scale,
-                **dataclasses.asdict(options),
-                "trimmed": trim,
-                "base": source_record(base_r.folder, base_hash.hexdigest()),
-                ("finetuned" if any_model else "deltas"): [s.record() for s in inputs],
-            },
-        )
+        manifest = {
+            "kind": "model",
+            "content_hash": content_hash,
+            "method": method,
+            "weights": weights,
+            "scale": scale,
+            **dataclasses.asdict(options),
+            "trimmed": trim,
+            "base": source_record(base_r.folder, base_hash.hexdigest()),
+            ("finetuned" if any_model else "deltas"): [s.record() for s in inputs],
+        }
+        write_manifest(tmp, manifest)
+        write_card_and_recipe(tmp, out.name, manifest, dataclasses.asdict(options), deltas, base_r.folder, models)
     return out
 
 
