@@ -13,6 +13,18 @@
   `X-Error-Code: RepoNotFound` (404 when authenticated), an unknown revision 404 `RevisionNotFound`, an unknown file
   404 `EntryNotFound`, a token that is not valid 401 `Invalid credentials in Authorization header`.
 
+Uploads, for `HfApi.create_repo`, `create_branch` and `create_commit` / `upload_folder` through git LFS (the path
+huggingface_hub takes with HF_HUB_DISABLE_XET=1):
+- `POST /api/repos/create` (409 when it exists), `POST /api/models/{repo}/branch/{branch}`;
+- `POST /api/models/{repo}/preupload/{rev}`: each file's upload mode (weights by LFS) and its current oid, so that
+  huggingface_hub skips unchanged files and makes no commit when nothing changed;
+- `POST /{repo}.git/info/lfs/objects/batch`, `PUT /lfs-upload/{oid}` (the content, checked against its sha256;
+  `cut_upload` = N drops the connection half-way through the next N), `POST /lfs-verify/{oid}`;
+- `POST /api/models/{repo}/commit/{rev}`: the NDJSON commit (header, file, lfsFile lines);
+- `POST /api/validate-yaml`: a card's front matter (accepted when there is one).
+Writes need the token given as `token` (401 without one or with an unknown one); `readonly_token` may read but gets
+403 on every write, as a user writing to someone else's repository does.
+
 The server records every request (method, path, Range, Authorization) and the bytes it served per file, and can
 cut a download short (close the connection after N bytes), hold one until released, or corrupt one, to test
 resumes, kills and hash checks.
@@ -58,8 +70,11 @@ class Seen:
 class FakeHub:
     """`with FakeHub(token=...) as hub:` serves until the block ends; `hub.url` is the HF_ENDPOINT to use."""
 
-    def __init__(self, token: str | None = None):
+    def __init__(self, token: str | None = None, readonly_token: str | None = None):
         self.token = token
+        self.readonly_token = readonly_token
+        self.staged: dict[str, bytes] = {}  # sha256 -> content uploaded by LFS, not yet committed
+        self.cut_upload = 0  # the next N LFS PUTs close the connection after half of their body
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, tuple[str, bytes]] = {}  # sha256 -> (path, content), what the CDN serves
         self.seen: list[Seen] = []
@@ -128,6 +143,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route(body=True)
 
+    def do_POST(self) -> None:
+        self._write_route()
+
+    def do_PUT(self) -> None:
+        self._write_route()
+
     # --- routing -----------------------------------------------------------------------------------------------
 
     def _route(self, body: bool) -> None:
@@ -139,6 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
                 Seen(self.command, unquote(path), self.headers.get("Range"), self.headers.get("Authorization"))
             )
         segments = path.strip("/").split("/")
+        if segments[:2] == ["api", "models"] and len(segments) == 4:  # repo_info without a revision
+            return self._api("/".join(segments[2:4]), "revision", "main", query, body)
         if segments[:2] == ["api", "models"] and len(segments) >= 6 and segments[4] in ("revision", "tree"):
             repo_id, kind, rev = "/".join(segments[2:4]), segments[4], unquote(segments[5])
             return self._api(repo_id, kind, rev, query, body)
@@ -152,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorised(self, repo: Repo | None, body: bool) -> bool:
         """The hub's answers for a missing or private repository and for tokens, before anything else."""
         auth = self.headers.get("Authorization")
-        if auth is not None and auth != f"Bearer {self.fake.token}":
+        if auth is not None and auth not in (f"Bearer {self.fake.token}", f"Bearer {self.fake.readonly_token}"):
             self._error(401, None, "Invalid credentials in Authorization header", body)
             return False
         if repo is None or (repo.private and auth is None):
@@ -230,6 +253,138 @@ class _Handler(BaseHTTPRequestHandler):
             return
         file, data = self.fake.blobs[sha256]
         self._send_content(file, data, {"ETag": f'"{sha256}"'}, body)
+
+    # --- uploads -----------------------------------------------------------------------------------------------
+
+    def _write_route(self) -> None:
+        fake = self.fake
+        path = urlsplit(self.path).path
+        with fake._lock:
+            fake.seen.append(Seen(self.command, unquote(path), None, self.headers.get("Authorization")))
+        segments = path.strip("/").split("/")
+        if segments[0] == "lfs-upload":
+            return self._lfs_put(segments[1])
+        payload = self._body()
+        if segments[0] == "lfs-verify":
+            return self._send(200, b"{}", {"Content-Type": "application/json"}, True)
+        if segments == ["api", "validate-yaml"]:  # the card's front matter, checked before a commit that adds it
+            ok = payload and json.loads(payload).get("content", "").startswith("---")
+            return self._send(200 if ok else 400, b'{"warnings": []}', {"Content-Type": "application/json"}, True)
+        if not self._may_write():
+            return
+        if segments == ["api", "repos", "create"]:
+            return self._create_repo(json.loads(payload))
+        if path.endswith(".git/info/lfs/objects/batch"):
+            return self._lfs_batch(json.loads(payload))
+        repo_id = "/".join(segments[2:4])
+        repo = fake.repos.get(repo_id)
+        if segments[:2] != ["api", "models"] or len(segments) < 6 or repo is None:
+            return self._error(404, "RepoNotFound" if repo is None else None, "Not found", True)
+        rev = unquote("/".join(segments[5:]))
+        if segments[4] == "preupload":
+            return self._preupload(repo, rev, json.loads(payload))
+        if segments[4] == "commit":
+            return self._commit_upload(repo_id, repo, rev, payload)
+        if segments[4] == "branch":
+            if rev in repo.refs:
+                return self._error(409, None, "Reference already exists", True)
+            repo.refs[rev] = repo.refs["main"]
+            return self._send(200, b"{}", {"Content-Type": "application/json"}, True)
+        self._error(404, None, "Not found", True)
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while (size := int(self.rfile.readline().strip(), 16)) > 0:
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return data
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _may_write(self) -> bool:
+        auth = self.headers.get("Authorization")
+        if auth == f"Bearer {self.fake.readonly_token}" and auth is not None:
+            self._error(403, None, "You don't have the rights to write to this repository", True)
+            return False
+        if auth != f"Bearer {self.fake.token}" or self.fake.token is None:
+            self._error(401, None, "Invalid credentials in Authorization header", True)
+            return False
+        return True
+
+    def _create_repo(self, payload: dict) -> None:
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        url = f"{self.fake.url}/{repo_id}"
+        if repo_id in self.fake.repos:  # the hub's 409 also names the repository's url
+            answer = json.dumps({"error": "You already created this model repo", "url": url}).encode()
+            return self._send(409, answer, {"Content-Type": "application/json"}, True)
+        self.fake.commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                         private=payload.get("visibility") == "private" or bool(payload.get("private")))  # fmt: skip
+        self._send(200, json.dumps({"url": url}).encode(), {"Content-Type": "application/json"}, True)
+
+    def _preupload(self, repo: Repo, rev: str, payload: dict) -> None:
+        files = repo.commits.get(repo.refs.get(rev, ""), {})
+        answer = []
+        for entry in payload["files"]:
+            lfs = entry["path"].endswith(LFS_SUFFIXES)
+            current = files.get(entry["path"])
+            oid = None
+            if current is not None:
+                oid = hashlib.sha256(current).hexdigest() if lfs else git_blob_sha1(current)
+            mode = "lfs" if lfs else "regular"
+            answer.append({"path": entry["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+        self._send(200, json.dumps({"files": answer}).encode(), {"Content-Type": "application/json"}, True)
+
+    def _lfs_batch(self, payload: dict) -> None:
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"]}
+            if obj["oid"] not in self.fake.blobs and obj["oid"] not in self.fake.staged:
+                entry["actions"] = {
+                    "upload": {"href": f"{self.fake.url}/lfs-upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.fake.url}/lfs-verify/{obj['oid']}"},
+                }
+            objects.append(entry)
+        headers = {"Content-Type": "application/vnd.git-lfs+json"}
+        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(), headers, True)
+
+    def _lfs_put(self, oid: str) -> None:
+        fake = self.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        with fake._lock:
+            cut, fake.cut_upload = fake.cut_upload > 0, max(0, fake.cut_upload - 1)
+        if cut and length:
+            self.rfile.read(length // 2)
+            self.close_connection = True
+            self.connection.shutdown(2)  # the connection drops mid-upload
+            return
+        data = self._body()
+        if hashlib.sha256(data).hexdigest() != oid:
+            return self._error(400, None, "sha256 of the content does not match the oid", True)
+        fake.staged[oid] = data
+        self._send(200, b"", {}, True)
+
+    def _commit_upload(self, repo_id: str, repo: Repo, rev: str, payload: bytes) -> None:
+        import base64
+
+        if rev not in repo.refs:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", True)
+        files = dict(repo.commits[repo.refs[rev]])
+        for line in payload.decode().splitlines():
+            item = json.loads(line)
+            value = item["value"]
+            if item["key"] == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] == "lfsFile":
+                data = self.fake.staged.get(value["oid"]) or self.fake.blobs.get(value["oid"], (None, None))[1]
+                if data is None:
+                    return self._error(400, None, f"LFS object {value['oid']} was not uploaded", True)
+                files[value["path"]] = data
+            elif item["key"] in ("deletedFile", "deletedFolder"):
+                files.pop(value["path"], None)
+        sha = self.fake.commit(repo_id, files, branch=rev)
+        answer = {"commitUrl": f"{self.fake.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+        self._send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"}, True)
 
     # --- answers -----------------------------------------------------------------------------------------------
 
