@@ -278,6 +278,13 @@ def report_flow(
     return evaluation.report(scores, finetunes, traces, merge, merged, out, summary)
 
 
+@flow(name="stage-publish")
+def publish_flow(params: ParamsBase, root: Path, merged: Path, report: Path, summary: Path, out: Path) -> Path:
+    """The merged model to the hub (publish.repo; off when null), gated by its normalised score; the result, commit
+    sha included, in `out` (a DVC metric)."""
+    return evaluation.publish(merged, report, summary, out, params.publish.model_dump())
+
+
 STAGES = {
     "zoo": zoo_flow,
     "fetch": fetch_flow,
@@ -288,4 +295,5 @@ STAGES = {
     "merge": merge_flow,
     "evaluate": evaluate_flow,
     "report": report_flow,
+    "publish": publish_flow,
 }

@@ -88,3 +88,38 @@ def report(
     notes = pipeline_notes(finetunes, merge_json)
     write_report(scores_json, traces, out, summary_json, notes=notes, extra_files={REPORT_CARD: card} if card else {})
     return out
+
+
+@task(retries=2, retry_delay_seconds=10)
+def publish(merged: Path, report: Path, summary_json: Path, out: Path, settings: dict) -> Path:
+    """Upload the merged model with the report's card (scores included) unless publish.repo is null or the gate
+    refuses it; a refusal is one line in `out` (and fails the run only with gate.fail_run)."""
+    import json
+
+    from dppa.errors import DppaError
+    from dppa.io.atomic import atomic_write_text
+    from dppa.merging.card import REPORT_CARD
+    from dppa.pipeline.publish import Gate, publish_model
+
+    if not settings.get("repo"):
+        atomic_write_text(out, json.dumps({"published": False, "reason": "publish.repo is null"}, indent=2) + "\n")
+        return out
+    gate = settings["gate"]
+    summary = json.loads(Path(summary_json).read_text())
+    score = (summary.get("merged") or {}).get("normalised_mean")
+    card = (Path(report) / REPORT_CARD).read_text() if (Path(report) / REPORT_CARD).exists() else None
+    result = publish_model(
+        merged,
+        settings["repo"],
+        revision=settings["revision"],
+        private=settings["private"],
+        card=card,
+        score=score,
+        gate=Gate(min_score=gate["min_score"], no_worse=gate["no_worse"]),
+    )
+    atomic_write_text(out, json.dumps(result.to_dict(), indent=2) + "\n")
+    line = f"publish {result.repo}@{result.revision}: {result.reason}"
+    print(line + (f" (commit {result.commit})" if result.commit else ""))
+    if not result.published and result.reason.startswith("refused") and gate["fail_run"]:
+        raise DppaError(line + " (publish.gate.fail_run is true)")
+    return out

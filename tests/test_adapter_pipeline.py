@@ -43,7 +43,7 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api):
+def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api, monkeypatch):
     adapters = {ft: make_adapter(tiny_zoo / "base", tmp_path / ft, seed=i) for i, ft in enumerate(FINETUNES)}
     project = make_project(tmp_path / "project", tiny_zoo)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -91,3 +91,33 @@ def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api):
     scored = ModelCard.load(project / "data/report/model_card.md").text
     merged_arith = scores["models"]["merged"]["zoo_arith"]["exact_match"]
     assert "## Scores" in scored and f"| merged | {merged_arith:.3f} |" in scored
+
+    # publish: off by default; then to the local hub, refused by the gate, then published, then nothing to do
+    assert json.loads((project / "data/metrics/publish.json").read_text())["published"] is False
+    from tests.hub_server import FakeHub
+
+    token = "hf_PipelineToken0123456789abcdefgh"
+    with FakeHub(token=token) as hub:
+        env = dict(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_TOKEN=token, HF_HUB_DISABLE_XET="1")
+        for key, value in {**env, "HF_HOME": str(tmp_path / "hf")}.items():
+            monkeypatch.setenv(key, value)
+
+        def publish_with(gate: dict) -> dict:
+            params["publish"] = {"repo": "team/merged", "gate": gate}
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            done = dvc(project, "repro")
+            assert stages_run(done.stdout) == {"publish"}
+            return json.loads((project / "data/metrics/publish.json").read_text())
+
+        refused = publish_with({"min_score": 2.0})
+        assert not refused["published"] and refused["reason"].startswith("refused by the gate") and not hub.repos
+        published = publish_with({"min_score": None})
+        assert published["published"] and published["commit"] == hub.repos["team/merged"].refs["main"]
+        files = hub.repos["team/merged"].commits[published["commit"]]
+        assert "## Scores" in files["README.md"].decode()  # the report's card, with the scores
+        assert files["model.safetensors"] == (project / "data/merged/model/model.safetensors").read_bytes()
+        commits = len(hub.repos["team/merged"].commits)
+        dvc(project, "repro", "--force", "--single-item", "publish")
+        again = json.loads((project / "data/metrics/publish.json").read_text())
+        assert again["reason"].startswith("unchanged") and len(hub.repos["team/merged"].commits) == commits
+        assert token not in (project / "data/metrics/publish.json").read_text()

@@ -132,7 +132,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{len(ran)} of {len(outcome)} stages ran ({elapsed:.0f} s): {', '.join(ran) or 'none'}")
     table = report_folder(root) / "scores.md"
     print(table.read_text() if table.exists() else f"{table}: no report was written")
+    print(publish_line(root / PUBLISH_RECORD))
     return 0
+
+
+PUBLISH_RECORD = "data/metrics/publish.json"  # the publish stage's metric, as dvc.yaml writes it
+
+
+def publish_line(record: Path) -> str:
+    """What the publish stage did, in one line (a refusal by the gate included)."""
+    import json
+
+    if not record.exists():
+        return "Publish: no record (the publish stage has not run)"
+    body = json.loads(record.read_text())
+    if not body.get("repo"):
+        return f"Publish: off ({body.get('reason', 'publish.repo is null')})"
+    commit = f" (commit {body['commit']})" if body.get("commit") else ""
+    return f"Publish {body['repo']}@{body['revision']}: {body['reason']}{commit}"
 
 
 def register(subparsers) -> None:

@@ -265,6 +265,19 @@ class Evaluate(Strict):
     batch_size: int = Field(default=32, ge=1)
 
 
+class PublishGate(Strict):
+    min_score: float | None = None  # least normalised score of the merged model (summary.json's normalised_mean)
+    no_worse: bool = True  # refuse a model scoring below the one last published to the revision
+    fail_run: bool = False  # a refused publish fails the run (else one line in the report, and the run succeeds)
+
+
+class Publish(Strict):
+    repo: str | None = None  # ORG/NAME on the hub; null: nothing is published (the default)
+    revision: str = "main"  # the branch to commit to (created from main if missing)
+    private: bool = False  # create the repository private
+    gate: PublishGate = PublishGate()
+
+
 class Runtime(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # "threads" | "local-cluster:N" (a Dask LocalCluster of N worker processes) | "local-gpu-cluster[:N]" (one
@@ -344,6 +357,7 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
     zoo: Zoo = Zoo()
     extract: Extract = Extract()
     evaluate: Evaluate = Evaluate()
+    publish: Publish = Publish()
     runtime: Runtime = Runtime()
 
     @field_validator("evaluate", mode="before")

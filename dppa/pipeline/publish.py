@@ -134,11 +134,15 @@ def upload_errors(where: str):
     """The hub's and the network's failures during a publish as one line naming repo@revision and what to do."""
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     token = "set HF_TOKEN to a token with write access" if not os.environ.get("HF_TOKEN") else "check HF_TOKEN"
     try:
         yield
+    except OfflineModeIsEnabled:
+        raise DppaError(
+            f"{where}: the hub is switched off (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to publish"
+        ) from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         if status == 401:
