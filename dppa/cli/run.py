@@ -66,13 +66,14 @@ def check_project(root: Path) -> None:
             raise DppaError(f"{root / required}: missing ({hint}); run from the project folder or pass -C PROJECT")
 
 
-def report_folder(root: Path) -> Path:
-    """The report stage's output, as dvc.yaml declares it."""
+def stage_output(root: Path, name: str) -> Path | None:
+    """The first output of stage `name` (the report's folder, the publish record), as dvc.yaml declares it; None
+    when the project has no such stage."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        stage = next(s for s in repo.index.stages if s.name == "report" and Path(s.path).parent == root)
-        return root / stage.outs[0].def_path
+        stage = next((s for s in repo.index.stages if s.name == name and Path(s.path).parent == root), None)
+        return root / stage.outs[0].def_path if stage is not None else None
 
 
 def stages_if_up_to_date(root: Path) -> list[str] | None:
@@ -130,13 +131,12 @@ def run(args: argparse.Namespace) -> int:
     ran = [stage for stage, result in outcome.items() if result == "ran"]
     elapsed = time.perf_counter() - started
     print(f"\n{len(ran)} of {len(outcome)} stages ran ({elapsed:.0f} s): {', '.join(ran) or 'none'}")
-    table = report_folder(root) / "scores.md"
+    table = stage_output(root, "report") / "scores.md"
     print(table.read_text() if table.exists() else f"{table}: no report was written")
-    print(publish_line(root / PUBLISH_RECORD))
+    record = stage_output(root, "publish")
+    if record is not None:
+        print(publish_line(record))
     return 0
-
-
-PUBLISH_RECORD = "data/metrics/publish.json"  # the publish stage's metric, as dvc.yaml writes it
 
 
 def publish_line(record: Path) -> str:

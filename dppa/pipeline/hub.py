@@ -424,7 +424,7 @@ def record_local(kind: str, source: str, folder: Path, out: Path, root: Path | N
     the project `root` when inside it (so that data/ stays valid when the project moves)."""
     if not (folder / "config.json").exists() and not is_adapter(folder):
         raise DppaError(
-            f"{folder}: neither a model folder (no config.json) nor a LoRA adapter (no adapter_config.json); "
+            f"{folder}: not a model folder (no config.json), nor a LoRA adapter (no adapter_config.json); "
             f"check the source {source!r} in params.yaml"
         )
     record = {"kind": kind, "source": source, "path": project_relative(folder, root)}
