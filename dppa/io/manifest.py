@@ -30,7 +30,9 @@ def check_is_delta(folder: str | os.PathLike) -> dict:
     kind = manifest.get("kind")
     if kind not in DELTA_KINDS:
         what = "a model folder" if kind in (None, "model") else f"a {kind!r} artifact"
-        if (Path(folder) / "adapter_config.json").is_file():
+        from dppa.io.adapter import is_adapter  # here: the adapter reader is not needed to read manifests
+
+        if is_adapter(folder):
             what = "a LoRA adapter folder"
         raise DppaError(f"{folder}: is {what}, not a delta; run `dppa extract BASE MODEL` first")
     return manifest

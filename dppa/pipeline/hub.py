@@ -201,6 +201,16 @@ def verified(folder: Path, expected: HubFile, repo_id: str, revision: str) -> di
     return {"name": expected.name, "size": expected.size, "sha256": sha256}
 
 
+def token_refusal(where: str, status, token_advice: str, access: str) -> str | None:
+    """The line for a hub answer that refuses the token (401) or its access (403, `access`: read, write to); None
+    for any other status."""
+    if status == 401:
+        return f"{where}: the hub refused the token (401); {token_advice}"
+    if status == 403:
+        return f"{where}: the token may not {access} this repository (403); {token_advice}"
+    return None
+
+
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str):
     """huggingface_hub's and the network's failures as one line naming repo@revision and what to do."""
@@ -234,10 +244,9 @@ def hub_errors(repo_id: str, revision: str):
         raise HubRefusal(f"{where}: no such repository on {constants.ENDPOINT}, or it is private ({token})") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        if status == 401:
-            raise HubRefusal(f"{where}: the hub refused the token (401); {token}") from None
-        if status == 403:
-            raise HubRefusal(f"{where}: the token may not read this repository (403); {token}") from None
+        refusal = token_refusal(where, status, token, "read")
+        if refusal:
+            raise HubRefusal(refusal) from None
         raise DppaError(f"{where}: the hub answered {status}; retry later") from None
     except (httpx2.HTTPError, LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
         raise DppaError(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dppa.errors import DppaError
 from dppa.io.manifest import read_manifest
+from dppa.pipeline.hub import token_refusal
 
 CARD = "README.md"
 SKIPPED_FILES = {CARD}  # the card is given separately (it carries the score)
@@ -145,10 +146,9 @@ def upload_errors(where: str):
         ) from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        if status == 401:
-            raise DppaError(f"{where}: the hub refused the token (401); {token}") from None
-        if status == 403:
-            raise DppaError(f"{where}: the token may not write to this repository (403); {token}") from None
+        refusal = token_refusal(where, status, token, "write to")
+        if refusal:
+            raise DppaError(refusal) from None
         raise DppaError(f"{where}: the hub answered {status} during the upload; run again later") from None
     except (httpx2.HTTPError, ConnectionError, TimeoutError, RuntimeError) as exc:
         network = (httpx2.HTTPError, ConnectionError, TimeoutError)
