@@ -105,8 +105,8 @@ def run_mode(project: Path, env: dict, work: Path) -> tuple[float, float, dict[s
     sys.path.insert(0, str(REPO))
     os.environ.update(PREFECT_HOME=env["PREFECT_HOME"])
     os.environ.pop("PREFECT_API_URL", None)
-    import flows  # noqa: F401  (its environment defaults)
-    from flows.runtime import prefect_api
+    import dppa.flows  # noqa: F401  (its environment defaults)
+    from dppa.flows.runtime import prefect_api
 
     started = time.perf_counter()
     with prefect_api() as url:
@@ -156,8 +156,8 @@ def probes(project: Path, env: dict, work: Path) -> dict[str, float]:
         "report stage alone, no API given (dppa stage report ...)": median_wall(stage_alone, project, env),
     }
     sys.path.insert(0, str(REPO))
-    import flows  # noqa: F401
-    from flows.runtime import prefect_api
+    import dppa.flows  # noqa: F401
+    from dppa.flows.runtime import prefect_api
 
     with prefect_api() as url:
         figures["report stage alone, an API given (PREFECT_API_URL)"] = median_wall(

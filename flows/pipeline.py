@@ -13,14 +13,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dppa.flows.runtime import GPU_RESOURCE
+from dppa.tasks import models
+from dppa.tasks.dvc import repro_stage
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 
 from dppa.errors import DppaError
 from dppa.pipeline.run_record import StageFailed
-from flows.runtime import GPU_RESOURCE
-from tasks import models
-from tasks.dvc import repro_stage
 
 FETCH_COMMAND = "dppa stage fetch "  # the command of dvc.yaml's fetch stages
 
@@ -163,10 +163,11 @@ def pipeline_flow(root: str = ".", gpu_resource: bool = False) -> dict[str, str]
 def scheduled_pipeline(root: str) -> dict[str, str]:
     """What `dppa serve` runs: reads params.yaml at run time (so edits apply to the next run), then the pipeline
     with the task runner and GPU limit they choose."""
+    from dppa.flows.runtime import configured_notify, notifier, set_gpu_limit, task_runner
+
     from dppa.pipeline.config import load_params
     from dppa.pipeline.run_lock import RunSkipped, run_lock
     from dppa.pipeline.run_record import recorded_run
-    from flows.runtime import configured_notify, notifier, set_gpu_limit, task_runner
 
     logger = get_run_logger()
     command = "dppa serve (scheduled run)"

@@ -14,11 +14,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from dppa.tasks import GPU_TAG
+
 from dppa.errors import DppaError
 from dppa.pipeline import lifeline
 from dppa.pipeline.config import Runtime
 from dppa.pipeline.lifeline import children_die_with_us
-from tasks import GPU_TAG
 
 API_URL_ENV = "PREFECT_API_URL"
 CUDA_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"

@@ -2,7 +2,7 @@
 
 A stage run by DVC without PREFECT_API_URL (plain `dvc repro`, not `dppa run`) would make Prefect start a temporary
 server for its own process: seconds per stage, most of a small stage's cost. Instead, the first stage starts a
-keeper (`python -m flows.shared_api`) that starts one temporary server and keeps it for as long as the DVC process
+keeper (`python -m dppa.flows.shared_api`) that starts one temporary server and keeps it for as long as the DVC process
 that runs the stages is alive; the following stages find its address in .dvc/tmp and report to it. The keeper is a
 watchdog (it polls the DVC process, and stops the server the moment DVC is gone, however DVC ended), and the server
 is bound to the keeper by a parent-death signal (dppa/pipeline/lifeline.py), so nothing outlives the run.
@@ -98,14 +98,14 @@ def shared_api_url(folder: Path, timeout_s: float = 180) -> str | None:
             if _healthy(url):
                 return url
             address.unlink()
-        import flows
+        import dppa
 
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(flows.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(dppa.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
         env.pop("DVC_STAGE", None)
         with open(folder / KEEPER_LOG, "a") as log:
             keeper = subprocess.Popen(
-                [sys.executable, "-m", "flows.shared_api", str(pid), str(started), str(address)],
+                [sys.executable, "-m", "dppa.flows.shared_api", str(pid), str(started), str(address)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -127,7 +127,7 @@ def _log(message: str) -> None:
 
 def keep(dvc_pid: int, dvc_started: int, address: Path) -> None:
     """Start a temporary Prefect server, publish its address, and stop it when the DVC process is gone."""
-    # Run as `python -m flows.shared_api`: flows/__init__ (its environment defaults) ran before Prefect is imported.
+    # Run as `python -m dppa.flows.shared_api`: flows/__init__ (its environment defaults) ran before Prefect.
     from prefect.server.api.server import SubprocessASGIServer
 
     from dppa.io.atomic import atomic_write_text

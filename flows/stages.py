@@ -10,12 +10,12 @@ import json
 import shutil
 from pathlib import Path
 
+from dppa.tasks import deltas, evaluation, models
 from prefect import flow
 
 from dppa.io.atomic import atomic_write_text
 from dppa.pipeline.config import BASE_NAME, ParamsBase
 from dppa.pipeline.scoring import trace_csv
-from tasks import deltas, evaluation, models
 
 SEARCH_TRACE = "search_trace.csv"
 UNUSED = "UNUSED"

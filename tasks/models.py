@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dppa.tasks import GPU_TAG
 from prefect import task
-
-from tasks import GPU_TAG
 
 
 @task(tags=[GPU_TAG])

@@ -36,8 +36,8 @@ def prefect_api(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     os.environ.pop("PREFECT_API_URL", None)
-    import flows  # noqa: F401  (its environment defaults)
-    from flows.runtime import prefect_api as api
+    import dppa.flows  # noqa: F401  (its environment defaults)
+    from dppa.flows.runtime import prefect_api as api
 
     with api() as url:
         yield url

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dppa.flows.pipeline import is_model_heavy, stage_resources
 
 from dppa.errors import DppaError
-from flows.pipeline import is_model_heavy, stage_resources
 
 PER_FINETUNE = ("fetch", "extract", "prune", "amplify", "score")
 FINETUNES = ("a", "b")
@@ -76,9 +76,8 @@ def cluster(**workers: dict):
 
 
 def run_on(cluster_, project: Path, gpu_resource: bool) -> dict[str, str]:
+    from dppa.flows.pipeline import pipeline_flow
     from prefect_dask import DaskTaskRunner
-
-    from flows.pipeline import pipeline_flow
 
     runner = DaskTaskRunner(address=cluster_.scheduler_address)
     return pipeline_flow.with_options(task_runner=runner)(str(project), gpu_resource=gpu_resource)
@@ -122,9 +121,10 @@ def test_no_gpu_worker_is_refused_before_any_stage_runs(tmp_path, prefect_api):
 def test_local_gpu_cluster_runs_model_heavy_stages_each_on_one_gpu(tmp_path, prefect_api, monkeypatch):
     """runtime.task_runner local-gpu-cluster:1 with two GPUs (given, none needed): the pipeline's stage processes
     see the one GPU of the worker they ran on; the model-heavy ones never run on the CPU-only worker."""
+    from dppa.flows.pipeline import pipeline_flow
+    from dppa.flows.runtime import task_runner
+
     from dppa.pipeline.config import Runtime
-    from flows.pipeline import pipeline_flow
-    from flows.runtime import task_runner
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     project = stand_in_project(tmp_path / "project")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dppa.flows.runtime import task_runner, visible_gpus
 
 from dppa.pipeline.config import Runtime
-from flows.runtime import task_runner, visible_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -320,11 +320,11 @@ def test_only_followed_branches_are_asked_about(tmp_path):
 
 
 def test_prefect_retries_network_failures_not_the_hubs_refusals():
+    from dppa.tasks.models import may_recover
     from prefect.states import Failed
 
     from dppa.errors import DppaError
     from dppa.pipeline.hub import HubRefusal
-    from tasks.models import may_recover
 
     assert may_recover(None, None, Failed(data=DppaError("org/m@main: cannot reach the hub")))
     assert not may_recover(None, None, Failed(data=HubRefusal("org/m@nope: no such revision")))

@@ -5,7 +5,7 @@ recorded commit when a stage needs one that is missing.
 
 The project holds this repository's fetch and extract stages (dvc.yaml's own, cut down to them) and a params.yaml
 whose base and fine-tune are private hub repositories at `revision: main`. Each run is what `dppa serve` runs on
-its schedule (`flows.pipeline.scheduled_pipeline`), in a fresh process pointed at the local hub.
+its schedule (`dppa.flows.pipeline.scheduled_pipeline`), in a fresh process pointed at the local hub.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run_env(hub: FakeHub, home: Path, store: Path) -> dict[str, str]:
 def scheduled_run(project: Path, hub: FakeHub, home: Path, store: Path) -> tuple[dict[str, str], str]:
     """One run of what `dppa serve` schedules; returns ({stage: outcome}, everything it printed)."""
     script = (
-        "import json, sys; from flows.pipeline import scheduled_pipeline; "
+        "import json, sys; from dppa.flows.pipeline import scheduled_pipeline; "
         "print(json.dumps(scheduled_pipeline(sys.argv[1])))"
     )
     env = run_env(hub, home, store)

@@ -59,6 +59,20 @@ def test_init_writes_a_checked_project_with_comments_and_no_code_deps(tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+def test_init_on_the_zoo_keeps_the_zoo_models_at_the_size_given(tmp_path):
+    done = dppa("init", tmp_path / "real", "--zoo", "smollm2-135m", "--set", "zoo.regime=light")
+    assert done.returncode == 0, done.stderr
+    params = yaml.safe_load((tmp_path / "real" / "params.yaml").read_text())
+    repo = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["zoo"] == {**repo["zoo"], "size": "smollm2-135m", "regime": "light"}
+    assert params["models"] == repo["models"]  # zoo:base and zoo:<domain> with their tasks
+    mixed = dppa("init", tmp_path / "mixed", "--zoo", "tiny", "--base", "org/base@main")
+    assert mixed.returncode == 2 and "--zoo makes a project on the zoo's own models" in mixed.stderr
+    none = dppa("init", tmp_path / "none")
+    assert none.returncode == 2 and "give --base SOURCE (or --zoo SIZE" in none.stderr
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "none").exists()
+
+
 @pytest.mark.slow
 def test_dppa_run_in_a_new_project(tmp_path, tiny_zoo):
     settings = [

@@ -83,7 +83,7 @@ def test_secrets_in_the_environment_are_never_written_or_sent(project, monkeypat
 
 
 def test_a_notification_that_cannot_be_sent_is_logged_without_its_address(project):
-    from flows.runtime import notifier
+    from dppa.flows.runtime import notifier
 
     logged = []
     unreachable = f"http://127.0.0.1:9/hook?token={SECRET}"  # the discard port: nothing listens there
@@ -96,7 +96,7 @@ def test_a_notification_that_cannot_be_sent_is_logged_without_its_address(projec
 
 
 def test_a_webhook_url_is_sent_through_prefects_custom_webhook_block():
-    from flows.runtime import notifier
+    from dppa.flows.runtime import notifier
 
     receiver = Receiver()
     try:

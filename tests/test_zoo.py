@@ -130,4 +130,4 @@ def test_manifest_records_scores_deltas_and_build_time(tiny_zoo):
         assert 0 < entry["relative_delta_linear"] and 0 < entry["relative_delta"]
         assert manifest["timing"][domain]["finetune_seconds"] > 0
     timing = manifest["timing"]
-    assert 0 < timing["pretrain_seconds"] < timing["build_seconds"] < 60  # the tiny zoo builds in under a minute
+    assert 0 < timing["base_seconds"] < timing["build_seconds"]

@@ -2,6 +2,8 @@
 
 A command module defines `register(subparsers)` which adds its parser and sets `func` to a callable taking the
 parsed arguments. Modules are discovered, so adding a command means adding one file; `ORDER` sorts them in `--help`.
+A command line naming a command imports that command's module only (`dppa merge` pays for merging, not for the
+pipeline's, the hub's and the search's imports); `dppa --help` and unknown commands import them all.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ Run `dppa COMMAND --help` for the options of each command.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_names() -> list[str]:
+    import dppa.cli as commands_pkg
+
+    return [m.name for m in pkgutil.iter_modules(commands_pkg.__path__) if m.name != "options"]
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `dppa` parser; `only`: with just that command's subparser (its module alone imported)."""
     parser = argparse.ArgumentParser(
         prog="dppa",
         description="Merge fine-tuned LLMs with DPPA: delta extraction, Dynamic Pruning, "
@@ -35,17 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dppa {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import dppa.cli as commands_pkg
-
-    modules = [importlib.import_module(f"dppa.cli.{m.name}") for m in pkgutil.iter_modules(commands_pkg.__path__)]
+    names = [only] if only else command_names()
+    modules = [importlib.import_module(f"dppa.cli.{name}") for name in names]
     for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
         if hasattr(module, "register"):
             module.register(subparsers)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command an argument list names, when it names a known one before any option (options of the top-level
+    parser, such as --help, need every command)."""
+    first = argv[0] if argv else None
+    return first if first in command_names() else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -14,8 +14,8 @@ ORDER = 75
 @contextlib.contextmanager
 def one_prefect_api(project: Path):
     """One Prefect API for every point's stage processes (they inherit PREFECT_API_URL), with the GPU limit set."""
+    from dppa.flows.runtime import prefect_api, set_gpu_limit
     from dppa.pipeline.config import load_params
-    from flows.runtime import prefect_api, set_gpu_limit
 
     with prefect_api():
         set_gpu_limit(load_params(project / "params.yaml").runtime.gpu_concurrency)

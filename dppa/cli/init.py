@@ -23,6 +23,7 @@ examples:
       --finetune math=org/llama-math@v1 --finetune law=/models/llama-law-lora \\
       --tasks math=gsm8k --tasks law=my_law_task
   dppa init /tmp/p --base zoo/base --finetune arith=zoo/arith --tasks arith=zoo_arith --set evaluate.limit=20
+  dppa init demo-real --zoo smollm2-135m --set zoo.regime=light   # the demo on a real LLM (make demo-real)
 """
 
 
@@ -34,7 +35,14 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("folder", metavar="DIR", help="project folder to create (must not exist)")
-    p.add_argument("--base", required=True, metavar="SOURCE", help="base model: a folder or ORG/NAME@REVISION")
+    p.add_argument("--base", metavar="SOURCE", help="base model: a folder or ORG/NAME@REVISION")
+    p.add_argument(
+        "--zoo",
+        metavar="SIZE",
+        choices=["tiny", "default", "smollm2-135m"],
+        help="instead of --base/--finetune: the zoo's models, built by the zoo stage at this size (smollm2-135m: "
+        "the real pre-trained LLM; needs `make real-zoo-deps`)",
+    )
     p.add_argument(
         "--finetune",
         action="append",
@@ -58,6 +66,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from dppa.pipeline.project import init_project
 
-    folder = init_project(args.folder, args.base, args.finetune, args.tasks, args.set)
+    folder = init_project(args.folder, args.base, args.finetune, args.tasks, args.set, zoo=args.zoo)
     print(f"{folder}: a new project; `cd {folder} && dppa run` runs it (params.yaml holds every setting)")
     return 0

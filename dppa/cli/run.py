@@ -100,7 +100,7 @@ def run_pipeline(root: Path) -> dict[str, str]:
     from dppa.pipeline.config import load_params
 
     params = load_params(root / "params.yaml")
-    from flows.runtime import task_runner
+    from dppa.flows.runtime import task_runner
 
     runner = task_runner(params.runtime)  # starts nothing; refuses local-gpu-cluster where no GPU is visible
     from dppa.pipeline.run_lock import run_lock
@@ -111,9 +111,9 @@ def run_pipeline(root: Path) -> dict[str, str]:
             up_to_date = stages_if_up_to_date(root)
             if up_to_date is not None:
                 return dict.fromkeys(up_to_date, "up to date")
+        from dppa.flows.pipeline import pipeline_flow
+        from dppa.flows.runtime import notifier, prefect_api, set_gpu_limit
         from dppa.pipeline.run_record import recorded_run
-        from flows.pipeline import pipeline_flow
-        from flows.runtime import notifier, prefect_api, set_gpu_limit
 
         with prefect_api(), recorded_run(root, "dppa run") as record:
             record.notify = notifier(params.runtime.notify)

@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(root / "params.yaml")  # fail now, not at 2 a.m.
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    from flows.pipeline import scheduled_pipeline
-    from flows.runtime import prefect_server
+    from dppa.flows.pipeline import scheduled_pipeline
+    from dppa.flows.runtime import prefect_server
 
     # One run of the deployment at a time, in Prefect too: a run due while another is going is cancelled (or, with
     # runtime.on_overlap: wait, queued), and the project's run lock keeps out runs started elsewhere.

@@ -31,7 +31,7 @@ def stage_arguments(stage) -> list[inspect.Parameter]:
 
 def stage_parser() -> argparse.ArgumentParser:
     """The parser of `dppa stage`, built from the flows (imported only when a stage runs: Prefect is slow to load)."""
-    from flows.stages import STAGES
+    from dppa.flows.stages import STAGES
 
     parser = argparse.ArgumentParser(
         prog="dppa stage", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from dppa.flows.runtime import drain_to_api, set_gpu_limit
+    from dppa.flows.shared_api import shared_api_url
+    from dppa.flows.stages import STAGES
     from dppa.pipeline.lifeline import die_with_parent
     from dppa.pipeline.run_lock import TOKEN_ENV, run_lock
-    from flows.runtime import drain_to_api, set_gpu_limit
-    from flows.shared_api import shared_api_url
-    from flows.stages import STAGES
 
     if os.environ.get(TOKEN_ENV):
         die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed

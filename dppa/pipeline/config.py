@@ -129,7 +129,7 @@ class ModelsBase(Strict):  # `finetunes` is added by `_models()`
 
 
 class Zoo(Strict):
-    size: Literal["tiny", "default", "none"] = "default"
+    size: Literal["tiny", "default", "smollm2-135m", "none"] = "default"
     regime: Literal["heavy", "light"] = "heavy"
     seed: int = 0
 

@@ -7,6 +7,9 @@ from the metrics DVC records for each experiment (`dvc exp show --json`), as mea
 The grid file (see experiments/paper.yaml):
     set:    {key: value}              overrides applied at every point
     seeds:  [{key: value}, ...]       repeats of every point, averaged in the tables
+    metric: ratio | gain              the tables' value: score / the dense fine-tune's (ratio, default), or the
+                                      share of the fine-tune's gain over the base that is kept, (score - base) /
+                                      (dense - base) capped at 1 (gain: for a real base, which does not score 0)
     grids:  {name: {table: finetunes | merges, axes: {axis: [values]}, set: {key: value}, targets: [stage]}}
             an axis named after a params key takes plain values; any other axis takes mappings of overrides,
             each with a `label`; a grid's own `set` adds to the global one; `targets` limits each point's run
@@ -37,6 +40,7 @@ from dppa.errors import DppaError
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
 
 TABLES = ("finetunes", "merges")
+METRICS = ("ratio", "gain")
 PARAMS = "params.yaml"
 
 
@@ -47,9 +51,11 @@ def load_grid(path: Path) -> dict:
         raise DppaError(f"{path}: cannot read ({exc})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("grids"), dict):
         raise DppaError(f"{path}: expected `grids: {{name: {{table: ..., axes: ...}}}}`")
-    unknown = set(spec) - {"set", "seeds", "grids"}
+    unknown = set(spec) - {"set", "seeds", "grids", "metric"}
     if unknown:
-        raise DppaError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: set, seeds, grids")
+        raise DppaError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: set, seeds, grids, metric")
+    if spec.get("metric", "ratio") not in METRICS:
+        raise DppaError(f"{path}: metric {spec['metric']!r}; choose one of {', '.join(METRICS)}")
     for name, grid in spec["grids"].items():
         if grid.get("table") not in TABLES or not isinstance(grid.get("axes"), dict):
             raise DppaError(f"{path}: grids.{name}: give `table` ({' | '.join(TABLES)}) and `axes`")
@@ -163,12 +169,22 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _ratios(scores: dict[str, float], dense: dict[str, float]) -> list[float]:
-    return [scores[t] / dense[t] for t in scores if dense.get(t, 0) > 0]
+def kept(score: float, dense: float, base: float | None) -> float | None:
+    """score / dense (base None), or the share of the dense fine-tune's gain over the base that `score` keeps,
+    capped at 1; None where there is nothing to divide by (a dense score of 0, or no gain)."""
+    if base is None:
+        return score / dense if dense > 0 else None
+    return min(1.0, (score - base) / (dense - base)) if dense > base else None
 
 
-def finetune_rows(point: dict, metrics: dict) -> list[dict]:
-    """Per fine-tune: the pruned and amplified fine-tune's mean score over its tasks, over the dense one's."""
+def _ratios(scores: dict[str, float], dense: dict[str, float], base: dict[str, float] | None = None) -> list[float]:
+    values = [kept(scores[t], dense[t], base[t] if base is not None else None) for t in scores if t in dense]
+    return [v for v in values if v is not None]
+
+
+def finetune_rows(point: dict, metrics: dict, gain: bool = False) -> list[dict]:
+    """Per fine-tune: the pruned and amplified fine-tune's mean score over its tasks, over the dense one's (or,
+    `gain`, the mean share of the dense fine-tune's gain over the base kept)."""
     rows = []
     for file, record in sorted(metrics.items()):
         if "/finetunes/" not in file:
@@ -176,7 +192,7 @@ def finetune_rows(point: dict, metrics: dict) -> list[dict]:
         scores = record["scores"]
         strategy = point["overrides"].get("amplify.search.strategy")
         for variant in ("pruned", "amplified"):
-            ratios = _ratios(scores.get(variant, {}), scores["dense"])
+            ratios = _ratios(scores.get(variant, {}), scores["dense"], scores["base"] if gain else None)
             method = record["method"] if variant == "pruned" else f"dppa ({strategy})" if strategy else "dppa"
             rows.append(
                 {
@@ -191,8 +207,9 @@ def finetune_rows(point: dict, metrics: dict) -> list[dict]:
     return rows
 
 
-def merge_rows(point: dict, metrics: dict) -> list[dict]:
-    """Per task: the merged model's score over the dense fine-tune that owns the task, and the merge scale."""
+def merge_rows(point: dict, metrics: dict, gain: bool = False) -> list[dict]:
+    """Per task: the merged model's score over the dense fine-tune that owns the task (or, `gain`, the share of
+    its gain over the base kept), and the merge scale."""
     scores = next(m for f, m in metrics.items() if f.endswith("scores.json"))
     merge = next((m for f, m in metrics.items() if f.endswith("merge.json")), {})
     finetunes = metrics[PARAMS]["models"]["finetunes"]
@@ -201,14 +218,8 @@ def merge_rows(point: dict, metrics: dict) -> list[dict]:
     for task, owner in owners.items():
         dense = next(iter(scores["models"][owner][task].values()))
         merged = next(iter(scores["models"]["merged"][task].values()))
-        rows.append(
-            {
-                **point["labels"],
-                "seed": point["seed"],
-                "task": task,
-                "normalised": merged / dense if dense > 0 else None,
-            }
-        )
+        base = next(iter(scores["models"]["base"][task].values())) if gain else None
+        rows.append({**point["labels"], "seed": point["seed"], "task": task, "normalised": kept(merged, dense, base)})
     # the merge scale used, in a column of its own
     return rows + [{**point["labels"], "seed": point["seed"], "task": "scale", "normalised": merge.get("scale")}]
 
@@ -240,19 +251,25 @@ def write_tables(spec: dict, grids: list[str], projects: list[Path], results: Pa
     import pandas as pd
 
     metrics = {name: m for project in projects for name, m in recorded(project).items()}
+    gain = spec.get("metric") == "gain"
+    value = (
+        "Gain retention = (score - base) / (dense fine-tune - base) on the same task, capped at 1"
+        if gain
+        else "Normalised score = score / the dense fine-tune's score on the same task"
+    )
     sections = [
-        "# Experiment results\n\nNormalised score = score / the dense fine-tune's score on the same task "
-        "(test split); mean ± std over seeds; '-' = no point recorded, or the dense fine-tune scores 0.\n"
+        f"# Experiment results\n\n{value} (test split); mean ± std over seeds; '-' = no point recorded, or the "
+        "dense fine-tune scores 0 (no better than the base, for gain retention).\n"
     ]
     for grid in grids:
         done = [(p, metrics[p["name"]]) for p in points(spec, grid) if p["name"] in metrics]
         kind = spec["grids"][grid]["table"]
         axes = [a for a in spec["grids"][grid]["axes"] if a not in ("prune.method", "prune.density")]
         if kind == "finetunes":
-            rows = [r for p, m in done for r in finetune_rows(p, m)]
+            rows = [r for p, m in done for r in finetune_rows(p, m, gain)]
             text = table(rows, axes + ["finetune"], ["method", "density"])
         else:
-            rows = [r for p, m in done for r in merge_rows(p, m)]
+            rows = [r for p, m in done for r in merge_rows(p, m, gain)]
             text = table(rows, axes, ["task"])
         results.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(results / f"{grid}.csv", index=False)

@@ -80,15 +80,17 @@ def _set(params: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def _params_text(models: dict, settings: dict) -> str:
-    """This package's params.yaml with `models` in place of its models section and `settings` ({dotted key: value})
-    applied; the comments of the sections left alone are kept."""
+def _params_text(models: dict | None, settings: dict, zoo: str | None = None) -> str:
+    """This package's params.yaml with `models` in place of its models section (None: the zoo's models, built at
+    zoo size `zoo`) and `settings` ({dotted key: value}) applied; the comments of the sections left alone are kept."""
     text = _template("params.yaml")
-    start = re.search(r"^models:\n", text, re.M)
-    end = re.search(r"^zoo:", text, re.M)
-    block = yaml.safe_dump({"models": models}, sort_keys=False)
-    text = text[: start.start()] + block + "\n" + text[end.start() :]
-    text = re.sub(r"^(  size: )\w+", r"\1none", text, count=1, flags=re.M)  # the demo zoo is not built
+    if models is not None:
+        start = re.search(r"^models:\n", text, re.M)
+        end = re.search(r"^zoo:", text, re.M)
+        block = yaml.safe_dump({"models": models}, sort_keys=False)
+        text = text[: start.start()] + block + "\n" + text[end.start() :]
+    # without a zoo, the demo zoo is not built
+    text = re.sub(r"^(  size: )[\w-]+", rf"\g<1>{zoo or 'none'}", text, count=1, flags=re.M)
     if settings:
         params = yaml.safe_load(text)
         for key, value in settings.items():
@@ -100,12 +102,24 @@ def _params_text(models: dict, settings: dict) -> str:
 
 
 def init_project(
-    folder: str | Path, base: str, finetunes: list[str], tasks: list[str] = (), settings: list[str] = ()
+    folder: str | Path,
+    base: str | None,
+    finetunes: list[str],
+    tasks: list[str] = (),
+    settings: list[str] = (),
+    zoo: str | None = None,
 ) -> Path:
-    """Create the project at `folder` (refused if it exists); returns it."""
+    """Create the project at `folder` (refused if it exists); returns it. `zoo`: a project on the zoo of that size
+    (its base and fine-tunes built by the zoo stage) instead of the user's models."""
     folder = Path(folder).resolve()
     if folder.exists():
         raise DppaError(f"{folder}: exists; dppa init makes a new project folder (give a new path)")
+    if zoo is not None:
+        if base or finetunes or tasks:
+            raise DppaError("--zoo makes a project on the zoo's own models: leave out --base, --finetune and --tasks")
+        return _write_project(folder, _params_text(None, _settings(settings), zoo))
+    if base is None:
+        raise DppaError("give --base SOURCE (or --zoo SIZE for a project on the zoo's models)")
     if not finetunes:
         raise DppaError("give at least one --finetune NAME=SOURCE")
     task_lists = {name: [t for t in value.split(",") if t] for name, value in _pairs(tasks, "--tasks").items()}
@@ -120,8 +134,14 @@ def init_project(
             for name, source in sources.items()
         },
     }
-    values = {key: yaml.safe_load(value) for key, value in _pairs(settings, "--set").items()}
-    params_text = _params_text(models, values)
+    return _write_project(folder, _params_text(models, _settings(settings)))
+
+
+def _settings(settings: list[str]) -> dict:
+    return {key: yaml.safe_load(value) for key, value in _pairs(settings, "--set").items()}
+
+
+def _write_project(folder: Path, params_text: str) -> Path:
     parse_params(yaml.safe_load(params_text), source=f"{folder}/params.yaml", root=folder)  # one line if wrong
     with atomic_dir(folder) as tmp:
         (tmp / "params.yaml").write_text(params_text)

@@ -1,7 +1,11 @@
-"""Build the demo zoo: a tokenizer, a pre-trained base and one fine-tune per domain, each an HF model folder.
+"""Build a zoo: a base and one fine-tune per domain, each an HF model folder (or, light real fine-tunes, a PEFT
+LoRA adapter folder).
 
+Two kinds of base: the small sizes (tiny, default) train a tokenizer and pre-train a base here; a pretrained size
+(smollm2-135m, dppa.zoo.pretrained) starts from a real pre-trained LLM.
 OUT/base/, OUT/<domain>/ (safetensors, config, tokenizer files) and OUT/zoo.json: sizes, seeds, and per fine-tune
 its exact match on its own test split, the base's score there and mean|delta|/mean|base|; plus the build's timings.
+The scores are those of the folders as saved (a bf16 fine-tune, an adapter merged onto the bf16 base).
 Every file is a function of (size, regime, seed) and the machine, except the timings under zoo.json's "timing"
 key: the build is deterministic and writes atomically.
 """
@@ -26,9 +30,10 @@ from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.zoo.corpus import pretraining_text
 from dppa.zoo.domains import DATA_SEED, DOMAINS, domain_splits
 from dppa.zoo.model import SIZES, build_model
+from dppa.zoo.pretrained import PRETRAINED, add_lora, write_base
 from dppa.zoo.tasks import data_fingerprint, task_name, zoo_task_names
 from dppa.zoo.tokenizer import train_tokenizer
-from dppa.zoo.training import REGIMES, finetune, pretrain
+from dppa.zoo.training import REGIMES, Regime, finetune, pretrain
 
 TOKENIZER_SAMPLES_PER_DOMAIN = 2000  # domain training text the tokenizer also sees, so domain words get tokens
 LINEAR_SCOPE = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
@@ -58,13 +63,19 @@ def relative_delta(base: PreTrainedModel, finetuned: PreTrainedModel, scope: re.
     for name, param in finetuned.named_parameters():
         if scope is not None and not scope.fullmatch(name):
             continue
-        delta_sum += (param.detach() - base_params[name].detach()).abs().sum().item()
-        base_sum += base_params[name].detach().abs().sum().item()
+        base_param = base_params[name].detach().float()  # bf16 differences would round
+        delta_sum += (param.detach().float() - base_param).abs().sum().item()
+        base_sum += base_param.abs().sum().item()
     return delta_sum / base_sum
 
 
 def _save(model: PreTrainedModel, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder)
+    if hasattr(model, "peft_config"):
+        # The adapter never trains the embeddings; without this, peft looks for the base's config on the hub to see
+        # whether the vocabulary changed (and warns, offline).
+        model.save_pretrained(folder, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -78,26 +89,67 @@ class FinetuneJob:
     seed: int
 
 
+def _train(job: FinetuneJob, tokenizer, log: Callable[[str], None]) -> tuple[PreTrainedModel, float]:
+    """Fine-tune the saved base on the job's domain and save the result in job.out_dir; (saved model, last loss).
+
+    A pretrained size's light regime saves a PEFT LoRA adapter, its heavy regime a bf16 model; the small sizes
+    save float32 models. The model returned is the saved one as the pipeline reads it (adapter merged onto the
+    bf16 base, as peft's merge_and_unload writes it; weights rounded to bf16).
+    """
+    import torch
+
+    examples = domain_splits(job.domain)["train"]
+    if job.size not in PRETRAINED:
+        spec = SIZES[job.size]
+        model = AutoModelForCausalLM.from_pretrained(job.base_dir)
+        loss = finetune(
+            model, tokenizer, examples, regime=REGIMES[job.regime], steps=spec.finetune_steps[job.regime],
+            batch=spec.finetune_batch, seed=job.seed, log=log, label=job.domain,
+        )  # fmt: skip
+        _save(model, tokenizer, job.out_dir)
+        return model, loss
+    from dppa.evaluation.harness import load_model
+
+    recipe = PRETRAINED[job.size].recipes[job.regime]
+    model = AutoModelForCausalLM.from_pretrained(job.base_dir, dtype=torch.float32)  # trained in float32
+    if recipe.lora_rank:
+        model = add_lora(model, recipe, job.seed)
+    elif not recipe.train_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    regime = Regime(job.regime, lr=recipe.lr, weight_decay=0.0)
+    loss = finetune(
+        model, tokenizer, examples, regime=regime, steps=recipe.steps, batch=recipe.batch, seed=job.seed, log=log,
+        label=job.domain,
+    )  # fmt: skip
+    if not recipe.lora_rank:
+        model = model.to(torch.bfloat16)
+    _save(model, tokenizer, job.out_dir)
+    saved, _ = load_model(job.out_dir, device="cpu", base=job.base_dir if recipe.lora_rank else None)
+    return saved, loss
+
+
+def _scoring_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """float32 for scoring on CPU, where bf16 matrix products are several times slower; the weights are the saved
+    bf16 values, so only the arithmetic's rounding differs from a bf16 evaluation."""
+    import torch
+
+    return model.to(torch.float32) if model.dtype == torch.bfloat16 else model
+
+
 def run_finetune(job: FinetuneJob, log: Callable[[str], None] = print) -> dict:
     """Fine-tune the saved base on one domain and save it; returns the domain's entry of zoo.json.
 
     Starts from the base folder on disk (not an object in memory) so it runs the same in a worker process.
     """
     started = time.perf_counter()
-    spec = SIZES[job.size]
     base = AutoModelForCausalLM.from_pretrained(job.base_dir)
-    model = AutoModelForCausalLM.from_pretrained(job.base_dir)
     tokenizer = AutoTokenizer.from_pretrained(job.base_dir)
-    loss = finetune(
-        model, tokenizer, domain_splits(job.domain)["train"], regime=REGIMES[job.regime],
-        steps=spec.finetune_steps[job.regime], batch=spec.finetune_batch, seed=job.seed, log=log, label=job.domain,
-    )  # fmt: skip
-    _save(model, tokenizer, job.out_dir)
+    model, loss = _train(job, tokenizer, log)
     trained = time.perf_counter()
     task = task_name(job.domain)
     stats = {
         "task": task,
-        "exact_match": own_scores(model, tokenizer, [task], spec.eval_limit)[task],
+        "exact_match": own_scores(_scoring_copy(model), tokenizer, [task], _eval_limit(job.size))[task],
         "description": DOMAINS[job.domain].description,
         "final_loss": round(loss, 4),
         "relative_delta": relative_delta(base, model),
@@ -111,9 +163,13 @@ def run_finetune(job: FinetuneJob, log: Callable[[str], None] = print) -> dict:
     return stats
 
 
+def _eval_limit(size: str) -> int | None:
+    return (PRETRAINED[size] if size in PRETRAINED else SIZES[size]).eval_limit
+
+
 def score_base(base_dir: Path, limit: int | None) -> dict[str, float]:
     """The saved base's exact match on every zoo task (test split)."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    model = _scoring_copy(AutoModelForCausalLM.from_pretrained(base_dir).eval())
     return own_scores(model, AutoTokenizer.from_pretrained(base_dir), zoo_task_names(), limit)
 
 
@@ -158,45 +214,42 @@ def build_zoo(
     `workers` processes fine-tune the domains in parallel (default: one per core, at most one per domain); the
     files do not depend on it.
     """
-    if size not in SIZES:
-        raise DppaError(f"unknown zoo size {size!r}; choose one of {', '.join(SIZES)}")
+    if size not in SIZES and size not in PRETRAINED:
+        raise DppaError(f"unknown zoo size {size!r}; choose one of {', '.join([*SIZES, *PRETRAINED])}")
     if regime not in REGIMES:
         raise DppaError(f"unknown fine-tuning regime {regime!r}; choose one of {', '.join(REGIMES)}")
     out = Path(out)
     check_output_free(out, overwrite)  # fail before minutes of training, not after
-    spec, reg = SIZES[size], REGIMES[regime]
     started = time.perf_counter()
-    texts = pretraining_text(seed, spec.corpus_sentences, spec.skill_share)
-    domain_texts = [
-        e.prompt + e.completion for d in DOMAINS for e in domain_splits(d)["train"][:TOKENIZER_SAMPLES_PER_DOMAIN]
-    ]
-    tokenizer = train_tokenizer(texts + domain_texts, spec.vocab)
     manifest: dict = {
         "size": size,
-        "regime": {"name": reg.name, "lr": reg.lr, "steps": spec.finetune_steps[regime], "batch": spec.finetune_batch},
         "seed": seed,
         "data_seed": DATA_SEED,
         "task_data_fingerprint": data_fingerprint(),
-        "eval": {"split": "test", "limit": spec.eval_limit, "metric": "exact_match"},
+        "eval": {"split": "test", "limit": _eval_limit(size), "metric": "exact_match"},
     }
     timing: dict = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        base = build_model(spec, tokenizer, seed)
-        loss = pretrain(
-            base, tokenizer, texts, steps=spec.pretrain_steps, batch=spec.pretrain_batch, seq=spec.pretrain_seq,
-            lr=spec.pretrain_lr, seed=seed, log=log,
-        )  # fmt: skip
-        manifest["base"] = {"parameters": sum(p.numel() for p in base.parameters()), "final_loss": round(loss, 4)}
-        _save(base, tokenizer, tmp / "base")
-        timing["pretrain_seconds"] = time.perf_counter() - started
+        if size in PRETRAINED:
+            recipe = PRETRAINED[size].recipes[regime]
+            manifest["regime"] = {"name": regime, **{k: v for k, v in vars(recipe).items() if v is not None}}
+            manifest["regime"]["format"] = "peft-lora-adapter" if recipe.lora_rank else "full"
+            manifest["base"] = write_base(tmp / "base")
+        else:
+            _pretrain_base(tmp / "base", SIZES[size], seed, manifest, log)
+            manifest["regime"] = {
+                "name": regime, "lr": REGIMES[regime].lr, "steps": SIZES[size].finetune_steps[regime],
+                "batch": SIZES[size].finetune_batch,
+            }  # fmt: skip
+        timing["base_seconds"] = time.perf_counter() - started
         jobs = [
             FinetuneJob(domain, tmp / "base", tmp / domain, size, regime, seed * 1000 + index + 1)
             for index, domain in enumerate(DOMAINS)
         ]
         stats, manifest["base"]["exact_match"] = _run_jobs(
-            jobs, tmp / "base", spec.eval_limit, workers or default_workers(), log
+            jobs, tmp / "base", _eval_limit(size), workers or default_workers(), log
         )
-        timing["finetune_wall_seconds"] = time.perf_counter() - started - timing["pretrain_seconds"]
+        timing["finetune_wall_seconds"] = time.perf_counter() - started - timing["base_seconds"]
         manifest["domains"] = {}
         for job, entry in zip(jobs, stats):
             timing[job.domain] = entry.pop("timing")
@@ -208,6 +261,22 @@ def build_zoo(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log(f"zoo ({size}, {regime}) built in {time.perf_counter() - started:.1f} s: {out}")
     return manifest
+
+
+def _pretrain_base(folder: Path, spec, seed: int, manifest: dict, log: Callable[[str], None]) -> None:
+    """A small size's base: a tokenizer trained on the corpus and domain text, then a model pre-trained on it."""
+    texts = pretraining_text(seed, spec.corpus_sentences, spec.skill_share)
+    domain_texts = [
+        e.prompt + e.completion for d in DOMAINS for e in domain_splits(d)["train"][:TOKENIZER_SAMPLES_PER_DOMAIN]
+    ]
+    tokenizer = train_tokenizer(texts + domain_texts, spec.vocab)
+    base = build_model(spec, tokenizer, seed)
+    loss = pretrain(
+        base, tokenizer, texts, steps=spec.pretrain_steps, batch=spec.pretrain_batch, seq=spec.pretrain_seq,
+        lr=spec.pretrain_lr, seed=seed, log=log,
+    )  # fmt: skip
+    manifest["base"] = {"parameters": sum(p.numel() for p in base.parameters()), "final_loss": round(loss, 4)}
+    _save(base, tokenizer, folder)
 
 
 def read_manifest(zoo: str | Path) -> dict:

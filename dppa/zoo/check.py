@@ -13,6 +13,14 @@ not what favours a method:
 - light: mean|delta| / mean|base| <= 0.05 for each fine-tune; task arithmetic at the best scale keeps on average
   >= 0.7 of each fine-tune's own score (merged / fine-tune per task, capped at 1, averaged over the fine-tunes);
 - heavy: mean|delta| / mean|base| >= 0.2; task arithmetic keeps >= 0.3.
+
+A real zoo (a pretrained base, `dppa zoo --size smollm2-135m`) has targets of its own (issue 20), set from published
+real fine-tunes rather than from the small zoo, and counts gain over the base (a real base does not score 0):
+- every regime: each fine-tune >= 0.3 exact match above the base on its own task;
+- light: mean|delta| / mean|base| <= 0.01 (the DARE authors report DARE holding up to about 0.005); task
+  arithmetic at its best scale keeps >= 0.5 of each fine-tune's gain over the base ((merged - base) / (fine-tune -
+  base), capped at 1, averaged over the fine-tunes);
+- heavy: mean|delta| / mean|base| >= 0.03 (where DARE starts to degrade); task arithmetic keeps >= 0.2 of the gain.
 """
 
 from __future__ import annotations
@@ -32,35 +40,64 @@ SCALES = (0.3, 0.5, 0.7, 1.0)
 
 @dataclass(frozen=True)
 class Targets:
-    base_max: float = 0.2
-    finetune_min: float = 0.8
+    base_max: float | None = 0.2
+    finetune_min: float | None = 0.8
+    gain_min: float | None = None  # each fine-tune's own score minus the base's there
     delta_max: float | None = None  # relative delta of each fine-tune (linear weights)
     delta_min: float | None = None
     retention_min: float = 0.0  # mean over fine-tunes of merged score / fine-tune's score, at the best scale
+    gain_retention: bool = False  # retention of the gain over the base instead of the score
 
 
 TARGETS = {
     "light": Targets(delta_max=0.05, retention_min=0.7),
     "heavy": Targets(delta_min=0.2, retention_min=0.3),
 }
+REAL_TARGETS = {
+    "light": Targets(base_max=None, finetune_min=None, gain_min=0.3, delta_max=0.01, retention_min=0.5,
+                     gain_retention=True),
+    "heavy": Targets(base_max=None, finetune_min=None, gain_min=0.3, delta_min=0.03, retention_min=0.2,
+                     gain_retention=True),
+}  # fmt: skip
 
 
-def retention(merged: dict[str, float], finetuned: dict[str, float]) -> float:
+def targets_for(size: str, regime: str) -> Targets:
+    from dppa.zoo.pretrained import PRETRAINED
+
+    return (REAL_TARGETS if size in PRETRAINED else TARGETS)[regime]
+
+
+def retention(merged: dict[str, float], finetuned: dict[str, float], base: dict[str, float] | None = None) -> float:
     """Mean over tasks of merged score / the fine-tune's own score, each ratio capped at 1 (a merge that beats one
-    fine-tune cannot make up for losing another's skill); a fine-tune scoring 0 counts as nothing kept."""
-    return sum(min(1.0, merged[t] / finetuned[t]) if finetuned[t] > 0 else 0.0 for t in finetuned) / len(finetuned)
+    fine-tune cannot make up for losing another's skill); a fine-tune scoring 0 counts as nothing kept.
+
+    With `base`, the share of the gain kept instead: (merged - base) / (fine-tune - base), capped at 1 (and at 0
+    from below: a merge worse than the base keeps nothing); a fine-tune no better than the base counts as nothing.
+    """
+    base = base or {t: 0.0 for t in finetuned}
+
+    def kept(t: str) -> float:
+        gain = finetuned[t] - base[t]
+        return max(0.0, min(1.0, (merged[t] - base[t]) / gain)) if gain > 0 else 0.0
+
+    return sum(kept(t) for t in finetuned) / len(finetuned)
 
 
 def judge(result: dict, targets: Targets) -> list[str]:
     """The failed targets, as sentences; empty when the zoo meets them all."""
     failures = []
     for task, score in result["base"].items():
-        if score > targets.base_max:
+        if targets.base_max is not None and score > targets.base_max:
             failures.append(f"base scores {score:.3f} on {task} (target <= {targets.base_max})")
     for domain, entry in result["finetunes"].items():
-        if entry["exact_match"] < targets.finetune_min:
+        if targets.finetune_min is not None and entry["exact_match"] < targets.finetune_min:
             failures.append(
                 f"{domain} scores {entry['exact_match']:.3f} on {entry['task']} (target >= {targets.finetune_min})"
+            )
+        gain = entry["exact_match"] - entry["base_exact_match"]
+        if targets.gain_min is not None and gain < targets.gain_min:
+            failures.append(
+                f"{domain} gains {gain:.3f} over the base on {entry['task']} (target >= {targets.gain_min})"
             )
         rel = entry["relative_delta_linear"]
         if targets.delta_max is not None and rel > targets.delta_max:
@@ -68,16 +105,23 @@ def judge(result: dict, targets: Targets) -> list[str]:
         if targets.delta_min is not None and rel < targets.delta_min:
             failures.append(f"{domain}: mean|delta|/mean|base| = {rel:.4f} (target >= {targets.delta_min})")
     best = result["best"]
+    kept = "of the gain" if targets.gain_retention else ""
     if best["retention"] < targets.retention_min:
         failures.append(
-            f"task arithmetic keeps {best['retention']:.3f} at its best scale {best['scale']} "
-            f"(target >= {targets.retention_min})"
+            f"task arithmetic keeps {best['retention']:.3f}{' ' + kept if kept else ''} at its best scale "
+            f"{best['scale']} (target >= {targets.retention_min})"
         )
     return failures
 
 
-def check_zoo(zoo: Path, *, scales=SCALES, limit: int | None = None, batch_size: int = 64, log=print) -> dict:
-    """Scores and deltas of a zoo and its task-arithmetic merges: the numbers `judge` compares with the targets."""
+def check_zoo(
+    zoo: Path, *, scales=SCALES, limit: int | None = None, batch_size: int = 64, gain: bool = False, log=print
+) -> dict:
+    """Scores and deltas of a zoo and its task-arithmetic merges: the numbers `judge` compares with the targets.
+
+    Fine-tunes may be model folders or LoRA adapters of the base. Models are scored in float32 (bf16 products are
+    slow on CPU) with their weights as saved: a merge is rounded to the base's dtype first, as a merged folder is.
+    `gain`: retention counts the gain over the base (real zoos)."""
     from dppa.evaluation.harness import evaluate_model, load_model
     from dppa.zoo.build import LINEAR_SCOPE, read_manifest, relative_delta
     from dppa.zoo.tasks import task_name
@@ -91,13 +135,16 @@ def check_zoo(zoo: Path, *, scales=SCALES, limit: int | None = None, batch_size:
 
     started = time.perf_counter()
     base, tok = load_model(zoo / "base", device="cpu")
+    saved_dtype = base.dtype
+    base = base.float()
     base_state = {n: p.detach().clone().float() for n, p in base.state_dict().items()}
     result: dict = {"zoo": str(zoo), "limit": limit, "split": "test", "base": scores(base, tok, list(tasks.values()))}
     log(f"base: {result['base']}")
     result["finetunes"] = {}
     delta_sum = {n: torch.zeros_like(p) for n, p in base_state.items()}
     for domain in domains:
-        ft, _ = load_model(zoo / domain, device="cpu")
+        ft, _ = load_model(zoo / domain, device="cpu", base=zoo / "base")
+        ft = ft.float()
         own = scores(ft, tok, [tasks[domain]])[tasks[domain]]
         entry = {
             "task": tasks[domain],
@@ -113,10 +160,14 @@ def check_zoo(zoo: Path, *, scales=SCALES, limit: int | None = None, batch_size:
     finetuned = {tasks[d]: e["exact_match"] for d, e in result["finetunes"].items()}
     result["merges"] = []
     for scale in scales:
-        merged_state = {n: (base_state[n] + scale * delta_sum[n]).to(p.dtype) for n, p in base.state_dict().items()}
+        merged_state = {n: (base_state[n] + scale * delta_sum[n]).to(saved_dtype).float() for n in base_state}
         base.load_state_dict(merged_state)
         merged = scores(base, tok, list(tasks.values()))
-        row = {"scale": scale, "scores": merged, "retention": retention(merged, finetuned)}
+        row = {
+            "scale": scale,
+            "scores": merged,
+            "retention": retention(merged, finetuned, result["base"] if gain else None),
+        }
         result["merges"].append(row)
         log(f"task arithmetic x{scale}: {merged} retention {row['retention']:.3f}")
     base.load_state_dict({n: p for n, p in base_state.items()})
@@ -164,10 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # a shared machine; these models gain little from more
     from dppa.zoo.build import read_manifest
 
-    regime = args.regime or read_manifest(args.zoo)["regime"]["name"]
+    manifest = read_manifest(args.zoo)
+    regime = args.regime or manifest["regime"]["name"]
+    targets = targets_for(manifest["size"], regime)
     scales = [float(s) for s in args.scales.split(",")]
-    result = check_zoo(args.zoo, scales=scales, limit=args.limit, batch_size=args.batch_size, log=lambda _m: None)
-    failures = judge(result, TARGETS[regime])
+    result = check_zoo(
+        args.zoo, scales=scales, limit=args.limit, batch_size=args.batch_size, gain=targets.gain_retention,
+        log=lambda _m: None,
+    )  # fmt: skip
+    failures = judge(result, targets)
     result["regime"], result["failures"] = regime, failures
     print(markdown(result, regime))
     print(f"\nchecked in {result['seconds']:.0f} s")

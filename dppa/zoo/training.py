@@ -74,7 +74,9 @@ def _optimise(
     log: Callable[[str], None],
     label: str,
 ) -> float:
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    optimiser = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98)
+    )
     model.train()
     loss_value = float("nan")
     for step in range(steps):
