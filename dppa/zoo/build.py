@@ -129,8 +129,8 @@ def _train(job: FinetuneJob, tokenizer, log: Callable[[str], None]) -> tuple[Pre
 
 
 def _scoring_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """float32 for scoring on CPU, where bf16 matrix products are several times slower; the weights are the saved
-    bf16 values, so only the arithmetic's rounding differs from a bf16 evaluation."""
+    """float32 for scoring on CPU (the prototypes' evaluations ran in float32; bf16 there was not timed); the weights
+    are the saved bf16 values, so only the arithmetic's rounding differs from a bf16 evaluation."""
     import torch
 
     return model.to(torch.float32) if model.dtype == torch.bfloat16 else model
