@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dppa.zoo.check import TARGETS, check_zoo, judge, main, retention
+from dppa.zoo.check import REAL_TARGETS, TARGETS, check_zoo, judge, main, retention
 
 
 def _result(base=0.1, own=0.9, rel=0.03, kept=(0.8, 0.7, 0.6)):
@@ -12,7 +12,13 @@ def _result(base=0.1, own=0.9, rel=0.03, kept=(0.8, 0.7, 0.6)):
     return {
         "base": {t: base for t in tasks},
         "finetunes": {
-            t.removeprefix("zoo_"): {"task": t, "exact_match": own, "relative_delta_linear": rel} for t in tasks
+            t.removeprefix("zoo_"): {
+                "task": t,
+                "exact_match": own,
+                "base_exact_match": base,
+                "relative_delta_linear": rel,
+            }
+            for t in tasks
         },
         "best": {"scale": 0.7, "retention": sum(kept) / len(kept)},
     }
@@ -36,6 +42,13 @@ def test_heavy_targets():
     failures = judge(_result(rel=0.19, kept=(0.3, 0.3, 0.2)), TARGETS["heavy"])
     assert [f for f in failures if "mean|delta|" in f] and [f for f in failures if "task arithmetic" in f]
     assert len(failures) == 4
+
+
+def test_real_targets_judge_the_gain_over_the_base():
+    light = REAL_TARGETS["light"]
+    assert judge(_result(base=0.5, own=0.8, rel=0.01, kept=(0.5,)), light) == []  # a base that scores is fine
+    failures = judge(_result(base=0.6, own=0.8, rel=0.005, kept=(0.5,)), light)
+    assert len(failures) == 3 and all("gains 0.200 over the base" in f for f in failures)
 
 
 @pytest.mark.slow
