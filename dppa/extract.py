@@ -23,6 +23,7 @@ from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_wor
 from dppa.errors import DppaError
 from dppa.io.adapter import open_finetune, provenance
 from dppa.io.atomic import atomic_dir, check_output_free
+from dppa.io.fingerprint import base_fingerprint
 from dppa.io.manifest import source_record, write_manifest
 from dppa.io.reader import CheckpointReader, open_checkpoint
 from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
@@ -134,8 +135,10 @@ def extract_delta(
     plan = [(n, plan_dtype[n], base_r.shape(n)) for n in names]
     base_hash, ft_hash = ContentHasher(), ContentHasher()
     stats: dict[str, dict] = {}
+    fingerprint = base_fingerprint(base_r)  # merge compares it with its base before any work
+    dense_bytes = sum(base_r.numel(n) * plan_dtype[n].itemsize for n in names)
     with (
-        atomic_dir(out, overwrite) as tmp,
+        atomic_dir(out, overwrite, needed_bytes=dense_bytes) as tmp,
         chunk_workers() as (pool, workers),
         Progress(
             f"extract {Path(finetuned).name}", base_r.total_bytes() + ft_r.total_bytes(), len(names), progress
@@ -187,7 +190,7 @@ def extract_delta(
                 "kind": "delta",
                 "content_hash": content_hash,
                 "storage": {"format": "dense"},
-                "base": source_record(base_r.folder, base_hash.hexdigest()),
+                "base": {**source_record(base_r.folder, base_hash.hexdigest()), "fingerprint": fingerprint},
                 "finetuned": {**source_record(ft_r.folder, ft_hash.hexdigest()), **provenance(ft_r)},
                 "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",
                 "vocab_growth": grown,

@@ -203,6 +203,7 @@ def merge_flow(
             device=_device(params),
             cache=cache,
             work=out.parent / f".{out.name}.scale-search",
+            allow_other_base=m.allow_other_base,
         )
     atomic_write_text(trace, trace_csv(rows))
     atomic_write_text(
@@ -227,6 +228,7 @@ def merge_flow(
         scale=scale,
         density=m.density,
         device=_device(params),
+        allow_other_base=m.allow_other_base,
     )
 
 

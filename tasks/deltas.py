@@ -100,6 +100,7 @@ def merge(
     scale: float,
     density: float | None,
     device: str,
+    allow_other_base: bool = False,
 ) -> Path:
     from dppa.merging.merge import merge_deltas
 
@@ -112,6 +113,7 @@ def merge(
         scale=scale,
         options={"density": density} if method == "ties" else None,
         device=device,
+        allow_other_base=allow_other_base,
         overwrite=True,
         progress=False,
     )

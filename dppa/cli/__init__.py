@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -25,6 +26,9 @@ typical use:
   dppa merge BASE data/amplified/* -o data/merged/model --method ties
 Run `dppa COMMAND --help` for the options of each command.
 """
+
+
+DEBUG_ENV = "DPPA_DEBUG"
 
 
 def command_names() -> list[str]:
@@ -43,6 +47,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dppa {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the Python traceback of an error (for bug reports; also {DEBUG_ENV}=1); without it every "
+        "error is one line",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     names = [only] if only else command_names()
     modules = [importlib.import_module(f"dppa.cli.{name}") for name in names]
@@ -61,6 +71,9 @@ def _command(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if argv[:1] == ["--debug"]:  # before the command: the command's own parser alone is built
+        debug, argv = True, argv[1:]
     parser = build_parser(only=_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -68,13 +81,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except DppaError as exc:
-        print(f"dppa {args.command}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)  # 2: bad input; a run that failed part-way says otherwise
     except KeyboardInterrupt:
         print(f"dppa {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            raise
+        message, code = error_line(exc)
+        print(f"dppa {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+        return code
     return int(result or 0)
+
+
+def error_line(exc: Exception) -> tuple[str, int]:
+    """(one line for the user, exit code) for any error a command raises; tracebacks are for --debug."""
+    if isinstance(exc, DppaError):
+        return str(exc), getattr(exc, "exit_code", 2)  # 2: bad input; a run that failed part-way says otherwise
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}", 1
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return (
+        f"unexpected {type(exc).__name__}: {first} (a bug: rerun with --debug, or {DEBUG_ENV}=1, and report the "
+        "traceback)",
+        1,
+    )
 
 
 if __name__ == "__main__":

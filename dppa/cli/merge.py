@@ -73,6 +73,12 @@ def register(subparsers) -> None:
         "and no merge settings, with it); the inputs' and the result's content hashes are checked against it",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle base and models (can run code!)")
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="accept deltas extracted from another base (a deliberate transfer of task vectors onto a related "
+        "base; the output's manifest records it): refused otherwise",
+    )
     add_method_options(p, MERGERS)
     p.set_defaults(func=run_merge)
 
@@ -87,6 +93,12 @@ def register(subparsers) -> None:
     add_common(a)
     a.add_argument("--scale", type=float, default=1.0, metavar="L", help="scales the delta (default 1)")
     a.add_argument("--allow-pickle", action="store_true", help="accept a *.bin pickle base (can run code!)")
+    a.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="accept a delta extracted from another base (a deliberate transfer of task vectors onto a related "
+        "base; the output's manifest records it): refused otherwise",
+    )
     a.set_defaults(func=run_apply)
 
 
@@ -106,6 +118,7 @@ def run_merge(args) -> int:
         options=MERGERS.options_from_args(method, args),
         models=True,
         allow_pickle=args.allow_pickle,
+        allow_other_base=args.allow_other_base,
         **common_kwargs(args),
     )
     print(out)
@@ -119,7 +132,11 @@ def run_recipe(args) -> int:
         raise DppaError(f"{what}: not with --recipe (the recipe fixes the merge; edit {args.recipe} instead)")
     body = read_recipe(args.recipe)
     out = merge_deltas(
-        **recipe_merge_kwargs(body), out=args.output, allow_pickle=args.allow_pickle, **common_kwargs(args)
+        **recipe_merge_kwargs(body),
+        out=args.output,
+        allow_pickle=args.allow_pickle,
+        allow_other_base=args.allow_other_base,
+        **common_kwargs(args),
     )
     try:
         check_rebuilt(body, read_manifest(out), args.recipe)
@@ -132,7 +149,13 @@ def run_recipe(args) -> int:
 
 def run_apply(args) -> int:
     out = apply_delta(
-        args.base, args.delta, args.output, scale=args.scale, allow_pickle=args.allow_pickle, **common_kwargs(args)
+        args.base,
+        args.delta,
+        args.output,
+        scale=args.scale,
+        allow_pickle=args.allow_pickle,
+        allow_other_base=args.allow_other_base,
+        **common_kwargs(args),
     )
     print(out)
     return 0

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from dppa.errors import DppaError
+from dppa.io.space import check_free_space, disk_full_error
 
 
 def check_output_free(out: Path, overwrite: bool) -> None:
@@ -21,15 +22,26 @@ def check_output_free(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a fresh temporary folder next to `out`; on success it becomes `out`."""
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, needed_bytes: int | None = None):
+    """Yield a fresh temporary folder next to `out`; on success it becomes `out`.
+
+    `needed_bytes`: the output's expected size, checked against the disk's free space before anything is written
+    (the old folder, when replaced, stays until the rename, so it does not count as free)."""
     out = Path(out)
     check_output_free(out, overwrite)
+    if needed_bytes is not None:
+        check_free_space(out, needed_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(exc, out)
+        if full is None:
+            raise
+        raise full from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ from dppa.errors import DppaError
 from dppa.extract import check_finite, check_same_architecture, check_same_tensors, matching_rows
 from dppa.io.adapter import open_finetune, provenance
 from dppa.io.atomic import atomic_dir, check_output_free
+from dppa.io.fingerprint import base_fingerprint
 from dppa.io.manifest import check_is_delta, input_kind, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader, open_checkpoint
@@ -92,6 +93,37 @@ def _check_delta_matches_base(base: CheckpointReader, reader: CheckpointReader) 
             )
 
 
+def _base_mismatch(source: MergeInput, base: CheckpointReader, fingerprint: str, content_hash: str | None) -> str:
+    """Why the delta `source` was not extracted from `base` (a sentence), or '' when its record agrees (or it has
+    none: deltas written before bases were recorded). `content_hash` None: only the fingerprint is known yet."""
+    recorded = source.manifest.get("base") or {}
+    if recorded.get("fingerprint") and recorded["fingerprint"] != fingerprint:
+        mismatch = f"fingerprint {recorded['fingerprint'][4:16]}, this base's {fingerprint[4:16]}"
+    elif content_hash is not None and recorded.get("content_hash") and recorded["content_hash"] != content_hash:
+        mismatch = f"content hash {recorded['content_hash'][:12]}, this base's {content_hash[:12]}"
+    else:
+        return ""
+    origin = recorded.get("hub_id") or recorded.get("path", "?")
+    return f"{source.reader.folder}: was extracted from the base {origin} ({mismatch}), not from {base.folder}"
+
+
+def check_bases(
+    inputs: list[MergeInput],
+    base: CheckpointReader,
+    fingerprint: str,
+    content_hash=None,
+    allow_other_base: bool = False,
+) -> list[str]:
+    """Refuse deltas extracted from another base (unless `allow_other_base`); returns the paths that were."""
+    other = [(s, why) for s in inputs if not s.is_model and (why := _base_mismatch(s, base, fingerprint, content_hash))]
+    if other and not allow_other_base:
+        raise DppaError(
+            f"{other[0][1]}; merge it onto its own base, or pass --allow-other-base (params: merge.allow_other_base) "
+            "to move the task vector onto this one deliberately"
+        )
+    return [str(s.reader.folder) for s, _ in other]
+
+
 def open_inputs(base: CheckpointReader, paths: list, dev, *, models: bool, allow_pickle: bool) -> list[MergeInput]:
     """Delta folders, or (with `models`) fine-tuned model folders: all of one kind, as their manifests say."""
     kinds = [(path, *input_kind(path)) if models else (path, "delta", check_is_delta(path)) for path in paths]
@@ -151,12 +183,15 @@ def merge_deltas(
     allow_pickle: bool = False,
     max_shard_size: str = "5GB",
     chunk_elems: int = PARALLEL_CHUNK_ELEMS,
+    allow_other_base: bool = False,
 ) -> Path:
     """Merge delta folders into `base` and write a model folder at `out`; returns `out`.
 
     `models`: also accept fine-tuned model folders in `deltas` (all inputs of one kind; each delta taken on the
     fly as `dppa extract` stores it). `options`: the method's options dataclass, a dict of its option values, or
-    None for its defaults.
+    None for its defaults. `allow_other_base`: accept deltas whose recorded base is not `base` (a deliberate transfer,
+    recorded in the output's manifest as `other_base`); refused otherwise, before any work by the fingerprint and
+    before the output is renamed into place by the full content hash.
     """
     options = MERGERS.options_for(method, options)
     merger = MERGERS.get(method).impl(options)
@@ -171,6 +206,8 @@ def merge_deltas(
     dev = resolve_device(device)
     base_r = open_checkpoint(base, allow_pickle)
     inputs = open_inputs(base_r, deltas, dev, models=models, allow_pickle=allow_pickle)
+    fingerprint = base_fingerprint(base_r)
+    other_base = check_bases(inputs, base_r, fingerprint, allow_other_base=allow_other_base)
     trim = [density is not None and density < 1.0 and not source.pruned for source in inputs]
     any_model = any(source.is_model for source in inputs)
     names = base_r.names()
@@ -181,7 +218,7 @@ def merge_deltas(
     )
     base_hash = ContentHasher()
     with (
-        atomic_dir(out, overwrite) as tmp,
+        atomic_dir(out, overwrite, needed_bytes=base_bytes) as tmp,  # the merged model has the base's tensors
         Progress(f"merge {method}", total_bytes, len(names), progress) as bar,
         chunk_workers() as (pool, workers),
     ):
@@ -233,6 +270,7 @@ def merge_deltas(
                         s.hasher.update(tensor_bytes(rest))
             bar.tensor_done()
         content_hash = writer.close()
+        other_base = check_bases(inputs, base_r, fingerprint, base_hash.hexdigest(), allow_other_base) or other_base
         copy_model_files(base_r.folder, tmp)
         manifest = {
             "kind": "model",
@@ -244,6 +282,7 @@ def merge_deltas(
             "trimmed": trim,
             "base": source_record(base_r.folder, base_hash.hexdigest()),
             ("finetuned" if any_model else "deltas"): [s.record() for s in inputs],
+            **({"other_base": other_base} if other_base else {}),
         }
         write_manifest(tmp, manifest)
         write_card_and_recipe(tmp, out.name, manifest, dataclasses.asdict(options), deltas, base_r.folder, models)

@@ -238,6 +238,8 @@ class MergeBase(Strict):  # `method` comes from the merge-method registry (`_mod
     weights: dict[str, float] | Literal["search"] | None = None
     density: float | None = None
     inputs: Literal["amplified", "pruned", "deltas"] = "amplified"  # the folder under data/ (dvc.yaml)
+    # deltas extracted from another base are refused unless the transfer is deliberate (merge --allow-other-base)
+    allow_other_base: bool = False
 
     _density = field_validator("density")(_check_density)
 

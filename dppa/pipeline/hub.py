@@ -39,6 +39,7 @@ from dppa.errors import DppaError
 from dppa.io.adapter import is_adapter
 from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
 from dppa.io.manifest import read_manifest, write_manifest
+from dppa.io.space import check_free_space
 
 RECORD = "dppa_fetch.json"
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -153,6 +154,8 @@ def fetch_hub(
     for stale in out.parent.glob(STAGING.format(name=out.name, commit="*")):
         if stale != staging:  # a download of a commit the revision no longer points at
             shutil.rmtree(stale, ignore_errors=True)
+    staged = sum((staging / n).stat().st_size for n in wanted if (staging / n).is_file())  # a resumed download
+    check_free_space(out, sum(f.size for f in wanted.values()) - staged)  # before the first byte is downloaded
     with hub_errors(repo_id, revision):
         snapshot_download(repo_id, revision=target.commit, local_dir=staging, allow_patterns=patterns)
     files = [verified(staging, wanted[name], repo_id, revision) for name in sorted(wanted)]

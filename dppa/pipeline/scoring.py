@@ -133,6 +133,7 @@ def search_merge(
     device: str,
     cache: Path,
     work: Path,
+    allow_other_base: bool = False,
 ) -> tuple[float, list[float] | None, list[dict]]:
     """The merge scale (and, given `weight_grid`, the per-fine-tune weights) that score best on `split`: the
     geometric mean over fine-tunes of their normalised score (`normalised`). Returns (scale, weights, trace rows).
@@ -185,6 +186,7 @@ def search_merge(
                 device=device,
                 overwrite=True,
                 progress=False,
+                allow_other_base=allow_other_base,
             )
         return merges[w]
 

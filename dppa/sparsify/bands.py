@@ -190,4 +190,5 @@ def amplify_delta(
         max_shard_size=max_shard_size,
         storage=storage,
         outside_scale=max(factors),  # what amplify_tensor does out of scope (docs/method.md)
+        density=min(1.0, max(densities) + 2 * options.lamda),
     )

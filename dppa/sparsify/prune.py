@@ -72,4 +72,6 @@ def prune_delta(
         progress=progress,
         max_shard_size=max_shard_size,
         storage=storage,
+        # DP moves a module's density by up to 2 * lamda; DARE's random draw can land a little above its density
+        density=min(1.0, density + 2 * getattr(options, "lamda", 0.0) + 0.01),
     )

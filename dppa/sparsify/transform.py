@@ -15,6 +15,7 @@ from dppa.io.atomic import atomic_dir
 from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader
+from dppa.io.space import same_disk
 from dppa.io.writer import DeltaWriter, parse_size
 from dppa.sparsify.scope import layer_of
 
@@ -52,13 +53,15 @@ def transform_delta(
     max_shard_size: str = "5GB",
     storage: str = "sparse",
     outside_scale: float = 1.0,
+    density: float = 1.0,
 ) -> Path:
     """Apply `fn` to every in-scope tensor of the delta at `reader` and write the result, same names, shapes and
     dtypes; out-of-scope tensors are multiplied by `outside_scale` (dppa.io.sparse.scaled).
 
     storage: `sparse` writes each in-scope tensor in the sparse layout (dppa/io/sparse.py) where that is smaller and
     the out-of-scope ones in shared shards, hard-linked from the input where it holds them (DeltaWriter); `dense`
-    writes plain safetensors.
+    writes plain safetensors. `density`: the largest share of in-scope entries `fn` keeps, for the disk-space
+    check.
     """
     check_storage(storage)
     upstream = read_manifest(reader.folder)
@@ -71,7 +74,7 @@ def transform_delta(
         return fn(name, reader.get(name).to(device), layer_of(scope, name)).cpu()
 
     with (
-        atomic_dir(out, overwrite) as tmp,
+        atomic_dir(out, overwrite, needed_bytes=_output_bytes(reader, out, inside, outside, storage, density)) as tmp,
         Progress(desc, reader.total_bytes(), len(names), progress) as bar,
         chunk_workers() as (pool, workers),
     ):
@@ -104,3 +107,17 @@ def transform_delta(
             },
         )
     return out
+
+
+def _output_bytes(reader, out: Path, inside: list[str], outside: list[str], storage: str, density: float) -> int:
+    """An upper bound on the output's size: in-scope tensors at `density` in the sparse layout (bit mask plus kept
+    values) or dense; out-of-scope ones dense unless they can be hard-linked from the input (same disk)."""
+    dense = {n: reader.numel(n) * reader.dtype(n).itemsize for n in inside + outside}
+    if storage == "sparse":
+        kept = sum(
+            min(dense[n], int(reader.numel(n) * (density * reader.dtype(n).itemsize + 0.125)) + 4096) for n in inside
+        )
+    else:
+        kept = sum(dense[n] for n in inside)
+    linked = storage == "sparse" and same_disk(reader.folder, out.parent)
+    return kept + (0 if linked else sum(dense[n] for n in outside))

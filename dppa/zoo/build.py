@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dppa.errors import DppaError
 from dppa.io.atomic import atomic_dir, check_output_free
+from dppa.io.space import check_free_space
 from dppa.zoo.corpus import pretraining_text
 from dppa.zoo.domains import DATA_SEED, DOMAINS, domain_splits
 from dppa.zoo.model import SIZES, build_model
@@ -199,6 +200,15 @@ def default_workers() -> int:
     return max(1, min(len(DOMAINS), os.cpu_count() or 1))
 
 
+def _zoo_bytes(size: str, regime: str) -> int:
+    """About how much the zoo folder takes: a base and one fine-tune per domain."""
+    if size in PRETRAINED:
+        return PRETRAINED[size].disk_bytes[regime]
+    z = SIZES[size]
+    params = 2 * z.vocab * z.hidden + z.layers * (4 * z.hidden * z.hidden + 3 * z.hidden * z.intermediate)
+    return (1 + len(DOMAINS)) * 4 * params
+
+
 def build_zoo(
     out: str | Path,
     *,
@@ -220,6 +230,7 @@ def build_zoo(
         raise DppaError(f"unknown fine-tuning regime {regime!r}; choose one of {', '.join(REGIMES)}")
     out = Path(out)
     check_output_free(out, overwrite)  # fail before minutes of training, not after
+    check_free_space(out, _zoo_bytes(size, regime))
     started = time.perf_counter()
     manifest: dict = {
         "size": size,

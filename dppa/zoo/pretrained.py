@@ -52,6 +52,7 @@ class PretrainedSize:
     name: str
     recipes: dict[str, Recipe] = field(default_factory=dict)
     eval_limit: int | None = None  # test examples per task scored into zoo.json (None: the whole split, 500)
+    disk_bytes: dict[str, int] = field(default_factory=dict)  # regime -> the zoo folder's size, for the space check
 
 
 PRETRAINED = {
@@ -61,6 +62,8 @@ PRETRAINED = {
             "light": Recipe(lr=1e-3, steps=120, batch=16, lora_rank=8, lora_alpha=16),
             "heavy": Recipe(lr=6e-4, steps=200, batch=16, train_embeddings=False),
         },
+        # bf16 base (269 MB) + tokenizer; light: three r-8 adapters (a few MB); heavy: three bf16 models
+        disk_bytes={"light": 300 << 20, "heavy": 1100 << 20},
     )
 }
 
