@@ -68,7 +68,7 @@ def make_project(folder: Path, src: Path, zoo: Path) -> Path:
     }
     params["zoo"]["size"] = "none"
     params["amplify"] = {"bands": [0.5, 1.0], "factors": [1.8, 1.0]}
-    params["merge"].update(scale=0.5, search=None)
+    params["merge"].update(scale=0.5, search=None, weights=None)
     params["evaluate"].update(limit=4, batch_size=8)
     params["runtime"].update(device="cpu", concurrency=2)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -93,15 +93,25 @@ def timed(command: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, l
     return wall, lines
 
 
-def repro_mode(project: Path, env: dict, work: Path) -> tuple[float, dict[str, float]]:
+WORK_LINE = re.compile(r"(\S+): the stage's own work took (\d+\.\d+) s")
+
+
+def own_work(lines: list[tuple[float, str]]) -> dict[str, float]:
+    """{stage: seconds of the stage function's own work}, from the line `dppa stage` prints when it is done (code
+    from before that line existed prints none: its stages then count as all overhead)."""
+    return {m.group(1): float(m.group(2)) for _, line in lines if (m := WORK_LINE.search(line))}
+
+
+def repro_mode(project: Path, env: dict, work: Path) -> tuple[float, dict[str, float], dict[str, float]]:
     wall, lines = timed([sys.executable, "-m", "dvc", "repro"], project, env, work / "repro.log")
     marks = [(t, m.group(1)) for t, line in lines if (m := re.match(r"Running stage '([^']+)'", line))]
     ends = [t for t, _ in marks[1:]] + [wall]
-    return wall, {stage: end - t for (t, stage), end in zip(marks, ends)}
+    return wall, {stage: end - t for (t, stage), end in zip(marks, ends)}, own_work(lines)
 
 
-def run_mode(project: Path, env: dict, work: Path) -> tuple[float, float, dict[str, float]]:
-    """`dppa run` against an API started here; returns (API start-up s, run wall s, {stage: task run wall s})."""
+def run_mode(project: Path, env: dict, work: Path) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """`dppa run` against an API started here; returns (API start-up s, run wall s, {stage: task run wall s},
+    {stage: its own work s})."""
     sys.path.insert(0, str(REPO))
     os.environ.update(PREFECT_HOME=env["PREFECT_HOME"])
     os.environ.pop("PREFECT_API_URL", None)
@@ -111,7 +121,7 @@ def run_mode(project: Path, env: dict, work: Path) -> tuple[float, float, dict[s
     started = time.perf_counter()
     with prefect_api() as url:
         api_start = time.perf_counter() - started
-        wall, _lines = timed(
+        wall, lines = timed(
             [sys.executable, "-m", "dppa", "run", "-C", str(project)],
             project,
             {**env, "PREFECT_API_URL": url},
@@ -126,7 +136,16 @@ def run_mode(project: Path, env: dict, work: Path) -> tuple[float, float, dict[s
         for r in runs
         if r.task_key.startswith("repro_stage") and r.start_time and r.end_time
     }
-    return api_start, wall, stages
+    return api_start, wall, stages, own_work(lines)
+
+
+def print_stages(stages: dict[str, float], work: dict[str, float]) -> None:
+    """Each stage's wall time, its own work and the difference (orchestration); the median difference last."""
+    overhead = {stage: seconds - work.get(stage, 0.0) for stage, seconds in stages.items()}
+    print(f"  {'stage':18s} {'wall':>7s} {'work':>7s} {'orchestration':>14s}")
+    for stage, seconds in stages.items():
+        print(f"  {stage:18s} {seconds:6.1f}s {work.get(stage, 0.0):6.1f}s {overhead[stage]:13.1f}s")
+    print(f"  median orchestration per stage: {statistics.median(overhead.values()):.2f} s")
 
 
 def median_wall(command: list[str], cwd: Path, env: dict, repeat: int = 3) -> float:
@@ -174,6 +193,12 @@ def main() -> None:
     args = parser.parse_args()
     work_root = BENCH / "out"
     src = snapshot(args.at, work_root, (*CODE, *PROJECT_FILES)) if args.at else REPO
+    for package in ("flows", "tasks") if args.at else ():
+        # installed as dppa.flows / dppa.tasks (setup.py): found through PYTHONPATH, before the editable install's
+        # mapping to this working tree, when they sit inside the snapshot's dppa/
+        link = src / "dppa" / package
+        if not link.exists():
+            link.symlink_to(Path("..") / package)
     label = src.name.removeprefix("src-") if args.at else "worktree"
     work = work_root / f"overhead-{label}"
     work.mkdir(parents=True, exist_ok=True)
@@ -184,21 +209,17 @@ def main() -> None:
     print(f"code: {label}; load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.mode in ("repro", "both"):
         project = make_project(work / "project-repro", src, zoo)
-        wall, stages = repro_mode(project, env, work)
+        wall, stages, own = repro_mode(project, env, work)
         print(f"\nplain `dvc repro`, {len(stages)} stages one after another: {wall:.1f} s")
-        for stage, seconds in stages.items():
-            print(f"  {stage:18s} {seconds:6.1f} s")
-        print(f"  mean per stage     {statistics.mean(stages.values()):6.1f} s")
+        print_stages(stages, own)
         for name, seconds in probes(project, env, work).items():
             print(f"probe: {name}: {seconds:.2f} s")
     if args.mode in ("run", "both"):
         project = make_project(work / "project-run", src, zoo)
         env = environment(src, work / "prefect-home-run")  # its own database: only this run's task runs
-        api_start, wall, stages = run_mode(project, env, work)
+        api_start, wall, stages, own = run_mode(project, env, work)
         print(f"\n`dppa run`, {len(stages)} stages (API start-up {api_start:.1f} s, not included): {wall:.1f} s")
-        for stage, seconds in stages.items():
-            print(f"  {stage:18s} {seconds:6.1f} s")
-        print(f"  mean per stage     {statistics.mean(stages.values()):6.1f} s")
+        print_stages(stages, own)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

@@ -1,4 +1,4 @@
-"""Prefect flows: one per pipeline stage (`flows.stages`) and the whole pipeline (`flows.pipeline`)."""
+"""Prefect flows: the whole pipeline (`flows.pipeline`), one task per dvc.yaml stage; the only place Prefect runs."""
 
 import os
 

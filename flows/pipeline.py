@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from dppa.flows.runtime import GPU_RESOURCE
-from dppa.tasks import models
+from dppa.flows.runtime import GPU_RESOURCE, hide_run_tracebacks
+from dppa.tasks import GPU_TAG
 from dppa.tasks.dvc import repro_stage
 from prefect import flow, get_run_logger
 from prefect.futures import wait
@@ -58,14 +58,17 @@ def check_gpu_workers() -> None:
 
 
 def submit_stage(root: Path, stage: str, wait_for: list, gpu_resource: bool, force: bool = False):
+    """One Prefect task per stage; a model-heavy one carries the GPU tag (runtime.gpu_concurrency of them at once)
+    and, on Dask with `gpu_resource`, needs a worker with the GPU resource."""
+    task = repro_stage.with_options(tags=[GPU_TAG]) if is_model_heavy(stage) else repro_stage
     resources = stage_resources(stage, gpu_resource)
     if resources is None:
-        return repro_stage.submit(root, stage, force=force, wait_for=wait_for)
+        return task.submit(root, stage, force=force, wait_for=wait_for)
     import dask
 
     # read by the Dask client when the task is submitted (the threads runner ignores it)
     with dask.annotate(resources=resources):
-        return repro_stage.submit(root, stage, force=force, wait_for=wait_for)
+        return task.submit(root, stage, force=force, wait_for=wait_for)
 
 
 def stage_graph(root: Path) -> tuple[dict[str, list[str]], dict[str, Path]]:
@@ -100,6 +103,7 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     with a branch or tag revision; none for pinned commits, zoo or local models."""
     from dppa.pipeline.config import load_params
     from dppa.pipeline.hub import followed_revision
+    from dppa.stages.models import current_commit
 
     if not fetches:  # a stage graph without fetch stages (and maybe without params.yaml): nothing to ask
         return set()
@@ -110,7 +114,7 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
         record = followed_revision(out, wanted)
         if record is None:
             continue
-        now = models.current_commit(record["source"], record["revision"])
+        now = current_commit(record["source"], record["revision"])
         if now != record["commit"]:
             where = f"{record['source']}@{record['revision']}"
             logger.info(f"{stage}: {where} moved upstream from commit {record['commit']} to {now}; fetching it")
@@ -127,6 +131,7 @@ def pipeline_flow(root: str = ".", gpu_resource: bool = False) -> dict[str, str]
     upstream; returns {stage: "ran" | "restored" | "up to date"}. When stages fail, the stages independent of them
     still run, and then StageFailed names the first (in the graph's order) with the last lines of its log.
     `gpu_resource`: the model-heavy stages require a Dask worker with the resource GPU."""
+    hide_run_tracebacks()
     logger = get_run_logger()
     root_path = Path(root).resolve()
     graph, fetches = stage_graph(root_path)

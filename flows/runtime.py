@@ -9,6 +9,7 @@ the same API (one place to see every run, one concurrency limit for all of them)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -16,12 +17,13 @@ from pathlib import Path
 
 from dppa.tasks import GPU_TAG
 
-from dppa.errors import DppaError
+from dppa.errors import DppaError, debugging
 from dppa.pipeline import lifeline
 from dppa.pipeline.config import Runtime
 from dppa.pipeline.lifeline import children_die_with_us
 
 API_URL_ENV = "PREFECT_API_URL"
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # where Prefect's engines record a failed run
 CUDA_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 GPU_RESOURCE = "GPU"  # the Dask resource the model-heavy stages require (flows/pipeline.py)
 
@@ -48,6 +50,25 @@ def prefect_api():
         drain_to_api()
         os.environ.pop(API_URL_ENV, None)
         server.stop()
+
+
+class _WithoutTraceback(logging.Filter):
+    """A failed stage is told by its own log lines and the run's one-line error; the frames of Prefect's engine
+    around it (which is all a task's traceback holds: the stage ran in another process) are for --debug only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def hide_run_tracebacks() -> None:
+    """Keep tracebacks out of the records Prefect makes of failed flow and task runs, unless debugging."""
+    if debugging():
+        return
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutTraceback) for f in logger.filters):
+            logger.addFilter(_WithoutTraceback())
 
 
 def drain_to_api() -> None:

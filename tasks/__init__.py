@@ -1,8 +1,7 @@
-"""Prefect tasks: thin wrappers that take artifact paths in and give artifact paths out.
+"""Prefect tasks of the pipeline flow: one per dvc.yaml stage (`tasks.dvc.repro_stage`), run through DVC.
 
-The work itself is done by the engine (`dppa`); these add what orchestration needs: retries on network fetches and
-the `dppa-gpu` tag, whose Prefect concurrency limit (runtime.gpu_concurrency) caps how many model-heavy steps run
-at once, across every stage process that talks to the same Prefect API.
+A model-heavy stage's task carries the `dppa-gpu` tag, whose Prefect concurrency limit (runtime.gpu_concurrency)
+caps how many of them run at once.
 """
 
 GPU_TAG = "dppa-gpu"

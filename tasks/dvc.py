@@ -34,6 +34,9 @@ def repro_stage(root: Path, stage: str, force: bool = False) -> str:
     """Returns "ran", "restored" (outputs checked out from DVC's run cache: the same inputs ran before) or
     "up to date". The stage's output is logged as it comes (progress bars left out); when it fails, StageFailed
     carries its last lines. `force` runs it even when DVC finds it up to date (a fetch whose hub branch moved)."""
+    from dppa.flows.runtime import hide_run_tracebacks
+
+    hide_run_tracebacks()  # also where the task runs in a Dask worker process
     logger = get_run_logger()
     command = [*dvc_command(), "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
     ran = restored = False

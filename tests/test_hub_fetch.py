@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.delta_files import load_delta
@@ -319,15 +320,39 @@ def test_only_followed_branches_are_asked_about(tmp_path):
     }
 
 
-def test_prefect_retries_network_failures_not_the_hubs_refusals():
-    from dppa.tasks.models import may_recover
-    from prefect.states import Failed
-
+def test_hub_calls_are_retried_on_network_failures_not_on_the_hubs_refusals(capsys):
     from dppa.errors import DppaError
     from dppa.pipeline.hub import HubRefusal
+    from dppa.stages.common import retried
 
-    assert may_recover(None, None, Failed(data=DppaError("org/m@main: cannot reach the hub")))
-    assert not may_recover(None, None, Failed(data=HubRefusal("org/m@nope: no such revision")))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise DppaError("org/m@main: cannot reach the hub")
+        return "done"
+
+    assert retried(flaky, "fetch org/m", delays_s=(0, 0, 0)) == "done" and len(calls) == 3
+    assert capsys.readouterr().err.count("cannot reach the hub (trying again in 0 s)") == 2
+
+    def refused():
+        calls.append(1)
+        raise HubRefusal("org/m@nope: no such revision")
+
+    calls.clear()
+    with pytest.raises(HubRefusal):
+        retried(refused, "fetch org/m", delays_s=(0, 0, 0))
+    assert len(calls) == 1
+
+    def always_down():
+        calls.append(1)
+        raise DppaError("org/m@main: cannot reach the hub")
+
+    calls.clear()
+    with pytest.raises(DppaError, match="cannot reach"):
+        retried(always_down, "fetch org/m", delays_s=(0, 0))
+    assert len(calls) == 3  # the first try and one per delay, then the last error
 
 
 def test_a_repository_holding_a_lora_adapter_is_fetched_and_extracted(tmp_path):

@@ -15,7 +15,7 @@ import pkgutil
 import sys
 
 from dppa import __version__
-from dppa.errors import DppaError
+from dppa.errors import DEBUG_ENV, DppaError, debugging
 
 EPILOG = """\
 typical use:
@@ -26,9 +26,6 @@ typical use:
   dppa merge BASE data/amplified/* -o data/merged/model --method ties
 Run `dppa COMMAND --help` for the options of each command.
 """
-
-
-DEBUG_ENV = "DPPA_DEBUG"
 
 
 def command_names() -> list[str]:
@@ -71,9 +68,20 @@ def _command(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    if argv[:1] == ["--debug"]:  # before the command: the command's own parser alone is built
-        debug, argv = True, argv[1:]
+    if argv[:1] != ["--debug"]:  # before the command: the command's own parser alone is built
+        return _main(argv, debug=debugging())
+    saved = os.environ.get(DEBUG_ENV)
+    os.environ[DEBUG_ENV] = "1"  # the stages a run starts show their tracebacks too
+    try:
+        return _main(argv[1:], debug=True)
+    finally:  # main may be called in-process (tests, scripts): the flag ends with the command
+        if saved is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = saved
+
+
+def _main(argv: list[str], debug: bool) -> int:
     parser = build_parser(only=_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

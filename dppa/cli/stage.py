@@ -1,7 +1,7 @@
 """`dppa stage NAME --ARG VALUE ...`: run one pipeline stage (the command each dvc.yaml stage runs).
 
-The paths are written once, in dvc.yaml, and passed here; each stage's options are its flow's arguments
-(flows/stages.py), so this module names no path and no stage argument itself.
+The paths are written once, in dvc.yaml, and passed here; each stage's options are its function's arguments
+(dppa/stages), so this module names no path and no stage argument itself.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import time
 from pathlib import Path
 
 ORDER = 60
 
 DESCRIPTION = """\
-Run one stage of the pipeline as a Prefect flow, reading params.yaml (checked first) and writing the outputs it is
+Run one stage of the pipeline, reading params.yaml (checked first) and writing the outputs it is
 given. This is what each stage in dvc.yaml runs, with the paths dvc.yaml declares; normally you run `dvc repro`
 (only stale stages) or `dppa run` (the whole pipeline through Prefect) instead of calling it yourself.
 
@@ -24,21 +25,16 @@ examples:
 """
 
 
-def stage_arguments(stage) -> list[inspect.Parameter]:
-    """A flow's arguments after (params, root): the stage's command-line options."""
-    return list(inspect.signature(stage.fn).parameters.values())[2:]
-
-
 def stage_parser() -> argparse.ArgumentParser:
-    """The parser of `dppa stage`, built from the flows (imported only when a stage runs: Prefect is slow to load)."""
-    from dppa.flows.stages import STAGES
+    """The parser of `dppa stage`, built from the stage functions (imported only when a stage runs)."""
+    from dppa.stages import STAGES, stage_arguments
 
     parser = argparse.ArgumentParser(
         prog="dppa stage", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, stage in STAGES.items():
-        doc = (inspect.getdoc(stage.fn) or "").split("\n\n")[0].replace("\n", " ")
+        doc = (inspect.getdoc(stage) or "").split("\n\n")[0].replace("\n", " ")
         sub = stages.add_parser(name, help=doc, description=doc)
         for arg in stage_arguments(stage):
             sub.add_argument(
@@ -61,13 +57,9 @@ def run(args: argparse.Namespace) -> int:
         params.finetune(args.model)  # names the valid fine-tunes when it is not one
     root = params_path.resolve().parent
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from dppa.flows.runtime import drain_to_api, set_gpu_limit
-    from dppa.flows.shared_api import shared_api_url
-    from dppa.flows.stages import STAGES
     from dppa.pipeline.lifeline import die_with_parent
     from dppa.pipeline.run_lock import TOKEN_ENV, run_lock
+    from dppa.stages import STAGES, stage_arguments
 
     if os.environ.get(TOKEN_ENV):
         die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed
@@ -75,17 +67,11 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {p.name: getattr(args, p.name) for p in stage_arguments(stage)}
     kwargs = {k: v if k == "model" else Path(v).resolve() for k, v in kwargs.items()}
     with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command=f"dppa stage {args.stage}"):
-        # Under `dppa run` the pipeline's API (and its GPU limit) comes through PREFECT_API_URL. Run alone by DVC,
-        # the stage reports to the one API kept for that `dvc repro` (flows/shared_api.py); run by hand, to the
-        # temporary server Prefect starts for this process.
-        url = os.environ.get("PREFECT_API_URL") or shared_api_url(root / ".dvc" / "tmp")
-        with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
-            if not os.environ.get("PREFECT_API_URL"):
-                set_gpu_limit(params.runtime.gpu_concurrency)
-            try:
-                stage(params, root, **kwargs)
-            finally:
-                drain_to_api()  # while the API address is still set
+        started = time.perf_counter()
+        stage(params, root, **kwargs)
+    # the stage's own time, apart from the interpreter, imports and DVC around it (bench/stage_overhead.py reads it)
+    name = os.environ.get("DVC_STAGE", args.stage)
+    print(f"{name}: the stage's own work took {time.perf_counter() - started:.2f} s", flush=True)
     return 0
 
 
