@@ -173,6 +173,7 @@ def scheduled_pipeline(root: str) -> dict[str, str]:
     from dppa.pipeline.config import load_params
     from dppa.pipeline.run_lock import RunSkipped, run_lock
     from dppa.pipeline.run_record import recorded_run
+    from dppa.pipeline.stage_server import warm_stages
 
     logger = get_run_logger()
     command = "dppa serve (scheduled run)"
@@ -184,7 +185,8 @@ def scheduled_pipeline(root: str) -> dict[str, str]:
             with run_lock(root, on_overlap=params.runtime.on_overlap or "skip", command=command, log=logger.warning):
                 set_gpu_limit(params.runtime.gpu_concurrency)
                 flow_ = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
-                record.stages = flow_(root, gpu_resource=params.runtime.needs_gpu_resource())
+                with warm_stages():
+                    record.stages = flow_(root, gpu_resource=params.runtime.needs_gpu_resource())
                 return record.stages
     except RunSkipped as skipped:
         logger.warning(str(skipped))

@@ -219,6 +219,21 @@ def local_gpu_cluster(gpus: list[str], cpu_workers: int):
     )
 
 
+def gpus_for(runtime: Runtime, gpu_count: int | None = None) -> list[str]:
+    """The GPUs runtime.task_runner local-gpu-cluster[:N] gets (none for another runner); refused where none is
+    visible. Cheap (no Prefect, no Dask): `dppa run` asks before any work."""
+    if runtime.gpu_cluster_cpu_workers() is None:
+        return []
+    gpus = visible_gpus(gpu_count)
+    if not gpus:
+        hidden = f" ({CUDA_DEVICES_ENV}={os.environ[CUDA_DEVICES_ENV]!r})" if CUDA_DEVICES_ENV in os.environ else ""
+        raise DppaError(
+            f"runtime.task_runner: {runtime.task_runner}: no GPU is visible here{hidden}; on CPU use "
+            "local-cluster:N, or give the address of a Dask scheduler whose workers have GPUs"
+        )
+    return gpus
+
+
 def task_runner(runtime: Runtime, gpu_count: int | None = None):
     """runtime.task_runner: threads | local-cluster:N | local-gpu-cluster[:N] | a Dask scheduler address.
 
@@ -244,13 +259,7 @@ def task_runner(runtime: Runtime, gpu_count: int | None = None):
         )
     cpu_workers = runtime.gpu_cluster_cpu_workers()
     if cpu_workers is not None:
-        gpus = visible_gpus(gpu_count)
-        if not gpus:
-            hidden = f" ({CUDA_DEVICES_ENV}={os.environ[CUDA_DEVICES_ENV]!r})" if CUDA_DEVICES_ENV in os.environ else ""
-            raise DppaError(
-                f"runtime.task_runner: {spec}: no GPU is visible here{hidden}; on CPU use local-cluster:N, "
-                "or give the address of a Dask scheduler whose workers have GPUs"
-            )
+        gpus = gpus_for(runtime, gpu_count)
         return DaskTaskRunner(
             cluster_class=local_gpu_cluster, cluster_kwargs={"gpus": gpus, "cpu_workers": cpu_workers}
         )

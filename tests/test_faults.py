@@ -3,6 +3,7 @@ from, and errors that must reach the user as one line (never a traceback) from e
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -203,6 +204,7 @@ def test_a_bug_is_one_line_and_its_traceback_is_behind_debug(tiny_models, tmp_pa
     argv = ["apply", str(base), str(ft), "-o", str(tmp_path / "o")]
     with pytest.raises(DppaError):  # --debug lets the exception through, with its traceback
         main(["--debug", *argv])
+    assert "DPPA_DEBUG" not in os.environ  # the flag ended with the command (main may run in-process again)
     monkeypatch.setenv("DPPA_DEBUG", "1")
     with pytest.raises(DppaError):
         main(argv)

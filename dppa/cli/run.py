@@ -100,10 +100,10 @@ def run_pipeline(root: Path) -> dict[str, str]:
     from dppa.pipeline.config import load_params
 
     params = load_params(root / "params.yaml")
-    from dppa.flows.runtime import task_runner
-
-    runner = task_runner(params.runtime)  # starts nothing; refuses local-gpu-cluster where no GPU is visible
+    from dppa.flows.runtime import gpus_for
     from dppa.pipeline.run_lock import run_lock
+
+    gpus_for(params.runtime)  # refuses local-gpu-cluster where no GPU is visible, before any work
 
     with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command="dppa run"):
         # A model at a hub branch may have moved: only the flow asks the hub, so there is no quick answer then.
@@ -112,10 +112,13 @@ def run_pipeline(root: Path) -> dict[str, str]:
             if up_to_date is not None:
                 return dict.fromkeys(up_to_date, "up to date")
         from dppa.flows.pipeline import pipeline_flow
-        from dppa.flows.runtime import notifier, prefect_api, set_gpu_limit
+        from dppa.flows.runtime import notifier, prefect_api, set_gpu_limit, task_runner
         from dppa.pipeline.run_record import recorded_run
+        from dppa.pipeline.stage_server import warm_stages
 
-        with prefect_api(), recorded_run(root, "dppa run") as record:
+        runner = task_runner(params.runtime)  # starts nothing
+
+        with warm_stages(), prefect_api(), recorded_run(root, "dppa run") as record:
             record.notify = notifier(params.runtime.notify)
             set_gpu_limit(params.runtime.gpu_concurrency)
             flow = pipeline_flow.with_options(task_runner=runner)

@@ -48,6 +48,15 @@ def stage_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dppa.pipeline.lifeline import die_with_parent
+    from dppa.pipeline.run_lock import TOKEN_ENV
+    from dppa.pipeline.stage_server import run_through_server
+
+    if os.environ.get(TOKEN_ENV):
+        die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed
+    status = run_through_server(["stage", *args.argv])  # under `dppa run`: in a warm process, its imports done
+    if status is not None:
+        return status
     from dppa.pipeline.config import BASE_NAME, load_params
 
     args = stage_parser().parse_args(args.argv)
@@ -57,12 +66,9 @@ def run(args: argparse.Namespace) -> int:
         params.finetune(args.model)  # names the valid fine-tunes when it is not one
     root = params_path.resolve().parent
 
-    from dppa.pipeline.lifeline import die_with_parent
-    from dppa.pipeline.run_lock import TOKEN_ENV, run_lock
+    from dppa.pipeline.run_lock import run_lock
     from dppa.stages import STAGES, stage_arguments
 
-    if os.environ.get(TOKEN_ENV):
-        die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed
     stage = STAGES[args.stage]
     kwargs = {p.name: getattr(args, p.name) for p in stage_arguments(stage)}
     kwargs = {k: v if k == "model" else Path(v).resolve() for k, v in kwargs.items()}
@@ -71,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         stage(params, root, **kwargs)
     # the stage's own time, apart from the interpreter, imports and DVC around it (bench/stage_overhead.py reads it)
     name = os.environ.get("DVC_STAGE", args.stage)
-    print(f"{name}: the stage's own work took {time.perf_counter() - started:.2f} s", flush=True)
+    # (on a line of its own: a progress bar on stderr may have left the terminal's line unfinished)
+    print(f"\n{name}: the stage's own work took {time.perf_counter() - started:.2f} s", flush=True)
     return 0
 
 
