@@ -13,8 +13,8 @@ scale, 4 examples per task) is run from nothing, so every stage runs:
   stage's wall time is its Prefect task run's (start to end), read from the API afterwards.
 - probes on the finished project, median of 3: interpreter start, `dppa stage report --help` (imports and the
   parser), `dvc repro --single-item report` with nothing stale (DVC's status check), and the report stage's command
-  run alone with and without a Prefect API to report to (the difference is what a stage run alone pays for its own
-  temporary API server).
+  run alone.
+- each stage's own work, from the line `dppa stage` prints when it is done; orchestration = wall - work.
 
 Outputs: bench/out/overhead-LABEL/ (projects, logs) and a summary on stdout.
 """
@@ -172,16 +172,8 @@ def probes(project: Path, env: dict, work: Path) -> dict[str, float]:
         "DVC status, nothing stale (dvc repro --single-item report)": median_wall(
             [sys.executable, "-m", "dvc", "repro", "--single-item", "report"], project, env
         ),
-        "report stage alone, no API given (dppa stage report ...)": median_wall(stage_alone, project, env),
+        "report stage alone (dppa stage report ...)": median_wall(stage_alone, project, env),
     }
-    sys.path.insert(0, str(REPO))
-    import dppa.flows  # noqa: F401
-    from dppa.flows.runtime import prefect_api
-
-    with prefect_api() as url:
-        figures["report stage alone, an API given (PREFECT_API_URL)"] = median_wall(
-            stage_alone, project, {**env, "PREFECT_API_URL": url}
-        )
     return figures
 
 

@@ -2,8 +2,8 @@
 of GPU workers it may start), the GPU concurrency limit.
 
 Prefect's API is embedded: with no PREFECT_API_URL set, one temporary local server is started per pipeline run
-and its address is put in the environment, so that the stage processes DVC starts and the Dask workers report to
-the same API (one place to see every run, one concurrency limit for all of them) instead of each starting its own.
+and its address is put in the environment, so that the Dask workers report to the same API as the flow (one place
+to see the run, one concurrency limit for all its stage tasks). The stages themselves use no Prefect.
 """
 
 from __future__ import annotations

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 from dppa.errors import DppaError
 
 ORDER = 75
-
-
-@contextlib.contextmanager
-def one_prefect_api(project: Path):
-    """One Prefect API for every point's stage processes (they inherit PREFECT_API_URL), with the GPU limit set."""
-    from dppa.flows.runtime import prefect_api, set_gpu_limit
-    from dppa.pipeline.config import load_params
-
-    with prefect_api():
-        set_gpu_limit(load_params(project / "params.yaml").runtime.gpu_concurrency)
-        yield
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
             Path(args.results),
             where,
             log=lambda message: print(message, flush=True),
-            session=lambda: one_prefect_api(project),
         )
     print(path.read_text())
     return 0

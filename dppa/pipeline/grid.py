@@ -17,14 +17,13 @@ The grid file (see experiments/paper.yaml):
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
 resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Afterwards
 params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
-`dppa grid` runs all points under one Prefect API (started for the grid unless PREFECT_API_URL names one), so the
-stage processes do not each start a server. `--where zoo.regime=heavy` runs a slice, e.g. one slice per clone of
-the project on machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the tables from all.
+The stages are plain commands, so a grid needs no Prefect API. `--where zoo.regime=heavy` runs a slice, e.g. one
+slice per clone of the project on machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the
+tables from all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -286,17 +285,15 @@ def run_grid(
     results: Path,
     where: dict | None = None,
     log=print,
-    session=contextlib.nullcontext,
 ) -> Path:
-    """Run the points not recorded yet, inside `session()` (e.g. one Prefect API for all), then write the tables."""
+    """Run the points not recorded yet, then write the tables."""
     done = set(recorded(project))
-    with session():
-        for grid in grids:
-            for point in points(spec, grid):
-                if not matches(point, where or {}):
-                    continue
-                if point["name"] in done:
-                    log(f"{point['name']}: recorded, skipped")
-                    continue
-                run_point(project, point, spec["grids"][grid].get("targets") or [], log)
+    for grid in grids:
+        for point in points(spec, grid):
+            if not matches(point, where or {}):
+                continue
+            if point["name"] in done:
+                log(f"{point['name']}: recorded, skipped")
+                continue
+            run_point(project, point, spec["grids"][grid].get("targets") or [], log)
     return write_tables(spec, grids, [project], results)

@@ -69,7 +69,10 @@ def run_through_server(argv: list[str]) -> int | None:
         conn.close()
         return None
     with conn:
-        _send_request(conn, argv)
+        try:
+            _send_request(conn, argv)
+        except OSError:  # the server went away before it took the request: nothing ran
+            return None
         status = b""
         while len(status) < STATUS.size:
             chunk = conn.recv(STATUS.size - len(status))

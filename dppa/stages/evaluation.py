@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dppa.io.atomic import atomic_write_text
 from dppa.pipeline.config import BASE_NAME, ParamsBase
-from dppa.stages.common import clear_leftovers, eval_device, is_unused
+from dppa.stages.common import clear_leftovers, eval_device, is_unused, retried
 from dppa.stages.models import model_folder
 
 
@@ -120,7 +120,6 @@ def publish(params: ParamsBase, root: Path, merged: Path, report: Path, summary:
     from dppa.errors import DppaError
     from dppa.merging.card import REPORT_CARD
     from dppa.pipeline.publish import Gate, publish_model
-    from dppa.stages.common import retried
 
     settings = params.publish
     if not settings.repo:
