@@ -1,5 +1,7 @@
 """The experiment grid's expansion and tables (the DVC runs themselves are tested in test_pipeline.py)."""
 
+import json
+
 import pytest
 import yaml
 
@@ -102,3 +104,18 @@ def test_an_experiment_still_running_in_the_workspace_is_not_recorded():
         }
     ]
     assert finished_experiments(shown) == {"done": {"data/metrics/m.json": {"score": 0.5}, "params.yaml": {}}}
+
+
+def test_points_log_ignores_only_a_torn_last_line(tmp_path):
+    from dppa.pipeline.grid import POINTS_LOG, logged
+
+    entry = {"name": "pruning-abc", "commit": "0" * 40, "metrics": {"params.yaml": {"prune": {"density": 0.2}}}}
+    path = tmp_path / POINTS_LOG
+    path.write_text(json.dumps(entry) + "\n" + '{"name": "pruning-de')  # the second write was cut by a crash
+    said = []
+    assert logged(tmp_path, said.append) == {"pruning-abc": entry["metrics"]}
+    assert said and "incomplete last line" in said[0]
+    path.write_text('{"name": "pruning-de\n' + json.dumps(entry) + "\n")  # damage before the end is not a crash's
+    with pytest.raises(DppaError, match=r"points.jsonl:1: not a recorded point"):
+        logged(tmp_path)
+    assert logged(tmp_path / "nothing-yet") == {}

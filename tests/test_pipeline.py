@@ -305,6 +305,17 @@ def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_
     log.clear()
     run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
     assert log == [f"{p['name']}: recorded, skipped" for p in expected]
+    # A later sitting (a fresh clone, another commit): DVC's experiments are gone, the committed points.jsonl is
+    # what remains, and it alone says which points are done and what they scored
+    logged = [json.loads(line) for line in (tmp_path / "results" / "points.jsonl").read_text().splitlines()]
+    assert sorted(entry["name"] for entry in logged) == sorted(p["name"] for p in expected)
+    assert all(entry["metrics"] == metrics[entry["name"]] for entry in logged)
+    dvc(project, "exp", "remove", "--all-commits")
+    assert recorded(project) == {}
+    log.clear()
+    results = run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
+    assert log == [f"{p['name']}: recorded, skipped" for p in expected]
+    assert results.read_text() == text
 
 
 def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_zoo, prefect_api, capsys):

@@ -15,7 +15,10 @@ The grid file (see experiments/paper.yaml):
             each with a `label`; a grid's own `set` adds to the global one; `targets` limits each point's run
             to those stages and what they depend on (e.g. [score] for per-fine-tune tables: no merge is run)
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
-resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Afterwards
+resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Each finished
+point is also appended to RESULTS/points.jsonl (its name, the commit it ran at, its metrics and params): commit that
+file and a later sitting, another clone or another commit skips those points too and tables them with the new
+ones. Delete a point's line (or the file) to run it again, e.g. after a change that should alter its result. Afterwards
 params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
 The stages are plain commands, so a grid needs no Prefect API. `--where zoo.regime=heavy` runs a slice, e.g. one
 slice per clone of the project on machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the
@@ -39,6 +42,7 @@ from dppa.errors import DppaError
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
 
 TABLES = ("finetunes", "merges")
+POINTS_LOG = "points.jsonl"
 METRICS = ("ratio", "gain")
 PARAMS = "params.yaml"
 
@@ -129,6 +133,39 @@ def finished_experiments(shown) -> dict[str, dict]:
 
     walk(shown)
     return found
+
+
+def logged(results: Path, log=print) -> dict[str, dict]:
+    """{name: metrics} of the points appended to results/points.jsonl, by any sitting, clone or commit."""
+    path = results / POINTS_LOG
+    lines = path.read_text().splitlines() if path.exists() else []
+    found = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            found[entry["name"]] = entry["metrics"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):  # a write cut short by a crash: that point was not recorded, and runs again
+                log(f"{path}:{number}: an incomplete last line, ignored (its point runs again)")
+                continue
+            raise DppaError(f"{path}:{number}: not a recorded point; delete the line (its point runs again)") from None
+    return found
+
+
+def log_point(results: Path, project: Path, name: str, metrics: dict) -> None:
+    """Append one finished point to results/points.jsonl, with the commit it ran at."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    entry = {
+        "name": name,
+        "commit": head,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "metrics": metrics,
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    with (results / POINTS_LOG).open("a") as out:
+        out.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
 def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> None:
@@ -249,7 +286,8 @@ def write_tables(spec: dict, grids: list[str], projects: list[Path], results: Pa
     """results/<grid>.md and .csv from the experiments recorded in the projects; returns results/results.md."""
     import pandas as pd
 
-    metrics = {name: m for project in projects for name, m in recorded(project).items()}
+    metrics = logged(results)
+    metrics.update({name: m for project in projects for name, m in recorded(project).items()})
     gain = spec.get("metric") == "gain"
     value = (
         "Gain retention = (score - base) / (dense fine-tune - base) on the same task, capped at 1"
@@ -286,8 +324,9 @@ def run_grid(
     where: dict | None = None,
     log=print,
 ) -> Path:
-    """Run the points not recorded yet, then write the tables."""
-    done = set(recorded(project))
+    """Run the points not recorded yet (by DVC for this commit, or in results/points.jsonl), then write the
+    tables."""
+    done = set(logged(results, log)) | set(recorded(project))
     for grid in grids:
         for point in points(spec, grid):
             if not matches(point, where or {}):
@@ -296,4 +335,5 @@ def run_grid(
                 log(f"{point['name']}: recorded, skipped")
                 continue
             run_point(project, point, spec["grids"][grid].get("targets") or [], log)
+            log_point(results, project, point["name"], recorded(project)[point["name"]])
     return write_tables(spec, grids, [project], results)
