@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dppa.errors import DppaError
+from dppa.evaluation.lm_eval_private import memoise_template_compile
 from dppa.zoo.tasks import ZOO_TAG, ensure_tasks_dir, zoo_task_names
 
 SPLITS = ("validation", "test")
@@ -119,7 +120,7 @@ class Evaluator:
 
         from dppa.evaluation.prepared import PreparedEvaluation
 
-        _compile_templates_once()
+        memoise_template_compile()
         self.tasks = load_tasks(tasks, split, include_path)
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.limit = limit
@@ -149,16 +150,6 @@ def _seed(task_dict: dict) -> None:
     torch.manual_seed(DEFAULT_OTHER_SEED)
     for task in task_dict["tasks"].values():
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-
-
-def _compile_templates_once() -> None:
-    """lm-eval compiles a task's prompt templates again for every document (jinja2's ``from_string`` keeps no
-    cache): measured at a third of a candidate's time on the tiny zoo. A compiled template is immutable and renders
-    the same text, so memoising the compile on the harness's template environment changes no output."""
-    from lm_eval import utils
-
-    if not hasattr(utils.env.from_string, "cache_info"):
-        utils.env.from_string = functools.lru_cache(maxsize=4096)(utils.env.from_string)
 
 
 def evaluate_model(

@@ -9,7 +9,7 @@ when the evaluator is made, by lm-eval's own code, and reused by every call:
 
 Each call then runs what depends on the weights, in the order ``lm_eval.evaluator.evaluate`` runs it: the model on
 the requests; the tasks' filters and ``process_results``; the harness's aggregation
-(``lm_eval.evaluator_utils._process_results``, whose results dict is what ``evaluate`` returns). Log-likelihood
+(lm_eval_private.aggregate, whose results dict is what ``evaluate`` returns). Log-likelihood
 requests go through the wrapper's own methods; greedy generation goes through ``GreedyGeneration`` below.
 ``process_results`` is called once per distinct (document, generated text): it is a function of the two, and a
 search sees the same answers again and again.
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dppa.errors import DppaError
+from dppa.evaluation.lm_eval_private import aggregate, harness_generate, metric_names
 
 log = logging.getLogger(__name__)
 MEMO_LIMIT = 200_000  # entries per memo; a memo past it is emptied (it only saves repeated work)
@@ -54,7 +55,7 @@ class PreparedEvaluation:
         for name, task in self.tasks.items():
             if getattr(task, "UNSAFE_CODE", False) or getattr(task, "MULTIMODAL", False):
                 raise DppaError(f"task {name}: runs model-written code or needs images; dppa evaluates neither")
-            if "bypass" in getattr(task, "_metric_fn_list", {}):
+            if "bypass" in metric_names(task):
                 raise DppaError(f"task {name}: has no metric (bypass); give a task that scores its answers")
         self.requests: dict[str, list] = defaultdict(list)  # request type -> instances, in task order
         self.docs: dict[str, list] = {}  # task -> [(doc_id, doc, its instances in request order)]
@@ -81,8 +82,6 @@ class PreparedEvaluation:
 
     def results(self) -> dict:
         """The harness's results dict (as ``lm_eval.evaluator.evaluate`` returns it, without samples)."""
-        from lm_eval.evaluator_utils import _process_results
-
         for instances in self.requests.values():
             for instance in instances:
                 instance.resps = []
@@ -104,7 +103,7 @@ class PreparedEvaluation:
                     for metric, value in self._process(name, task, doc_id, doc, filter_key, answers).items():
                         raw[(metric, filter_key)].append(value)
             accumulated[name] = {"task": task, "raw_metrics": raw, "logged_samples": []}
-        return _process_results(accumulated, self.groups, bootstrap_iters=0)._to_eval_results(samples=None)
+        return aggregate(accumulated, self.groups)
 
     def _process(self, name, task, doc_id, doc, filter_key, answers) -> dict:
         if not all(isinstance(a, str) for a in answers):  # log-likelihoods: new floats every call
@@ -235,7 +234,8 @@ class GreedyGeneration:
         hook = self.model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].detach().clone()))
         try:
             with torch.no_grad():
-                expected = self.lm._model_generate(
+                expected = harness_generate(
+                    self.lm,
                     context=batch.input_ids,
                     attention_mask=batch.attention_mask,
                     stop=list(batch.until),
