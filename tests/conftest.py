@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The per-user zoo cache (dppa/zoo/cache.py) stays out of the tests: a zoo stage under test builds its zoo.
+os.environ["DPPA_ZOO_CACHE"] = "off"
 
 import pytest  # noqa: E402
 

@@ -43,6 +43,8 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [lr_at(s, 100, 1.0) for s in range(100)]
     assert lrs[0] < lrs[4] == pytest.approx(1.0)
     assert lrs[-1] < 0.2 and min(lrs) >= 0.1 - 1e-9
+    held = [lr_at(s, 240, 6e-4, "constant", 0.1) for s in range(240)]
+    assert held[0] == pytest.approx(6e-4 / 24) and held[23:] == [6e-4] * (240 - 23)  # 24 warm-up steps, then 6e-4
 
 
 def test_zoo_layout_and_models_load_offline(tiny_zoo):
@@ -131,3 +133,40 @@ def test_manifest_records_scores_deltas_and_build_time(tiny_zoo):
         assert manifest["timing"][domain]["finetune_seconds"] > 0
     timing = manifest["timing"]
     assert 0 < timing["base_seconds"] < timing["build_seconds"]
+
+
+def test_zoo_cache_builds_once_and_links_the_same_files(tmp_path, monkeypatch):
+    from dppa.zoo.cache import CACHE_ENV, cached_zoo, zoo_key
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    builds = []
+
+    def build(folder):  # stands in for build_zoo: an atomic folder with a manifest
+        builds.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "base").mkdir()
+        (folder / "base" / "model.safetensors").write_bytes(b"weights")
+        (folder / "zoo.json").write_text("{}\n")
+
+    assert cached_zoo(tmp_path / "a" / "zoo", "tiny", "heavy", 0, build, log=lambda _m: None) is False
+    said = []
+    assert cached_zoo(tmp_path / "b" / "zoo", "tiny", "heavy", 0, build, log=said.append) is True
+    assert len(builds) == 1 and "from the cache" in said[0]
+    first, second = (
+        tmp_path / "a" / "zoo" / "base" / "model.safetensors",
+        tmp_path / "b" / "zoo" / "base" / "model.safetensors",
+    )
+    assert second.read_bytes() == b"weights" and second.stat().st_ino == first.stat().st_ino  # linked, not copied
+    # other settings are another entry; the code is part of the key
+    assert cached_zoo(tmp_path / "c" / "zoo", "tiny", "heavy", 1, build, log=lambda _m: None) is False
+    assert len(builds) == 2 and zoo_key("tiny", "heavy", 0) != zoo_key("tiny", "heavy", 1)
+    code = tmp_path / "package"
+    (code / "zoo").mkdir(parents=True)
+    (code / "zoo" / "training.py").write_text("STEPS = 1\n")
+    monkeypatch.setattr("dppa.zoo.cache.PACKAGE_ROOT", code)
+    before = zoo_key("tiny", "heavy", 0)
+    (code / "zoo" / "training.py").write_text("STEPS = 2\n")
+    assert zoo_key("tiny", "heavy", 0) != before
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert cached_zoo(tmp_path / "d" / "zoo", "tiny", "heavy", 0, build, log=lambda _m: None) is False
+    assert len(builds) == 3

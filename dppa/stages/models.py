@@ -9,9 +9,10 @@ from dppa.stages.common import UNUSED, clear_leftovers, retried
 
 
 def zoo(params: ParamsBase, root: Path, out: Path) -> Path:
-    """The demo models (zoo.size, zoo.regime, zoo.seed)."""
+    """The demo models (zoo.size, zoo.regime, zoo.seed), from the per-user zoo cache when it holds them."""
     from dppa.io.atomic import atomic_dir
     from dppa.zoo.build import build_zoo
+    from dppa.zoo.cache import cached_zoo
 
     clear_leftovers(out)
     if params.zoo.size == "none":
@@ -19,7 +20,12 @@ def zoo(params: ParamsBase, root: Path, out: Path) -> Path:
         with atomic_dir(out, overwrite=True) as tmp:
             (tmp / UNUSED).write_text("zoo.size is none in params.yaml: no demo models were built\n")
         return out
-    build_zoo(out, size=params.zoo.size, regime=params.zoo.regime, seed=params.zoo.seed, overwrite=True)
+    settings = params.zoo
+
+    def build(folder: Path) -> None:
+        build_zoo(folder, size=settings.size, regime=settings.regime, seed=settings.seed, overwrite=True)
+
+    cached_zoo(out, settings.size, settings.regime, settings.seed, build)
     return out
 
 

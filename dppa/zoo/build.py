@@ -117,7 +117,7 @@ def _train(job: FinetuneJob, tokenizer, log: Callable[[str], None]) -> tuple[Pre
         model = add_lora(model, recipe, job.seed)
     elif not recipe.train_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    regime = Regime(job.regime, lr=recipe.lr, weight_decay=0.0)
+    regime = Regime(job.regime, lr=recipe.lr, weight_decay=0.0, schedule=recipe.schedule, warmup=recipe.warmup)
     loss = finetune(
         model, tokenizer, examples, regime=regime, steps=recipe.steps, batch=recipe.batch, seed=job.seed, log=log,
         label=job.domain,

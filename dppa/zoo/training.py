@@ -26,6 +26,11 @@ class Regime:
     name: str
     lr: float
     weight_decay: float
+    # After warm-up over the first `warmup` share of the steps: "cosine" decays to a tenth of the peak, "constant"
+    # holds it (the real zoo's heavy fine-tunes: twice the distance from the base for the same peak, see
+    # dppa/zoo/pretrained.py).
+    schedule: str = "cosine"
+    warmup: float = 0.05
 
 
 # Light: supervised fine-tuning that mostly teaches the answer format to a base that already holds the skill
@@ -56,11 +61,14 @@ def deterministic(seed: int) -> Iterator[None]:
         torch.set_num_threads(previous[1])
 
 
-def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warm-up over the first 5% of steps, then cosine decay to a tenth of the peak."""
-    warmup = max(1, total // 20)
+def lr_at(step: int, total: int, peak: float, schedule: str = "cosine", warmup_share: float = 0.05) -> float:
+    """Linear warm-up over the first `warmup_share` of the steps, then cosine decay to a tenth of the peak, or the
+    peak held (`schedule="constant"`)."""
+    warmup = max(1, int(total * warmup_share))
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
@@ -73,6 +81,8 @@ def _optimise(
     weight_decay: float,
     log: Callable[[str], None],
     label: str,
+    schedule: str = "cosine",
+    warmup: float = 0.05,
 ) -> float:
     optimiser = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98)
@@ -81,7 +91,7 @@ def _optimise(
     loss_value = float("nan")
     for step in range(steps):
         for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = lr_at(step, steps, lr, schedule, warmup)
         input_ids, attention_mask, labels = batches(step)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimiser.zero_grad(set_to_none=True)
@@ -174,4 +184,6 @@ def finetune(
         return _pad_batch(rows, tokenizer.pad_token_id)
 
     with deterministic(seed):
-        return _optimise(model, batches, steps, regime.lr, regime.weight_decay, log, label)
+        return _optimise(
+            model, batches, steps, regime.lr, regime.weight_decay, log, label, regime.schedule, regime.warmup
+        )
