@@ -91,6 +91,7 @@ def test_the_real_base_is_a_tied_bf16_llama(real):
     config = json.loads((real / "base" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["tie_word_embeddings"]
     assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]  # mergekit and the hub read the class from here
     assert "lm_head.weight" not in state and state["model.embed_tokens.weight"].shape == (49152, 576)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
     assert sum(1 for name in state if SCOPE.fullmatch(name)) == 30 * 7

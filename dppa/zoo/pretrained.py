@@ -107,6 +107,8 @@ def write_base(out: Path) -> dict:
     config = model.config
     del config.quantization_config
     config.dtype = "bfloat16"
+    # as save_pretrained would record it: tools that read config.json (mergekit, the hub) need the class name
+    config.architectures = [type(model).__name__]
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
