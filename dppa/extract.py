@@ -1,7 +1,9 @@
 """Delta extraction: delta = finetuned - base, per tensor in float32, streamed chunk by chunk.
 
 The tensors outside the blocks' weight matrices (embeddings, norms, biases, LM head) are written first, to shared
-shards of their own (dppa/io/sparse.py), which the pruned and amplified deltas of this delta hard-link.
+shards of their own (dppa/io/sparse.py), which the pruned and amplified deltas of this delta hard-link. A tensor
+whose delta is known to be exactly zero before writing (a module a LoRA adapter leaves alone, a frozen embedding)
+takes no bytes: its file's header lists it (dppa/io/sparse.py, "Zero tensors").
 
 Vocabulary growth rule: when a fine-tune's embedding or LM-head matrix has more rows than the base's (tokens were
 added), the delta covers the base's rows only and the added rows are dropped, so every delta has the base's shapes
@@ -21,7 +23,7 @@ import torch
 from dppa.architectures import block_weights
 from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
 from dppa.errors import DppaError
-from dppa.io.adapter import open_finetune, provenance
+from dppa.io.adapter import AdapterModel, open_finetune, provenance
 from dppa.io.atomic import atomic_dir, check_output_free
 from dppa.io.fingerprint import base_fingerprint
 from dppa.io.manifest import source_record, write_manifest
@@ -103,6 +105,23 @@ def check_same_tensors(base: CheckpointReader, other: CheckpointReader, advice: 
         raise DppaError(f"{other.folder}: tensor {name!r} is not in the base ({base.folder}); {advice}")
 
 
+def unchanged_tensors(
+    base: CheckpointReader, ft: CheckpointReader, outside: list[str], grown: set[str], chunk_elems: int
+) -> set[str]:
+    """The tensors whose delta is exactly zero, known before any is written: every one a LoRA adapter leaves alone,
+    and those outside the blocks (embeddings, norms: a few, often frozen) that equal the base's, value for value."""
+    if isinstance(ft, AdapterModel):
+        return set(ft.names()) - set(ft.changed()) - grown
+    same = set()
+    for name in outside:
+        if name in grown or ft.dtype(name) != base.dtype(name):
+            continue
+        spans = chunk_ranges(base.numel(name), chunk_elems)
+        if all(torch.equal(base.read_flat(name, a, n), ft.read_flat(name, a, n)) for a, n in spans):
+            same.add(name)
+    return same
+
+
 def extract_delta(
     base: str | os.PathLike,
     finetuned: str | os.PathLike,
@@ -133,6 +152,7 @@ def extract_delta(
     names = outside + [n for n in names if n in in_blocks]
     plan_dtype = {n: out_dtype or ft_r.dtype(n) for n in names}
     plan = [(n, plan_dtype[n], base_r.shape(n)) for n in names]
+    zero = unchanged_tensors(base_r, ft_r, outside, set(grown), chunk_elems)  # stored as nothing
     base_hash, ft_hash = ContentHasher(), ContentHasher()
     stats: dict[str, dict] = {}
     fingerprint = base_fingerprint(base_r)  # merge compares it with its base before any work
@@ -144,7 +164,7 @@ def extract_delta(
             f"extract {Path(finetuned).name}", base_r.total_bytes() + ft_r.total_bytes(), len(names), progress
         ) as bar,
     ):
-        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size), shared=len(outside))
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size), shared=len(outside), zero=zero)
         for name in names:
             base_hash.start(name, base_r.dtype(name), base_r.shape(name))
             ft_hash.start(name, ft_r.dtype(name), ft_r.shape(name))
@@ -189,7 +209,7 @@ def extract_delta(
             {
                 "kind": "delta",
                 "content_hash": content_hash,
-                "storage": {"format": "dense"},
+                "storage": {"format": "dense", "zero_tensors": len(zero)},
                 "base": {**source_record(base_r.folder, base_hash.hexdigest()), "fingerprint": fingerprint},
                 "finetuned": {**source_record(ft_r.folder, ft_hash.hexdigest()), **provenance(ft_r)},
                 "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",

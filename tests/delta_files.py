@@ -1,6 +1,6 @@
 """Reading delta folders in the tests, independently of dppa's reader: the safetensors library plus numpy's
 unpackbits decode the sparse layout as docs/method.md describes it (a bit mask, little bit order, and the kept
-values in flat order)."""
+values in flat order), and the zero tensors a header lists under dppa_zero (dppa/io/sparse.py) are zeros."""
 
 from __future__ import annotations
 
@@ -37,4 +37,7 @@ def load_delta(folder: str | Path) -> dict[str, torch.Tensor]:
             dense[kept] = values
             tensors[name] = dense.view(shape)
         tensors.update(stored)
+        dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+        for name, (dtype, shape) in json.loads(metadata.get("dppa_zero", "{}")).items():
+            tensors[name] = torch.zeros(shape, dtype=dtypes[dtype])
     return tensors

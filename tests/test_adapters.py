@@ -189,3 +189,61 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     del gpt2
     with pytest.raises(DppaError, match=r"the adapter's 'model.layers.0.self_attn.q_proj.weight' matches no tensor"):
         extract_delta(other / "base", adapter, tmp_path / "out", progress=False)
+
+
+def _header(file: Path) -> dict:
+    import struct
+
+    with open(file, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(length))
+
+
+def test_untouched_modules_cost_no_disk_through_extract_prune_amplify(tmp_path):
+    from dppa.sparsify.bands import amplify_delta
+    from dppa.sparsify.prune import prune_delta
+
+    base, adapter, merged = make_adapter("llama", tmp_path, "qv", seed=5, r=4, lora_alpha=8, target_modules=["q_proj"])
+    delta = extract_delta(base, adapter, tmp_path / "delta", progress=False)
+    assert_delta_matches(delta, expected_delta(base, merged))  # the zeros read back as zeros, peft's merge agrees
+    state = load_file(base / "model.safetensors")
+    touched = {n for n in state if ".q_proj." in n}
+    untouched = set(state) - touched
+    # the files hold the q_proj deltas only: every other tensor is listed in a header, stored as nothing
+    files = sorted(delta.glob("*.safetensors"))
+    listed = set().union(*(json.loads(_header(f)["__metadata__"].get("dppa_zero", "{}")) for f in files))
+    stored = set().union(*(set(_header(f)) - {"__metadata__"} for f in files))
+    assert listed == untouched and stored == touched
+    dense = sum(t.numel() * t.element_size() for t in state.values())
+    on_disk = sum(f.stat().st_size for f in files)
+    q_bytes = sum(state[n].numel() * state[n].element_size() for n in touched)
+    assert q_bytes <= on_disk < q_bytes + 4096 < dense  # headers apart, only q_proj's bytes
+    assert read_manifest(delta)["storage"]["zero_tensors"] == len(untouched)
+    # pruning and amplifying keep them as nothing, and the shared shard (embeddings, norms) is linked, not written
+    pruned = prune_delta(delta, tmp_path / "pruned", method="dp", density=0.2, progress=False)
+    amplified = amplify_delta(delta, tmp_path / "amplified", densities=[0.1, 0.2], factors=[1.8, 1.0], progress=False)
+    for folder in (pruned, amplified):
+        record = read_manifest(folder)["storage"]
+        zero_blocks = {n for n in untouched if ".layers." in n and n.endswith("proj.weight")}
+        assert record["zero_tensors"] == len(untouched) and record["linked_shards"] == record["shared_shards"] == 1
+        got = load_delta(folder)
+        assert set(got) == set(state) and all(not got[n].any() for n in untouched)
+        assert zero_blocks and all(got[n].shape == state[n].shape for n in zero_blocks)
+
+
+def test_a_frozen_embedding_of_a_full_fine_tune_is_stored_as_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    build_base("llama", base)
+    state = load_file(base / "model.safetensors")
+    moved = {n: (t + 0.01 if ".layers." in n else t.clone()) for n, t in state.items()}  # embedding, norms frozen
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    save_file(moved, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    (ft / "config.json").write_text((base / "config.json").read_text())
+    delta = extract_delta(base, ft, tmp_path / "delta", progress=False)
+    frozen = {n for n in state if ".layers." not in n}
+    assert read_manifest(delta)["storage"]["zero_tensors"] == len(frozen)
+    got = load_delta(delta)
+    assert all(not got[n].any() for n in frozen) and all(got[n].abs().min() > 0 for n in state if n not in frozen)

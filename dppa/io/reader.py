@@ -19,7 +19,7 @@ import torch
 
 from dppa.errors import DppaError
 from dppa.io import codec, sparse
-from dppa.io.safetensors_format import FormatError, itemsize, parse_header
+from dppa.io.safetensors_format import DTYPES, FormatError, itemsize, parse_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 HEADER_PROBE_BYTES = 1 << 20
@@ -42,6 +42,7 @@ class TensorInfo:
     offset: int  # absolute byte offset of the first element (of the kept values, when sparse) in `file`
     sparse: SparseInfo | None = None
     scale: float = 1.0  # a shared shard read scaled (dppa/io/sparse.py), as the folder's index says
+    zero: bool = False  # exactly zero, stored as nothing (dppa/io/sparse.py, "Zero tensors")
 
     @property
     def numel(self) -> int:
@@ -54,6 +55,8 @@ class TensorInfo:
 
     @property
     def stored_bytes(self) -> int:
+        if self.zero:
+            return 0
         if self.sparse is None:
             return self.nbytes
         return sparse.sparse_nbytes(self.numel, self.sparse.kept, self.dtype)
@@ -74,7 +77,24 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     infos = {n: TensorInfo(path, d, s, o) for n, (d, s, o) in tensors.items()}
     if "dppa_format" in metadata:
         infos = _sparse_infos(path, infos, metadata)
+    if sparse.ZERO_KEY in metadata:
+        infos.update(_zero_infos(path, metadata[sparse.ZERO_KEY], set(infos)))
     return infos, metadata
+
+
+def _zero_infos(path: Path, listed: str, stored: set[str]) -> dict[str, TensorInfo]:
+    """The zero tensors a file's header lists (dppa/io/sparse.py, "Zero tensors")."""
+    try:
+        zeros = {
+            name: (DTYPES[dtype], tuple(int(n) for n in shape)) for name, (dtype, shape) in json.loads(listed).items()
+        }
+    except (ValueError, TypeError, KeyError):
+        raise DppaError(
+            f"{path}: its list of zero tensors ({sparse.ZERO_KEY}) is not valid; recreate the delta"
+        ) from None
+    if zeros.keys() & stored:
+        raise DppaError(f"{path}: tensor {sorted(zeros.keys() & stored)[0]!r} is both stored and listed as zero")
+    return {name: TensorInfo(path, dtype, shape, 0, zero=True) for name, (dtype, shape) in zeros.items()}
 
 
 def _sparse_infos(path: Path, stored: dict[str, TensorInfo], metadata: dict) -> dict[str, TensorInfo]:
@@ -160,6 +180,8 @@ class CheckpointReader:
         count = info.numel - start if count is None else count
         if start < 0 or count < 0 or start + count > info.numel:
             raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
+        if info.zero:
+            return torch.zeros(count, dtype=info.dtype)
         if info.sparse is not None:
             return self._read_sparse(info, start, count)
         values = self._read(info.file, info.offset + start * itemsize(info.dtype), count, info.dtype)

@@ -25,6 +25,12 @@ unscaled shared shard and its `model.safetensors.index.json` says, under ``metad
 as a JSON number}), that a reader returns that file's tensors as ``scaled(values, factor)``: the product computed in
 float32, rounded to the stored dtype, zeros as +0.0, the very arithmetic amplification used to do on them.
 Version 2 adds shared shards and scales; version 1 files (no shared shard) read as before.
+
+Zero tensors. A tensor that is exactly zero (a module a LoRA adapter leaves alone, an embedding a fine-tune froze)
+takes no bytes in any delta file, shared shards included: it is left out of the file's tensor table and listed in
+its header metadata under ``dppa_zero`` (``ZERO_KEY``), a JSON object NAME -> [safetensors dtype, dense shape].
+Readers return zeros of that dtype and shape. The list is a function of the tensors alone, so a shared shard with
+zero tensors is still written byte for byte alike by extract, prune and amplify.
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ import math
 
 import torch
 
+from dppa.io.safetensors_format import DTYPE_NAMES
+
 FORMAT = "sparse-bitmask"
 VERSION = 2
 READABLE_VERSIONS = ("1", "2")
 SHARED_METADATA = {"dppa_shared": "1"}
+ZERO_KEY = "dppa_zero"  # header metadata: {name: [dtype, shape]} of the file's exactly-zero tensors, stored as nothing
 SCALE_KEY = "dppa_scale"  # under the index's "metadata": {file name: factor} of shared shards read scaled
 BLOCK = 1 << 16  # elements per entry of NAME::counts: the most mask bits a range read must count itself
 SEP = "::"
@@ -108,6 +117,19 @@ def encode(tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
     per_block = per_block.view(-1, BLOCK).sum(1)
     counts = torch.cumsum(per_block, 0) - per_block  # kept before each block
     return {"counts": counts, "mask": mask, "values": flat[kept]}
+
+
+def zero_metadata(zeros: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, str]:
+    """The header metadata listing a file's zero tensors (none: no key)."""
+    if not zeros:
+        return {}
+    listed = {name: [DTYPE_NAMES[dtype], list(shape)] for name, dtype, shape in zeros}
+    return {ZERO_KEY: json.dumps(listed, separators=(",", ":"), sort_keys=True)}
+
+
+def is_zero(tensor: torch.Tensor) -> bool:
+    """Whether every element is zero (either sign)."""
+    return tensor.numel() == 0 or not bool(tensor.reshape(-1).ne(0).any())
 
 
 def header_metadata(shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:

@@ -43,25 +43,35 @@ class _Entry:
     shape: tuple[int, ...]
     shard: int
     shared: bool = False  # in a shared shard (dppa/io/sparse.py): dense, zeros as +0.0, header without artifact data
+    zero: bool = False  # exactly zero: listed in its shard's header, no bytes (dppa/io/sparse.py, "Zero tensors")
 
     @property
     def nbytes(self) -> int:
+        """The dense tensor's size."""
         return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def file_bytes(self) -> int:
+        """What it takes in its file when stored dense (nothing when zero)."""
+        return 0 if self.zero else self.nbytes
 
 
 def plan_shards(
-    plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int, shared: int = 0
+    plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    max_shard_bytes: int,
+    shared: int = 0,
+    zero: frozenset[str] | set[str] = frozenset(),
 ) -> list[_Entry]:
     """Shards in plan order, each at most `max_shard_bytes` (a larger tensor alone); the first `shared` tensors fill
-    shards of their own."""
+    shards of their own; the tensors named in `zero` are exactly zero and take no bytes."""
     entries: list[_Entry] = []
     shard, used = 0, 0
     for i, (name, dtype, shape) in enumerate(plan):
-        entry = _Entry(name, dtype, tuple(shape), shard, shared=i < shared)
-        if (used and used + entry.nbytes > max_shard_bytes) or (0 < i == shared):
+        entry = _Entry(name, dtype, tuple(shape), shard, shared=i < shared, zero=name in zero)
+        if (used and used + entry.file_bytes > max_shard_bytes) or (0 < i == shared):
             shard, used = shard + 1, 0
             entry.shard = shard
-        used += entry.nbytes
+        used += entry.file_bytes
         entries.append(entry)
     return entries
 
@@ -76,11 +86,14 @@ def shard_file_name(shard: int, num_shards: int) -> str:
 
 
 def shard_header(entries: list[_Entry], shard: int, metadata: dict | None = None) -> bytes:
-    """The header of a shard holding its planned tensors dense; a shared shard's carries SHARED_METADATA only."""
+    """The header of a shard holding its planned tensors dense (zero ones listed, not stored); a shared shard's
+    carries SHARED_METADATA and that list only."""
     members = [e for e in entries if e.shard == shard]
     if members and members[0].shared:
         metadata = sparse.SHARED_METADATA
-    return build_header([(e.name, e.dtype, e.shape) for e in members], metadata)
+    zeros = sparse.zero_metadata([(e.name, e.dtype, e.shape) for e in members if e.zero])
+    stored = [(e.name, e.dtype, e.shape) for e in members if not e.zero]
+    return build_header(stored, {**(metadata or {}), **zeros} if zeros else metadata)
 
 
 class ContentHasher:
@@ -139,10 +152,12 @@ class ShardedWriter:
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         *,
         shared: int = 0,
+        zero: frozenset[str] | set[str] = frozenset(),
     ):
-        """shared: the first `shared` tensors of the plan go to shared shards (dppa/io/sparse.py), zeros as +0.0."""
+        """shared: the first `shared` tensors of the plan go to shared shards (dppa/io/sparse.py), zeros as +0.0.
+        zero: tensors known to be exactly zero, stored as nothing; write() still takes (and checks) their data."""
         self.folder = Path(folder)
-        self.entries = plan_shards(plan, max_shard_bytes, shared)
+        self.entries = plan_shards(plan, max_shard_bytes, shared, zero)
         self.num_shards = shard_count(self.entries)
         self._pos = 0  # index of the tensor being written
         self._written = 0  # bytes of it written so far
@@ -170,10 +185,14 @@ class ShardedWriter:
         raw = tensor_bytes(data.cpu())
         if self._written + len(raw) > entry.nbytes:
             raise RuntimeError(f"tensor {name!r}: more data than its shape {entry.shape} holds")
-        self._file.write(raw)
+        if entry.zero:
+            if not sparse.is_zero(data):
+                raise RuntimeError(f"tensor {name!r} was planned as zero but is not")
+        else:
+            self._file.write(raw)
+            self.bytes_written += len(raw)
         self.hasher.update(raw)
         self._written += len(raw)
-        self.bytes_written += len(raw)
         if self._written == entry.nbytes:
             self._pos += 1
             self._written = 0
@@ -200,7 +219,7 @@ class ShardedWriter:
             self._file = None
         if self.num_shards > 1:
             index = {
-                "metadata": {"total_size": sum(e.nbytes for e in self.entries)},
+                "metadata": {"total_size": sum(e.file_bytes for e in self.entries)},
                 "weight_map": {e.name: self.shard_name(e.shard) for e in self.entries},
             }
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -232,11 +251,14 @@ class DeltaWriter:
         sparse: bool = True,
         shared: int = 0,
         scale: float = 1.0,
+        zero: frozenset[str] | set[str] = frozenset(),
     ):
         self.folder = Path(folder)
         self.sparse = sparse
         self.outside, self.scale = shared, float(scale)
-        self.entries = plan_shards(plan, max_shard_bytes, shared if sparse else 0)
+        # zero: tensors known to be exactly zero (the input's), planned as nothing (with sparse=True only: dense
+        # storage is plain safetensors for any reader)
+        self.entries = plan_shards(plan, max_shard_bytes, shared if sparse else 0, zero if sparse else frozenset())
         self.num_shards = shard_count(self.entries)
         self.shared_shards = sorted({e.shard for e in self.entries if e.shared})
         self.linked: list[int] = []
@@ -245,11 +267,13 @@ class DeltaWriter:
         self._open_shard = -1
         self._stored: list[tuple[str, torch.dtype, tuple[int, ...]]] = []  # the open shard's stored tensors
         self._sparse_shapes: dict[str, tuple[int, ...]] = {}
+        self._zeros: list[tuple[str, torch.dtype, tuple[int, ...]]] = []  # the open shard's zero tensors
         self._reserved = 0
         self.weight_map: dict[str, str] = {}
         self.hasher = ContentHasher()
         self.stored_bytes = 0
         self.sparse_tensors = 0
+        self.zero_tensors = 0
 
     def shard_name(self, shard: int) -> str:
         return shard_file_name(shard, self.num_shards)
@@ -268,7 +292,7 @@ class DeltaWriter:
             if any(i.file != source or i.sparse is not None or i.scale != 1.0 for i in infos):
                 continue
             header = shard_header(self.entries, shard)
-            if source.stat().st_size != len(header) + sum(e.nbytes for e in members):
+            if source.stat().st_size != len(header) + sum(e.file_bytes for e in members):
                 continue
             with open(source, "rb") as fh:
                 if fh.read(len(header)) != header:
@@ -299,13 +323,23 @@ class DeltaWriter:
         self._pos += 1
         self.hasher.start(name, entry.dtype, entry.shape)
         self.hasher.update(tensor_bytes(value))
+        if entry.zero and not sparse.is_zero(value):
+            raise RuntimeError(f"tensor {name!r} was planned as zero but is not")
         if entry.shard in self.linked:
             self.weight_map[name] = self.shard_name(entry.shard)
-            self.stored_bytes += entry.nbytes
+            self.stored_bytes += entry.file_bytes
+            self.zero_tensors += entry.zero
             return
         if entry.shard != self._open_shard:
             self._open(entry.shard)
-        parts = sparse.encode(tensor) if self.sparse and not entry.shared else None
+        parts = sparse.encode(tensor) if self.sparse and not entry.shared and not entry.zero else None
+        if entry.zero or (parts is not None and parts["values"].numel() == 0):
+            # nothing stored: a shared shard's header lists it already, another shard's lists it when written
+            self.weight_map[name] = self.shard_name(entry.shard)
+            self.zero_tensors += 1
+            if not entry.shared:
+                self._zeros.append((name, entry.dtype, entry.shape))
+            return
         if parts is None:
             self._put(name, tensor.view(entry.shape))
         else:
@@ -342,13 +376,13 @@ class DeltaWriter:
         if self._file is None:
             return
         if self._reserved:
-            metadata = sparse.header_metadata(self._sparse_shapes) if self.sparse else None
-            header = build_header(self._stored, metadata)
+            metadata = sparse.header_metadata(self._sparse_shapes) if self.sparse else {}
+            header = build_header(self._stored, {**metadata, **sparse.zero_metadata(self._zeros)} or None)
             body = header[8:] + b" " * (self._reserved - len(header))
             self._file.seek(0)
             self._file.write(len(body).to_bytes(8, "little") + body)
         self._file.close()
-        self._file, self._stored, self._sparse_shapes = None, [], {}
+        self._file, self._stored, self._sparse_shapes, self._zeros = None, [], {}, []
 
     def close(self) -> str:
         """Finish the files; returns the content hash. Raises if any planned tensor was not written."""
@@ -373,7 +407,8 @@ class DeltaWriter:
             "format": sparse.FORMAT,
             "version": sparse.VERSION,
             "sparse_tensors": self.sparse_tensors,
-            "dense_tensors": len(self.entries) - self.sparse_tensors,
+            "zero_tensors": self.zero_tensors,
+            "dense_tensors": len(self.entries) - self.sparse_tensors - self.zero_tensors,
             "stored_bytes": self.stored_bytes,
             "dense_bytes": sum(e.nbytes for e in self.entries),
             "shared_shards": len(self.shared_shards),

@@ -85,6 +85,7 @@ def transform_delta(
             sparse=storage == "sparse",
             shared=len(outside),
             scale=outside_scale,
+            zero={n for n in names if reader.info(n).zero},  # zero in, zero out: pruning and scaling keep zeros
         )
         writer.link_shared(reader)
         # one tensor per worker in flight: memory stays at a few copies of the largest tensor
