@@ -200,6 +200,7 @@ def _header(file: Path) -> dict:
 
 
 def test_untouched_modules_cost_no_disk_through_extract_prune_amplify(tmp_path):
+    from dppa.io.reader import open_checkpoint
     from dppa.sparsify.bands import amplify_delta
     from dppa.sparsify.prune import prune_delta
 
@@ -228,6 +229,8 @@ def test_untouched_modules_cost_no_disk_through_extract_prune_amplify(tmp_path):
         assert record["zero_tensors"] == len(untouched) and record["linked_shards"] == record["shared_shards"] == 1
         got = load_delta(folder)
         assert set(got) == set(state) and all(not got[n].any() for n in untouched)
+        with open_checkpoint(folder) as reader:  # dppa's own reader gives the same tensors (scaled shard included)
+            assert all(torch.equal(reader.get(n), got[n]) for n in state)
         assert zero_blocks and all(got[n].shape == state[n].shape for n in zero_blocks)
 
 

@@ -359,7 +359,10 @@ def open_checkpoint(folder: str | os.PathLike, allow_pickle: bool = False) -> Ch
         for f in files:
             file_infos, metadata = read_safetensors_header(f)
             if f in scales:
-                if metadata != {"format": "pt", **sparse.SHARED_METADATA}:
+                if {k: v for k, v in metadata.items() if k != sparse.ZERO_KEY} != {
+                    "format": "pt",
+                    **sparse.SHARED_METADATA,
+                }:
                     raise DppaError(f"{f}: the index scales it but it is no shared shard; the delta is corrupt")
                 file_infos = {n: dataclasses.replace(i, scale=scales[f]) for n, i in file_infos.items()}
             for name, info in file_infos.items():
