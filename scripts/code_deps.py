@@ -92,13 +92,12 @@ def imported(nodes, used: set[str] | None) -> set[Unit]:
     for node in nodes:
         for sub in ast.walk(node):
             if isinstance(sub, ast.Import):
-                pairs = [(alias.name, None) for alias in sub.names]
+                pairs = [(a.name, None, None) for a in sub.names]
             elif isinstance(sub, ast.ImportFrom) and sub.module and not sub.level:
-                pairs = [(sub.module, alias.name) for alias in sub.names]
+                pairs = [(sub.module, a.name, a.asname or a.name) for a in sub.names]
             else:
                 continue
-            for module, name in pairs:
-                alias = next((a.asname or a.name for a in sub.names if a.name == name), name)
+            for module, name, alias in pairs:
                 parts = module.split(".")
                 if parts[0] != PACKAGE:
                     continue
@@ -163,9 +162,12 @@ def as_deps(files: set[Path]) -> list[str]:
 
 def listed_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, tuple[str, list[str]]]:
     """{dvc.yaml stage: (its stage function, its code deps as listed)}."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    return _stages(dvc_yaml.read_text())
+
+
+def _stages(text: str) -> dict[str, tuple[str, list[str]]]:
     out = {}
-    for key, stage in stages.items():
+    for key, stage in yaml.safe_load(text)["stages"].items():
         body = stage.get("do", stage)
         function = body["cmd"].split()[2]  # dppa stage NAME ...
         out[key] = (function, sorted(d for d in body.get("deps", []) if d.startswith(PACKAGE + "/")))
@@ -189,7 +191,7 @@ CODE_DEP = re.compile(rf"^\s+- {PACKAGE}/")
 def rewrite(text: str) -> str:
     """dvc.yaml's text with each stage's code deps (`- dppa/...` lines of its deps list) replaced by the computed
     ones, after its other deps; every other line as it was."""
-    functions = listed_deps_text(text)
+    functions = {key: function for key, (function, _) in _stages(text).items()}
     out: list[str] = []
     stage, indent = None, None  # indent: of the items of the deps list being read, None outside one
     for line in text.splitlines():
@@ -210,12 +212,6 @@ def rewrite(text: str) -> str:
         if re.match(r"^\s+deps:\s*$", line) and stage in functions:
             indent = " " * (len(line) - len(line.lstrip()) + 2)
     return "\n".join(out) + "\n"
-
-
-def listed_deps_text(text: str) -> dict[str, str]:
-    """{dvc.yaml stage: its stage function}."""
-    stages = yaml.safe_load(text)["stages"]
-    return {key: stage.get("do", stage)["cmd"].split()[2] for key, stage in stages.items()}
 
 
 def main() -> int:

@@ -15,6 +15,15 @@ from dppa.errors import DppaError
 from dppa.io.space import check_free_space, disk_full_error
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` made a hard link of `source` (the same bytes at no cost), or a copy across filesystems or where
+    links are not allowed. Only for files that nobody writes in place."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def check_output_free(out: Path, overwrite: bool) -> None:
     """Fail early (before any work) when `out` exists and the user did not ask to replace it."""
     if out.exists() and not overwrite:

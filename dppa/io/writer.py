@@ -9,15 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dppa.io import sparse
+from dppa.io.atomic import link_or_copy
 from dppa.io.safetensors_format import HEADER_ALIGN, build_header, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -298,10 +297,7 @@ class DeltaWriter:
                 if fh.read(len(header)) != header:
                     continue
             target = self.folder / self.shard_name(shard)
-            try:
-                os.link(source, target)
-            except OSError:  # another filesystem, or links not allowed
-                shutil.copyfile(source, target)
+            link_or_copy(source, target)
             self.linked.append(shard)
         return len(self.linked)
 

