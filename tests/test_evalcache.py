@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 
 from dppa.evaluation.cache import CachedEvaluator, EvalCache, eval_key, harness_version
-from dppa.search.core import normalised_geomean
+from dppa.evaluation.objective import normalised_score
 from dppa.search.registry import STRATEGIES
 from dppa.zoo.tasks import data_fingerprint
 
@@ -134,7 +134,7 @@ REFERENCE = {"zoo_arith": 0.8, "zoo_facts": 0.6}
 
 
 def _objective(evaluate):
-    return lambda factors: normalised_geomean({t: m["acc"] for t, m in evaluate(factors).items()}, REFERENCE)
+    return lambda factors: normalised_score({t: m["acc"] for t, m in evaluate(factors).items()}, REFERENCE)
 
 
 def _strategy(name):

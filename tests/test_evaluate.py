@@ -15,7 +15,6 @@ from dppa.evaluation.harness import (
     evaluate_model,
     load_tasks,
     metrics_from_results,
-    normalised_score,
 )
 from dppa.evaluation.weights import CandidateWeights
 from dppa.zoo.domains import domain_splits
@@ -93,14 +92,11 @@ def test_unknown_task_and_split_are_user_errors():
         load_tasks(["zoo_arith"], "train")
 
 
-def test_metrics_table_and_normalised_score():
+def test_metrics_table():
     harness_row = {"alias": "zoo_arith", "exact_match,none": 0.25, "exact_match_stderr,none": "N/A", "sample_len": 8}
     results = {"results": {"zoo_arith": harness_row}}
     table = metrics_from_results(results)
     assert table == {"zoo_arith": {"exact_match": 0.25}}
-    assert normalised_score(table, {"zoo_arith": {"exact_match": 0.5}}, "zoo_arith") == 0.5
-    with pytest.raises(DppaError, match="zoo_arith"):
-        normalised_score(table, {"zoo_arith": {"exact_match": 0.0}}, "zoo_arith")
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """Hub download rules and the report's tables and plots (no network, no models)."""
 
 import json
+import math
 
 import pytest
 
 from dppa.errors import DppaError
-from dppa.evaluation.report import NORMALISED_MEAN, scores_table, summary, write_report
+from dppa.evaluation.report import NORMALISED, scores_table, summary, write_report
 from dppa.pipeline.hub import PICKLE_PATTERNS, SAFE_PATTERNS, allow_patterns, ensure_model_folder, record_local
 
 
@@ -57,8 +58,9 @@ def test_table_normalises_by_the_finetune_that_owns_each_task():
     assert list(table.index) == ["base", "a", "b", "merged"]
     assert table.loc["merged", "mean"] == pytest.approx(0.45)
     # merged: 0.4 / 0.8 on t_a (owned by a), 0.5 / 0.5 on t_b (owned by b)
-    assert table.loc["merged", NORMALISED_MEAN] == pytest.approx((0.5 + 1.0) / 2)
-    assert summary(table)["a"]["normalised_mean"] == pytest.approx((1.0 + 0.2) / 2)
+    # the geometric mean of the ratios (dppa.evaluation.objective), by hand
+    assert table.loc["merged", NORMALISED] == pytest.approx(math.sqrt(0.5 * 1.0))
+    assert summary(table)["a"]["normalised"] == pytest.approx(math.sqrt(1.0 * 0.2))
 
 
 def test_report_writes_tables_plots_and_summary(tmp_path):

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from dppa.extract import extract_delta
 from dppa.merging.merge import merge_deltas
-from dppa.pipeline.scoring import BaseInMemory, normalised
+from dppa.pipeline.scoring import BaseInMemory
 
 
 def state(folder):
@@ -48,10 +48,3 @@ def test_a_delta_in_memory_gives_the_finetune(models, merged_at_1):
     model.weights.add_delta(merged_at_1[1][0])
     for name, param in model.model.named_parameters():
         torch.testing.assert_close(param.detach(), f1[name], atol=1e-6, rtol=0)
-
-
-def test_normalised_is_the_geometric_mean_of_the_ratios_to_the_dense_finetune():
-    assert normalised({"a": 0.4, "b": 0.9}, {"a": 0.8, "b": 0.9}) == pytest.approx((0.5 * 1.0) ** 0.5)
-    assert normalised({"a": 0.4, "b": 0.3}, {"a": 0.8, "b": 0.0}) == pytest.approx(0.5)  # b tells nothing
-    assert normalised({"a": 0.0, "b": 0.3}, {"a": 0.8, "b": 0.6}) == 0.0
-    assert normalised({"a": 0.4}, {"a": 0.0}) is None

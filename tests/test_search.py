@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from dppa.errors import DppaError
-from dppa.search.core import SearchResult, normalised_geomean
+from dppa.search.core import SearchResult
 from dppa.search.registry import STRATEGIES
 
 
@@ -230,12 +230,3 @@ def test_result_serialises_to_json_and_csv():
     assert [float(r["alpha_1"]) for r in read_back] == [ev.factors[0] for ev in result.trace]
     with pytest.raises(DppaError, match="unknown search strategy"):
         run("grid", gaussian((2.0, 1.2)))
-
-
-def test_normalised_geomean():
-    assert normalised_geomean({"a": 0.5, "b": 0.8}, {"a": 0.5, "b": 0.4}) == pytest.approx(math.sqrt(2.0))
-    assert normalised_geomean({"a": 0.0, "b": 0.8}, {"a": 0.5, "b": 0.4}) == 0.0
-    with pytest.raises(ValueError, match="differ"):
-        normalised_geomean({"a": 0.5}, {"a": 0.5, "b": 0.4})
-    with pytest.raises(ValueError, match="cannot normalise"):
-        normalised_geomean({"a": 0.5}, {"a": 0.0})

@@ -7,7 +7,6 @@ Zoo tasks (`zoo_<domain>`) are always known; folders named in `DPPA_TASK_PATH` (
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -222,14 +221,3 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(text, dtype="auto", trust_remote_code=False).to(device)
     return model.eval(), AutoTokenizer.from_pretrained(text, trust_remote_code=False)
-
-
-def normalised_score(candidate: dict, finetuned: dict, task: str, metric: str | None = None) -> float:
-    """candidate's score / the dense fine-tune's score on the same task and split (1.0 = as good as the fine-tune)."""
-    from dppa.evaluation.scores import primary_metric
-
-    metric = metric or primary_metric(finetuned[task])
-    reference = finetuned[task][metric]
-    if reference == 0 or math.isnan(reference):
-        raise DppaError(f"task {task}: the fine-tuned model scores {reference} on {metric}; nothing to normalise by")
-    return candidate[task][metric] / reference

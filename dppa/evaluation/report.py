@@ -10,40 +10,36 @@ from pathlib import Path
 
 import pandas as pd
 
+from dppa.evaluation.objective import normalised_score, task_owners
 from dppa.evaluation.scores import primary_scores
 from dppa.io.atomic import atomic_dir, atomic_write_text
 
 MEAN = "mean"
-NORMALISED_MEAN = "normalised mean"
+NORMALISED = "normalised"
 
 
 def scores_table(scores: dict) -> pd.DataFrame:
-    """Rows: models (base, fine-tunes, merged); columns: tasks, their mean, and the mean normalised score.
+    """Rows: models (base, fine-tunes, merged); columns: tasks, their mean, and the normalised score.
 
-    The normalised score of a task is the model's score over the dense fine-tune that owns the task
-    (the paper's measure); the normalised mean averages it over the tasks that have an owner with a nonzero score.
+    The normalised score (dppa.evaluation.objective) is the geometric mean over tasks of the model's score over
+    the dense fine-tune that owns the task (the paper's measure); tasks whose owner scores 0 are left out.
     """
     tasks = scores["tasks"]
-    owners = {task: ft for ft, ft_tasks in scores["finetunes"].items() for task in ft_tasks}
+    owners = {t: ft for t, ft in task_owners(scores["finetunes"]).items() if t in tasks}
     rows = {model: primary_scores({t: m[t] for t in tasks}) for model, m in scores["models"].items()}
+    dense = {t: rows[ft][t] for t, ft in owners.items() if ft in rows}
     table = pd.DataFrame.from_dict(rows, orient="index")[tasks]
     table[MEAN] = table[tasks].mean(axis=1)
-    normalised = pd.DataFrame(index=table.index)
-    for task in tasks:
-        owner = owners.get(task)
-        reference = rows.get(owner, {}).get(task) if owner else None
-        if reference:
-            normalised[task] = table[task] / reference
-    table[NORMALISED_MEAN] = normalised.mean(axis=1) if len(normalised.columns) else math.nan
+    normalised = {model: normalised_score({t: row[t] for t in dense}, dense) for model, row in rows.items()}
+    table[NORMALISED] = [math.nan if normalised[m] is None else normalised[m] for m in table.index]
     table.index.name = "model"
     return table
 
 
 def summary(table: pd.DataFrame) -> dict:
-    """{model: {mean, normalised_mean}}: the numbers `dvc metrics show/diff` compare across runs."""
+    """{model: {mean, normalised}}: the numbers `dvc metrics show/diff` compare across runs."""
     return {
-        model: {"mean": _number(row[MEAN]), "normalised_mean": _number(row[NORMALISED_MEAN])}
-        for model, row in table.iterrows()
+        model: {"mean": _number(row[MEAN]), "normalised": _number(row[NORMALISED])} for model, row in table.iterrows()
     }
 
 
@@ -68,7 +64,7 @@ def plot_scores(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [c for c in table.columns if c != NORMALISED_MEAN]
+    columns = [c for c in table.columns if c != NORMALISED]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(columns)), 4))
     table[columns].T.plot.bar(ax=ax, rot=0, width=0.8)
     ax.set_ylabel("score (primary metric)")

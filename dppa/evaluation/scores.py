@@ -6,7 +6,6 @@ fine-tunes again; the search's dense fine-tune reference goes through the same k
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,13 +15,6 @@ from dppa.evaluation.cache import EvalCache, EvalKey, eval_key
 Scores = dict[str, dict[str, float]]  # {task: {metric: value}}, as dppa.evaluation.harness returns them
 # Models are evaluated in the dtype they were saved in (dppa.evaluation.harness.load_model), candidates included.
 FOLDER_RECIPE = {"candidate": "model-folder", "dtype": "saved"}
-
-
-def geometric_mean(values: Sequence[float]) -> float:
-    """The geometric mean of non-negative values; 0 as soon as one is 0 (a candidate that fails a task fails)."""
-    if any(v <= 0 for v in values):
-        return 0.0
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def primary_metric(task_metrics: Mapping[str, float]) -> str:

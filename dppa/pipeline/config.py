@@ -268,7 +268,7 @@ class Evaluate(Strict):
 
 
 class PublishGate(Strict):
-    min_score: float | None = None  # least normalised score of the merged model (summary.json's normalised_mean)
+    min_score: float | None = None  # least normalised score of the merged model (summary.json's normalised)
     no_worse: bool = True  # refuse a model scoring below the one last published to the revision
     fail_run: bool = False  # a refused publish fails the run (else one line in the report, and the run succeeds)
 

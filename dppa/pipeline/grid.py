@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from dppa.errors import DppaError
+from dppa.evaluation.objective import gain_kept, mean_gain_kept, normalised_score, ratio
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
 
 TABLES = ("finetunes", "merges")
@@ -206,21 +207,14 @@ def _cell(values: list[float]) -> str:
 
 
 def kept(score: float, dense: float, base: float | None) -> float | None:
-    """score / dense (base None), or the share of the dense fine-tune's gain over the base that `score` keeps,
-    capped at 1; None where there is nothing to divide by (a dense score of 0, or no gain)."""
-    if base is None:
-        return score / dense if dense > 0 else None
-    return min(1.0, (score - base) / (dense - base)) if dense > base else None
-
-
-def _ratios(scores: dict[str, float], dense: dict[str, float], base: dict[str, float] | None = None) -> list[float]:
-    values = [kept(scores[t], dense[t], base[t] if base is not None else None) for t in scores if t in dense]
-    return [v for v in values if v is not None]
+    """The ratio to the dense fine-tune (base None) or the share of its gain over the base kept
+    (dppa.evaluation.objective); None where the zero rule leaves nothing to divide by."""
+    return ratio(score, dense) if base is None else gain_kept(score, dense, base)
 
 
 def finetune_rows(point: dict, metrics: dict, gain: bool = False) -> list[dict]:
-    """Per fine-tune: the pruned and amplified fine-tune's mean score over its tasks, over the dense one's (or,
-    `gain`, the mean share of the dense fine-tune's gain over the base kept)."""
+    """Per fine-tune: the pruned and amplified fine-tune's normalised score (or, `gain`, the mean share of the
+    dense fine-tune's gain over the base kept), as dppa.evaluation.objective defines them."""
     rows = []
     for file, record in sorted(metrics.items()):
         if "/finetunes/" not in file:
@@ -228,7 +222,11 @@ def finetune_rows(point: dict, metrics: dict, gain: bool = False) -> list[dict]:
         scores = record["scores"]
         strategy = point["overrides"].get("amplify.search.strategy")
         for variant in ("pruned", "amplified"):
-            ratios = _ratios(scores.get(variant, {}), scores["dense"], scores["base"] if gain else None)
+            candidate = scores.get(variant, {})
+            if gain:
+                value = mean_gain_kept(candidate, scores["dense"], scores["base"]) if candidate else None
+            else:
+                value = normalised_score(candidate, scores["dense"]) if candidate else None
             method = record["method"] if variant == "pruned" else f"dppa ({strategy})" if strategy else "dppa"
             rows.append(
                 {
@@ -237,7 +235,7 @@ def finetune_rows(point: dict, metrics: dict, gain: bool = False) -> list[dict]:
                     "finetune": Path(file).stem,
                     "method": method,
                     "density": record["density"],
-                    "normalised": sum(ratios) / len(ratios) if ratios else None,
+                    "normalised": value,
                 }
             )
     return rows

@@ -16,16 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dppa.evaluation.cache import EvalCache, eval_key
-from dppa.evaluation.scores import content_hash, geometric_mean, primary_scores
+from dppa.evaluation.objective import objective, task_owners
+from dppa.evaluation.scores import content_hash, primary_scores
 
 DELTA_RECIPE = {"candidate": "delta", "dtype": "float32"}
-
-
-def normalised(scores: dict[str, float], dense: dict[str, float]) -> float | None:
-    """Geometric mean over tasks of score / the dense fine-tune's score (docs/method.md); tasks the dense
-    fine-tune scores 0 on carry no information and are left out; None when none is left."""
-    ratios = [scores[t] / dense[t] for t in scores if dense.get(t, 0) > 0]
-    return geometric_mean(ratios) if ratios else None
 
 
 class BaseInMemory:
@@ -136,7 +130,8 @@ def search_merge(
     allow_other_base: bool = False,
 ) -> tuple[float, list[float] | None, list[dict]]:
     """The merge scale (and, given `weight_grid`, the per-fine-tune weights) that score best on `split`: the
-    geometric mean over fine-tunes of their normalised score (`normalised`). Returns (scale, weights, trace rows).
+    normalised score over every fine-tune's tasks, each task's against its own dense fine-tune
+    (dppa.evaluation.objective). Returns (scale, weights, trace rows).
 
     The scales of `grid` are tried first; with a weight grid, each fine-tune's weight in turn takes the value of
     the grid that scores best with the others fixed (coordinate ascent, one pass), then the scales are tried again
@@ -162,7 +157,9 @@ def search_merge(
         )
         for n, folder in dense.items()
     }
-    all_tasks = list(dict.fromkeys(t for n in dense for t in tasks[n]))
+    owners = task_owners({n: tasks[n] for n in dense})
+    all_tasks = list(owners)
+    dense_scores = {t: references[n][t] for t, n in owners.items()}
     input_hashes = [content_hash(p) for p in inputs]
     # weights -> the merge at scale 1 with them (candidate scales are set in memory); only the best one's and the
     # current candidate's are kept on disk: each is the size of the model
@@ -210,10 +207,7 @@ def search_merge(
             batch_size=batch_size,
             cache=evals,
         )
-        per_finetune = [normalised({t: scores[t] for t in tasks[n]}, references[n]) for n in dense]
-        known = [v for v in per_finetune if v is not None]
-        # no fine-tune scores above 0 on its own tasks: rank by the raw mean score
-        value = geometric_mean(known) if known else sum(scores.values()) / len(scores)
+        value, _ = objective(scores, dense_scores)
         if value > best["score"]:
             best.update(score=value, scale=scale, weights=w)
         row = {"index": len(rows), "scale": scale, "score": round(value, 6), "best_score": round(best["score"], 6)}

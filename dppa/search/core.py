@@ -15,8 +15,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from dppa.evaluation.scores import geometric_mean
-
 Factors = tuple[float, ...]
 Objective = Callable[[Factors], float]
 Units = tuple[int, ...]
@@ -143,18 +141,6 @@ class Recorder:
         # Highest score seen, earliest on ties: for the reference search this is exactly its last accepted point.
         best = max(self.trace, key=lambda ev: (ev.score, -ev.index))
         return SearchResult(strategy, best.factors, best.score, list(self.trace), stop_reason)
-
-
-def normalised_geomean(scores: dict[str, float], reference: dict[str, float]) -> float:
-    """The search's objective: geometric mean over tasks of score_t(candidate) / score_t(dense fine-tune)."""
-    if not scores or set(scores) != set(reference):
-        raise ValueError(f"candidate tasks {sorted(scores)} differ from reference tasks {sorted(reference)}")
-    ratios = []
-    for task, value in scores.items():
-        if reference[task] <= 0:
-            raise ValueError(f"the dense fine-tune scores {reference[task]} on {task}; cannot normalise by it")
-        ratios.append(value / reference[task])
-    return geometric_mean(ratios)
 
 
 def check_budget(max_evals: int) -> None:

@@ -3,8 +3,9 @@
 The base model is loaded once; each candidate (base + amplified delta for some factors) is set in place by
 ``dppa.evaluation.weights.CandidateWeights`` and scored by one ``dppa.evaluation.harness.Evaluator`` (the harness's
 model wrapper and tasks built once), so no model is written and nothing but the evaluation loop runs per step.
-The objective (docs/method.md) is the geometric mean over the fine-tune's tasks of candidate score / dense fine-tune
-score, both on the validation split (the test split is kept for final numbers and refused here).
+The objective is the normalised score of dppa.evaluation.objective (docs/method.md): the geometric mean over the
+fine-tune's tasks of candidate score / dense fine-tune score, both on the validation split (the test split is kept
+for final numbers and refused here).
 
 Every score, the dense fine-tune's included, goes through the persistent evaluation cache keyed by what determines
 it (``dppa.evaluation.cache.eval_key``), so a repeated or resumed search evaluates nothing twice. The result is the
@@ -32,12 +33,13 @@ from typing import Any
 
 from dppa.compute import resolve_device
 from dppa.errors import DppaError
+from dppa.evaluation import objective as scoring
 from dppa.evaluation.cache import CachedEvaluator, EvalCache, eval_key
 from dppa.evaluation.scores import Scores, primary_scores, recorded_hash, score_folder
 from dppa.io.adapter import is_adapter
 from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
 from dppa.io.manifest import read_manifest
-from dppa.search.core import SearchResult, normalised_geomean
+from dppa.search.core import SearchResult
 from dppa.search.registry import STRATEGIES, canonical
 from dppa.sparsify.registry import PRUNERS
 from dppa.sparsify.scope import DEFAULT_SCOPE
@@ -254,18 +256,17 @@ def read_reference_scores(path: Path, tasks: Sequence[str]) -> Scores:
     return scores
 
 
-def objective_reference(reference: dict[str, float], log: Callable[[str], None]) -> dict[str, float]:
-    """What candidate scores are divided by: the dense fine-tune's scores, or 1 for every task when it scores 0 on
-    one (the normalisation is a constant factor of the geometric mean, so the search path is the same either way;
-    only the objective's unit changes from "relative to the fine-tune" to raw)."""
-    zero = [task for task, value in reference.items() if not value > 0]
-    if not zero:
-        return reference
-    log(
-        f"warning: the dense fine-tune scores 0 on {', '.join(zero)}; the objective is the raw geometric mean "
-        "(evaluate more examples with --limit for a normalised one)"
-    )
-    return {task: 1.0 for task in reference}
+def informative_tasks(dense: dict[str, float], log: Callable[[str], None]) -> bool:
+    """Whether the objective is normalised (dppa.evaluation.objective's zero rule): tasks the dense fine-tune
+    scores 0 on are left out, with a warning; when that leaves none, candidates are ranked by their raw scores."""
+    zero = [task for task, value in dense.items() if not value > 0]
+    if zero:
+        left = "the objective is the raw geometric mean" if len(zero) == len(dense) else "they are left out"
+        log(
+            f"warning: the dense fine-tune scores 0 on {', '.join(zero)}; {left} "
+            "(evaluate more examples with --limit, or fine-tune longer)"
+        )
+    return len(zero) < len(dense)
 
 
 def search_amplification(
@@ -333,7 +334,7 @@ def search_amplification(
     )
     reference_primary = primary_scores(dense)
     log(f"dense fine-tune on {split}: {reference_primary}")
-    divisor = objective_reference(reference_primary, log)
+    normalised = informative_tasks(reference_primary, log)
 
     from dppa.evaluation.harness import Evaluator, load_model
     from dppa.evaluation.weights import candidates_for_delta
@@ -371,7 +372,7 @@ def search_amplification(
     def objective(factors: tuple[float, ...]) -> float:
         scores = cached(factors)
         candidate_scores[tuple(factors)] = scores
-        value = normalised_geomean(primary_scores(scores), divisor)
+        value, _ = scoring.objective(primary_scores(scores), reference_primary)
         log(f"factors {list(factors)}: objective {value:.4f}  {primary_scores(scores)}")
         return value
 
@@ -389,7 +390,7 @@ def search_amplification(
         setup_s,
         timings,
         settings.fingerprint(manifest["content_hash"], base_hash, reference_hash),
-        normalised=divisor == reference_primary,
+        normalised=normalised,
     )
     _write_outputs(report, settings, delta, out, trace_csv, device=str(dev), overwrite=overwrite, progress=progress)
     return report

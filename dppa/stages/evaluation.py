@@ -28,8 +28,9 @@ def score(
 ) -> Path:
     """The fine-tune alone, dense, pruned and amplified, on its own tasks (evaluate.split): what pruning cost it."""
     from dppa.evaluation.cache import EvalCache
+    from dppa.evaluation.objective import normalised_score
     from dppa.evaluation.scores import primary_scores, score_folder
-    from dppa.pipeline.scoring import BaseInMemory, normalised
+    from dppa.pipeline.scoring import BaseInMemory
 
     skipped = params.not_evaluated(model)
     if skipped:
@@ -53,7 +54,7 @@ def score(
         scores[name] = in_memory.score_delta(
             delta, tasks, split=ev.split, limit=ev.limit, batch_size=ev.batch_size, cache=EvalCache(cache)
         )
-    normalised_scores = {name: normalised(scores[name], scores["dense"]) for name in ("base", *variants)}
+    normalised_scores = {name: normalised_score(scores[name], scores["dense"]) for name in ("base", *variants)}
     record = {"method": prune.method, "density": prune.density, "split": ev.split, "limit": ev.limit}
     atomic_write_text(out, _dump({**record, "scores": scores, "normalised": normalised_scores}))
     return out
@@ -126,7 +127,7 @@ def publish(params: ParamsBase, root: Path, merged: Path, report: Path, summary:
         atomic_write_text(out, _dump({"published": False, "reason": "publish.repo is null"}))
         return out
     gate = settings.gate
-    score = (json.loads(summary.read_text()).get("merged") or {}).get("normalised_mean")
+    score = (json.loads(summary.read_text()).get("merged") or {}).get("normalised")
     card = (report / REPORT_CARD).read_text() if (report / REPORT_CARD).exists() else None
     result = retried(
         lambda: publish_model(

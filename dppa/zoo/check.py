@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from dppa.evaluation.objective import gain_kept, ratio
+
 SCALES = (0.3, 0.5, 0.7, 1.0)
 
 
@@ -74,11 +76,10 @@ def retention(merged: dict[str, float], finetuned: dict[str, float], base: dict[
     With `base`, the share of the gain kept instead: (merged - base) / (fine-tune - base), capped at 1 (and at 0
     from below: a merge worse than the base keeps nothing); a fine-tune no better than the base counts as nothing.
     """
-    base = base or {t: 0.0 for t in finetuned}
 
     def kept(t: str) -> float:
-        gain = finetuned[t] - base[t]
-        return max(0.0, min(1.0, (merged[t] - base[t]) / gain)) if gain > 0 else 0.0
+        share = ratio(merged[t], finetuned[t]) if base is None else gain_kept(merged[t], finetuned[t], base[t])
+        return 0.0 if share is None else max(0.0, min(1.0, share))
 
     return sum(kept(t) for t in finetuned) / len(finetuned)
 
