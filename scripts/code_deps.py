@@ -14,7 +14,8 @@ reading the code, not by running it:
 Left out, as they compute nothing a stage writes: the command wrapper (dppa/cli/, dppa/stages/__init__.py's table)
 and dppa/__init__.py (the version string). dppa/io/_codec.c counts wherever dppa/io/codec.py does. A folder is
 listed when every module under it is reached, else its files. Imports of names built at run time (importlib) are not
-seen; the stages' closure has none.
+seen, with one exception: the task sources that dppa/evaluation/task_sources.py loads through the entry points of
+pyproject.toml (the zoo's tasks) count wherever that module does.
 """
 
 from __future__ import annotations
@@ -119,6 +120,18 @@ def MODULES(name: str) -> Module:  # noqa: N802 - a cache that reads as a table
     return _MODULES[name]
 
 
+def entry_point_units() -> dict[str, set[Unit]]:
+    """{module that loads an entry-point group: the units the group's entries name}, from pyproject.toml."""
+    import tomllib
+
+    groups = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("entry-points", {})
+    loaders = {"dppa.task_sources": "dppa.evaluation.task_sources"}
+    return {
+        loader: {(target.split(":")[0], None) for target in groups.get(group, {}).values()}
+        for group, loader in loaders.items()
+    }
+
+
 def closure(start: set[Unit]) -> set[Path]:
     """The files of the units in `start` and of every unit they import, transitively."""
     seen: set[Unit] = set()
@@ -130,7 +143,11 @@ def closure(start: set[Unit]) -> set[Path]:
         seen.add(unit)
         if module_file(unit[0]).relative_to(ROOT).as_posix() not in LEFT_OUT:  # the wrapper's own imports
             todo.extend(MODULES(unit[0]).units(unit[1]) - seen)
+            todo.extend(ENTRY_POINTS.get(unit[0], set()) - seen)
     return {module_file(module) for module, _ in seen}
+
+
+ENTRY_POINTS = entry_point_units()
 
 
 def stage_files(stage: str) -> set[Path]:

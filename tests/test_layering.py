@@ -50,3 +50,10 @@ def test_the_flows_and_tasks_install_inside_dppa():
 
     assert Path(dppa.flows.__file__).resolve().parent == ROOT / "flows"
     assert Path(dppa.tasks.__file__).resolve().parent == ROOT / "tasks"
+
+
+def test_evaluation_imports_nothing_from_the_zoo():
+    # the zoo hands its tasks to the harness as a task source (dppa.evaluation.task_sources), like any other
+    evaluation = (ROOT / "dppa" / "evaluation").rglob("*.py")
+    offenders = {str(p.relative_to(ROOT)) for p in evaluation if "dppa.zoo" in imported_roots(p)}
+    assert not offenders

@@ -24,6 +24,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from dppa.evaluation.task_sources import task_data_versions
+
 FACTOR_DECIMALS = 6
 
 
@@ -43,15 +45,6 @@ def _canonical(value: Any) -> str:
 def _round_factor(value: float) -> float:
     # "+ 0.0" turns -0.0 into 0.0 so both give the same key.
     return round(float(value), FACTOR_DECIMALS) + 0.0
-
-
-def task_data_versions(tasks: Sequence[str]) -> dict:
-    """{"zoo_data": fingerprint} when a zoo task is among ``tasks`` (its data ships with the package), else {}.
-
-    The harness's own tasks are versioned by the harness (its version is a separate part of the key)."""
-    from dppa.zoo.tasks import data_fingerprint, zoo_task_names
-
-    return {"zoo_data": data_fingerprint()} if set(tasks) & set(zoo_task_names()) else {}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Evaluation through lm-evaluation-harness: model folders, and models in memory scored again as their weights change.
 
-Zoo tasks (`zoo_<domain>`) are always known; folders named in `DPPA_TASK_PATH` (os.pathsep-separated) or passed as
-`include_path` add more local tasks; any other name is looked up among the harness's own tasks (hub data sets).
+Tasks come from the sources of dppa.evaluation.task_sources: packaged ones (the zoo's `zoo_<domain>`), folders named
+in `DPPA_TASK_PATH` (os.pathsep-separated) or passed as `include_path`, and any other name is looked up among the
+harness's own tasks (hub data sets).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import torch
 
 from dppa.errors import DppaError
 from dppa.evaluation.lm_eval_private import memoise_template_compile
-from dppa.zoo.tasks import ZOO_TAG, ensure_tasks_dir, zoo_task_names
+from dppa.evaluation.task_sources import TASK_PATH_ENV, packaged_sources, task_sources
 
 SPLITS = ("validation", "test")
-TASK_PATH_ENV = "DPPA_TASK_PATH"
 
 
 def parse_task_list(text: str) -> list[str]:
@@ -26,11 +26,6 @@ def parse_task_list(text: str) -> list[str]:
     if not names:
         raise DppaError("--tasks is empty; name at least one task, e.g. --tasks zoo_arith,zoo_facts")
     return names
-
-
-def _include_paths(extra: Sequence[str | os.PathLike] = ()) -> tuple[str, ...]:
-    env = [p for p in os.environ.get(TASK_PATH_ENV, "").split(os.pathsep) if p]
-    return tuple(str(p) for p in [ensure_tasks_dir(), *env, *extra])
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,13 +41,19 @@ def load_tasks(names: Sequence[str], split: str, include_path: Sequence[str | os
     """The harness's task dict ({"tasks": {name: Task}, "groups": ...}), each task set to evaluate on `split`."""
     if split not in SPLITS:
         raise DppaError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    local_only = set(names) <= {ZOO_TAG, *zoo_task_names()} and not include_path and not os.environ.get(TASK_PATH_ENV)
-    manager = _task_manager(_include_paths(include_path), include_defaults=not local_only)
+    sources = task_sources(include_path)
+    packaged = sorted(n for source in packaged_sources() for n in source.task_names())
+    # The harness's own thousands of tasks are indexed only when a name needs them; a user's task folder may refer
+    # to them (groups, includes), so with one they always are.
+    only_packaged = set(names) <= set(packaged) and len(sources) == len(packaged_sources())
+    folders = tuple(str(source.folder()) for source in sources)
+    manager = _task_manager(folders, include_defaults=not only_packaged)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise DppaError(
-            f"unknown task(s) {', '.join(unknown)}; zoo tasks are {', '.join(zoo_task_names())}, "
-            f"other local task folders can be added with {TASK_PATH_ENV}"
+            f"unknown task(s) {', '.join(unknown)}; packaged tasks are "
+            f"{', '.join(packaged) or 'none (is dppa installed? `make install` registers its zoo tasks)'}; "
+            f"local task folders can be added with {TASK_PATH_ENV}"
         )
     loaded = manager.load(list(names))
     for name, task in loaded["tasks"].items():

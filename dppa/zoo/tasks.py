@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from dppa.evaluation.task_sources import TaskSource
 from dppa.zoo.domains import DOMAINS, domain_splits
 
 TASK_PREFIX = "zoo_"
@@ -118,3 +119,13 @@ def ensure_tasks_dir(root: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# The zoo's tasks as a task source of the harness (the `dppa.task_sources` entry point in pyproject.toml): the
+# evaluation code knows them only through it.
+TASK_SOURCE = TaskSource(
+    name="zoo",
+    task_names=lambda: [ZOO_TAG, *zoo_task_names()],
+    folder=lambda: ensure_tasks_dir(),
+    fingerprint=data_fingerprint,
+)
