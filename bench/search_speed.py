@@ -90,8 +90,8 @@ def main() -> None:
     build.wrap(CandidateWeights, "amplify")
     score.wrap(Evaluator, "scores", flag=scoring)
     delta = extract_delta(zoo / "base", zoo / args.domain, work / "delta", progress=False)
-    reference = work / "reference.json"
-    reference.write_text(json.dumps({f"zoo_{args.domain}": {"exact_match": 1.0}}))
+    dense_scores = work / "dense_scores.json"
+    dense_scores.write_text(json.dumps({f"zoo_{args.domain}": {"exact_match": 1.0}}))
 
     started = time.perf_counter()
     report = search_amplification(
@@ -99,7 +99,7 @@ def main() -> None:
         delta,
         work / "amplified",
         tasks=[f"zoo_{args.domain}"],
-        reference=reference,
+        dense=dense_scores,
         strategy="pattern",
         budget=args.candidates,
         limit=args.limit,

@@ -2,10 +2,10 @@
 written here a second time: each stage is submitted as a task once the stages it depends on are done, so the
 per-fine-tune branches run side by side, on threads or on Dask workers (runtime.task_runner).
 
-On Dask, the model-heavy stages (those that train, evaluate or search models, and the merge) can require the Dask
-resource GPU: they then run only on workers started with `--resources GPU=1` (one per GPU), while the CPU stages
-(fetch, extract, prune, report) run on any worker. `runtime.gpu_resource` decides (unset: when runtime.device is
-cuda); the threads runner ignores it.
+On Dask, the model-heavy stages (MODEL_HEAVY_STAGES below, the one definition of the term) can require the Dask
+resource GPU: they then run only on workers started with `--resources GPU=1` (one per GPU), while the others
+(fetch, extract, prune, report: they stream tensors and never load a model) run on any worker.
+`runtime.gpu_resource` decides (unset: when runtime.device is cuda); the threads runner ignores it.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def _bad_inputs(tmp: Path, base: Path, ft: Path) -> list[list[str]]:
         ["grid", str(tmp / "bad.yaml")],
         ["init", str(tmp / "nonempty"), "--base", str(base)],
         ["run", "-C", nope],
-        ["search", "-q", str(base), nope, "--tasks", "a", "--reference", "b", "-o", str(tmp / "o")],
+        ["search", "-q", str(base), nope, "--tasks", "a", "--dense", "b", "-o", str(tmp / "o")],
         ["publish", nope, "--repo", "org/name"],
         ["serve", "--cron", "0 3 * * *", "-C", nope],
         ["zoo", str(tmp / "nonempty")],

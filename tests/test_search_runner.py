@@ -11,7 +11,7 @@ from dppa.errors import DppaError
 from dppa.evaluation.cache import EvalCache
 from dppa.extract import extract_delta
 from dppa.io.manifest import read_manifest
-from dppa.search.runner import SearchSettings, reference_scores, search_amplification
+from dppa.search.runner import SearchSettings, dense_scores, search_amplification
 from dppa.zoo.tasks import data_fingerprint
 from tests.delta_files import load_delta
 
@@ -27,21 +27,21 @@ def facts_delta(tiny_zoo, tmp_path_factory):
 
 
 @pytest.fixture
-def reference_json(tmp_path):
-    # The tiny zoo's fine-tunes barely score, so the test normalises by a stated reference instead of the dense
+def dense_json(tmp_path):
+    # The tiny zoo's fine-tunes barely score, so the test normalises by stated dense scores instead of the dense
     # fine-tune's own (zero) score: the search machinery under test is the same.
-    path = tmp_path / "reference.json"
+    path = tmp_path / "dense.json"
     path.write_text(json.dumps({TASK: {"exact_match": 0.25}}))
     return path
 
 
-def _search(tiny_zoo, delta, out, reference, cache, **options):
+def _search(tiny_zoo, delta, out, dense, cache, **options):
     return search_amplification(
         tiny_zoo / "base",
         delta,
         out,
         tasks=[TASK],
-        reference=reference,
+        dense=dense,
         limit=LIMIT,
         cache=cache,
         device="cpu",
@@ -52,9 +52,9 @@ def _search(tiny_zoo, delta, out, reference, cache, **options):
 
 
 @pytest.mark.slow
-def test_rerun_with_the_cache_evaluates_no_candidate(tiny_zoo, facts_delta, reference_json, tmp_path, capsys):
+def test_rerun_with_the_cache_evaluates_no_candidate(tiny_zoo, facts_delta, dense_json, tmp_path, capsys):
     cache = tmp_path / "cache.jsonl"
-    first = _search(tiny_zoo, facts_delta, tmp_path / "amp1", reference_json, cache, trace=tmp_path / "t.csv")
+    first = _search(tiny_zoo, facts_delta, tmp_path / "amp1", dense_json, cache, trace=tmp_path / "t.csv")
     assert first.real_evaluations == first.result.n_evals >= 2
     assert len(EvalCache(cache)) == first.result.n_evals
 
@@ -67,8 +67,8 @@ def test_rerun_with_the_cache_evaluates_no_candidate(tiny_zoo, facts_delta, refe
             str(tmp_path / "amp2"),
             "--tasks",
             TASK,
-            "--reference",
-            str(reference_json),
+            "--dense",
+            str(dense_json),
             "--limit",
             str(LIMIT),
             "--cache",
@@ -110,13 +110,13 @@ def expected_amplified(delta_folder, module_density, factors):
 
 
 @pytest.mark.slow
-def test_outputs_record_the_search_and_hold_the_amplified_delta(tiny_zoo, facts_delta, reference_json, tmp_path):
+def test_outputs_record_the_search_and_hold_the_amplified_delta(tiny_zoo, facts_delta, dense_json, tmp_path):
     trace = tmp_path / "plots" / "facts.csv"
     report = _search(
         tiny_zoo,
         facts_delta,
         tmp_path / "amp",
-        reference_json,
+        dense_json,
         tmp_path / "c.jsonl",
         trace=trace,
         strategy="pattern",
@@ -143,13 +143,13 @@ def test_outputs_record_the_search_and_hold_the_amplified_delta(tiny_zoo, facts_
 
 
 @pytest.mark.slow
-def test_three_bands_are_searched_and_written(tiny_zoo, facts_delta, reference_json, tmp_path):
+def test_three_bands_are_searched_and_written(tiny_zoo, facts_delta, dense_json, tmp_path):
     # The search used to start every strategy at two factors, whatever the number of bands.
     report = _search(
         tiny_zoo,
         facts_delta,
         tmp_path / "amp",
-        reference_json,
+        dense_json,
         tmp_path / "c.jsonl",
         densities=[0.05, 0.1, 0.2],
         budget=4,
@@ -165,11 +165,11 @@ def test_three_bands_are_searched_and_written(tiny_zoo, facts_delta, reference_j
 
 
 @pytest.mark.slow
-def test_dense_finetune_reference_is_evaluated_once(tiny_zoo, facts_delta, tmp_path):
+def test_the_dense_finetune_is_evaluated_once(tiny_zoo, facts_delta, tmp_path):
     settings = SearchSettings(tasks=(TASK,), limit=LIMIT)
     manifest = read_manifest(facts_delta)
-    first = reference_scores(tiny_zoo / "facts", manifest, settings, tmp_path / "c.jsonl", "cpu")
-    second = reference_scores(tiny_zoo / "facts", manifest, settings, tmp_path / "c.jsonl", "cpu")
+    first = dense_scores(tiny_zoo / "facts", manifest, settings, tmp_path / "c.jsonl", "cpu")
+    second = dense_scores(tiny_zoo / "facts", manifest, settings, tmp_path / "c.jsonl", "cpu")
     assert (first[2], second[2]) == ("evaluated", "cache")
     assert first[0] == second[0] and set(first[0]) == {TASK}
     assert first[1] == manifest["finetuned"]["content_hash"]
@@ -178,18 +178,18 @@ def test_dense_finetune_reference_is_evaluated_once(tiny_zoo, facts_delta, tmp_p
     assert json.dumps(data_fingerprint()) in json.dumps(record["fields"])
 
 
-def test_test_split_and_existing_output_are_refused_before_work(tiny_zoo, facts_delta, reference_json, tmp_path):
+def test_test_split_and_existing_output_are_refused_before_work(tiny_zoo, facts_delta, dense_json, tmp_path):
     with pytest.raises(DppaError, match="validation"):
-        _search(tiny_zoo, facts_delta, tmp_path / "amp", reference_json, tmp_path / "c.jsonl", split="test")
+        _search(tiny_zoo, facts_delta, tmp_path / "amp", dense_json, tmp_path / "c.jsonl", split="test")
     (tmp_path / "taken").mkdir()
     with pytest.raises(DppaError, match="already exists"):
-        _search(tiny_zoo, facts_delta, tmp_path / "taken", reference_json, tmp_path / "c.jsonl")
+        _search(tiny_zoo, facts_delta, tmp_path / "taken", dense_json, tmp_path / "c.jsonl")
     with pytest.raises(DppaError, match="not a delta"):
-        _search(tiny_zoo, tiny_zoo / "facts", tmp_path / "amp", reference_json, tmp_path / "c.jsonl")
+        _search(tiny_zoo, tiny_zoo / "facts", tmp_path / "amp", dense_json, tmp_path / "c.jsonl")
     assert not (tmp_path / "c.jsonl").exists()
 
 
-def test_reference_scores_file_must_cover_the_tasks(tiny_zoo, facts_delta, tmp_path):
+def test_dense_scores_file_must_cover_the_tasks(tiny_zoo, facts_delta, tmp_path):
     path = tmp_path / "ref.json"
     path.write_text(json.dumps({"zoo_arith": 0.5}))
     with pytest.raises(DppaError, match=TASK):
@@ -198,9 +198,9 @@ def test_reference_scores_file_must_cover_the_tasks(tiny_zoo, facts_delta, tmp_p
 
 @pytest.mark.slow
 def test_each_candidate_scores_as_the_harness_scores_it_written_out(
-    tiny_zoo, facts_delta, reference_json, tmp_path, monkeypatch
+    tiny_zoo, facts_delta, dense_json, tmp_path, monkeypatch
 ):
-    # The search sets each candidate's weights in memory and scores it with requests prepared once; the reference
+    # The search sets each candidate's weights in memory and scores it with requests prepared once; what it must equal
     # is the candidate written out by the folder route (amplify, then apply) and scored by lm-eval's own evaluation
     # loop with freshly loaded tasks, as before the search prepared anything. The tiny zoo's fine-tunes score 0
     # on exact match, so each candidate's answers are compared as well.
@@ -222,7 +222,7 @@ def test_each_candidate_scores_as_the_harness_scores_it_written_out(
 
     monkeypatch.setattr(Evaluator, "scores", scores_and_answers)
     report = _search(
-        tiny_zoo, facts_delta, tmp_path / "amp", reference_json, tmp_path / "c.jsonl", strategy="pattern", budget=4
+        tiny_zoo, facts_delta, tmp_path / "amp", dense_json, tmp_path / "c.jsonl", strategy="pattern", budget=4
     )
     assert len(report.candidate_scores) == len(answers) == 4
     assert len({json.dumps(a) for a in answers}) > 1  # the factors change the answers

@@ -1,8 +1,10 @@
 """`dppa search`: find DPPA's band factors for one fine-tune on the validation split, write the amplified delta."""
 
 import argparse
+import sys
 
 from dppa.cli.options import add_band_options, add_dp_options
+from dppa.errors import DppaError
 from dppa.registry import add_options, options_of
 from dppa.sparsify.registry import PRUNERS
 
@@ -27,7 +29,7 @@ OUT gets search_trace.json (every candidate, scores, build vs evaluate time) and
 example (demo zoo):
   dppa extract data/zoo/base data/zoo/arith -o data/deltas/arith
   dppa search data/zoo/base data/deltas/arith -o data/amplified/arith --tasks zoo_arith \\
-      --reference data/zoo/arith --limit 100
+      --dense data/zoo/arith --limit 100
 """
 
 
@@ -45,12 +47,13 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="amplified delta folder to write (atomic)")
     p.add_argument("--tasks", required=True, metavar="T1,T2", help="the fine-tune's own lm-eval tasks, e.g. zoo_arith")
     p.add_argument(
-        "--reference",
-        required=True,
+        "--dense",
         metavar="FT_OR_JSON",
         help="the dense fine-tune's model folder (evaluated once, cached), or a JSON of its scores on "
         "the same split and limit ({task: {metric: value}}, as `dppa eval --output` writes)",
     )
+    # the flag's old name, before "reference" came to mean the authors' code only; hidden, still accepted
+    p.add_argument("--reference", dest="dense_old_flag", metavar="FT_OR_JSON", help=argparse.SUPPRESS)
     p.add_argument(
         "--strategy",
         default="coordinate",
@@ -108,13 +111,18 @@ def run(args) -> int:
     from dppa.search.registry import STRATEGIES, canonical
     from dppa.search.runner import search_amplification
 
+    dense = args.dense or args.dense_old_flag
+    if not dense:
+        raise DppaError("--dense FT_OR_JSON is required: the dense fine-tune's folder, or a JSON of its scores")
+    if args.dense_old_flag:
+        print("note: --reference is now --dense (the dense fine-tune); the old name still works", file=sys.stderr)
     options = {o: getattr(args, o) for o in STRATEGIES.option_fields()}
     report = search_amplification(
         args.base,
         args.delta,
         args.output,
         tasks=parse_task_list(args.tasks),
-        reference=args.reference,
+        dense=dense,
         strategy=canonical(args.strategy),
         options=options,
         densities=args.densities,

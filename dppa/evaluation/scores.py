@@ -1,7 +1,7 @@
 """Scores of whole model folders, cached by content, and the metric a task is ranked by.
 
 A rerun of the evaluate stage (after a new merge) evaluates only the models that changed, not the base and the
-fine-tunes again; the search's dense fine-tune reference goes through the same key (``folder_key``).
+fine-tunes again; the search's dense fine-tune goes through the same key (``folder_key``).
 """
 
 from __future__ import annotations

@@ -137,13 +137,13 @@ class SearchSettings:
             "scope": self.scope,
         }
 
-    def fingerprint(self, delta_hash: str, base_hash: str, reference_hash: str) -> str:
+    def fingerprint(self, delta_hash: str, base_hash: str, dense_hash: str) -> str:
         """Identifies a search's result: same fingerprint, same factors (given the same harness and data)."""
         body = json.dumps(
             {
                 "delta": delta_hash,
                 "base": base_hash,
-                "reference": reference_hash,
+                "dense": dense_hash,
                 **{k: v for k, v in self.record().items() if k != "tasks"},
                 "tasks": sorted(self.tasks),
             },
@@ -165,7 +165,7 @@ class SearchReport:
 
     output: Path
     result: SearchResult
-    reference_scores: dict[str, float]
+    dense_scores: dict[str, float]
     candidate_scores: dict[tuple[float, ...], Scores]
     real_evaluations: int  # harness runs this call made (candidates and the dense fine-tune); 0 on a cached rerun
     cache_hits: int
@@ -187,7 +187,7 @@ class SearchReport:
             "best_score": self.result.best_score,
             "n_candidates": self.result.n_evals,
             "stop_reason": self.result.stop_reason,
-            "reference_scores": self.reference_scores,
+            "dense_scores": self.dense_scores,
             "objective": "normalised geometric mean" if self.normalised else "raw geometric mean",
             "real_evaluations": self.real_evaluations,
             "cache_hits": self.cache_hits,
@@ -239,20 +239,20 @@ def rows_to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def read_reference_scores(path: Path, tasks: Sequence[str]) -> Scores:
+def read_dense_scores(path: Path, tasks: Sequence[str]) -> Scores:
     """Dense fine-tune scores from a JSON file, {task: {metric: value}} (as `dppa eval --output` writes) or
     {task: value}."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DppaError(
-            f"{path}: cannot read reference scores ({exc}); give the dense fine-tune's folder or a "
+            f"{path}: cannot read the dense fine-tune's scores ({exc}); give the dense fine-tune's folder or a "
             "metrics JSON from `dppa eval --output`"
         ) from None
     scores = {t: (v if isinstance(v, dict) else {"score": float(v)}) for t, v in data.items() if t in tasks}
     missing = [t for t in tasks if t not in scores]
     if missing:
-        raise DppaError(f"{path}: no reference score for task(s) {', '.join(missing)}")
+        raise DppaError(f"{path}: no dense fine-tune score for task(s) {', '.join(missing)}")
     return scores
 
 
@@ -275,7 +275,7 @@ def search_amplification(
     out: str | os.PathLike,
     *,
     tasks: Sequence[str],
-    reference: str | os.PathLike,
+    dense: str | os.PathLike,
     strategy: str = "coordinate",
     options: Any = None,
     densities: Sequence[float] = (0.1, 0.2),
@@ -295,7 +295,7 @@ def search_amplification(
 ) -> SearchReport:
     """Search the band factors of the delta folder ``delta`` (of ``base``) and write the amplified delta at ``out``.
 
-    ``reference`` is the dense fine-tune's model folder (evaluated once, cached) or a JSON file of its scores on
+    ``dense`` is the dense fine-tune's model folder (evaluated once, cached) or a JSON file of its scores on
     ``split``. The strategy's options come as ``options`` (its dataclass) or by name (``budget=12, step=0.1``; None
     means the default). ``trace``, when given, is a CSV path for a DVC plot; the JSON trace goes beside it (same
     stem). Returns the SearchReport; the factors are ``report.result.best_factors``.
@@ -329,12 +329,12 @@ def search_amplification(
     cache_path = Path(cache) if cache is not None else default_cache_path()
     dev = resolve_device(device)
 
-    dense, reference_hash, ref_source = reference_scores(
-        Path(reference), manifest, settings, cache_path, str(dev), base=base
+    dense_found, dense_hash, dense_source = dense_scores(
+        Path(dense), manifest, settings, cache_path, str(dev), base=base
     )
-    reference_primary = primary_scores(dense)
-    log(f"dense fine-tune on {split}: {reference_primary}")
-    normalised = informative_tasks(reference_primary, log)
+    dense_primary = primary_scores(dense_found)
+    log(f"dense fine-tune on {split}: {dense_primary}")
+    normalised = informative_tasks(dense_primary, log)
 
     from dppa.evaluation.harness import Evaluator, load_model
     from dppa.evaluation.weights import candidates_for_delta
@@ -372,7 +372,7 @@ def search_amplification(
     def objective(factors: tuple[float, ...]) -> float:
         scores = cached(factors)
         candidate_scores[tuple(factors)] = scores
-        value, _ = scoring.objective(primary_scores(scores), reference_primary)
+        value, _ = scoring.objective(primary_scores(scores), dense_primary)
         log(f"factors {list(factors)}: objective {value:.4f}  {primary_scores(scores)}")
         return value
 
@@ -383,33 +383,33 @@ def search_amplification(
     report = SearchReport(
         out,
         result,
-        reference_primary,
+        dense_primary,
         candidate_scores,
-        cached.real_evaluations + (ref_source == "evaluated"),
-        cached.hits + (ref_source == "cache"),
+        cached.real_evaluations + (dense_source == "evaluated"),
+        cached.hits + (dense_source == "cache"),
         setup_s,
         timings,
-        settings.fingerprint(manifest["content_hash"], base_hash, reference_hash),
+        settings.fingerprint(manifest["content_hash"], base_hash, dense_hash),
         normalised=normalised,
     )
     _write_outputs(report, settings, delta, out, trace_csv, device=str(dev), overwrite=overwrite, progress=progress)
     return report
 
 
-def reference_scores(
-    reference: Path, manifest: dict, settings: SearchSettings, cache: Path, device: str, base: Path | None = None
+def dense_scores(
+    dense: Path, manifest: dict, settings: SearchSettings, cache: Path, device: str, base: Path | None = None
 ) -> tuple[Scores, str, str]:
     """The dense fine-tune's scores on the search split, its identity for the fingerprint, and where the scores came
     from: "file", "cache" or "evaluated". A model folder is scored as the evaluate stage scores it (same cache key);
     a LoRA adapter folder as the model it makes of `base`."""
-    if reference.is_file():
-        scores = read_reference_scores(reference, settings.tasks)
+    if dense.is_file():
+        scores = read_dense_scores(dense, settings.tasks)
         return scores, hashlib.sha256(json.dumps(scores, sort_keys=True).encode()).hexdigest(), "file"
-    if not (reference / "config.json").exists() and not is_adapter(reference):
-        raise DppaError(f"{reference}: neither a model or adapter folder (no config.json) nor a scores JSON file")
-    ft_hash = recorded_hash(reference, manifest.get("finetuned"), base)
+    if not (dense / "config.json").exists() and not is_adapter(dense):
+        raise DppaError(f"{dense}: neither a model or adapter folder (no config.json) nor a scores JSON file")
+    ft_hash = recorded_hash(dense, manifest.get("finetuned"), base)
     scores, from_cache = score_folder(
-        reference,
+        dense,
         settings.tasks,
         split=settings.split,
         limit=settings.limit,

@@ -91,7 +91,7 @@ def amplify(
         delta,
         out,
         tasks=params.finetune(model).tasks,
-        reference=model_folder(finetune, root),
+        dense=model_folder(finetune, root),
         densities=densities,
         **params.amplify.search.model_dump(),
         dp_options=dp_options(params, model),
