@@ -179,8 +179,11 @@ def test_searched_merge_scale_needs_its_search_section(params):
     assert parse_params(params).merge.scale == "search"  # the shipped default
     del params["merge"]["search"]
     assert "`scale: search` needs a `search` section" in error_of(params)
-    params["merge"].update(scale=0.5, search={"grid": [0.5]})
-    assert "a `search` section needs `scale: search`" in error_of(params)
+    params["merge"].update(scale=0.5, search={"grid": [0.5]}, weights=None)
+    assert error_of(params) == (
+        "params.yaml: merge: `scale: 0.5` is fixed, so nothing is searched: delete `merge.search` (the scale "
+        "search's settings)"
+    )
     params["merge"].update(scale="search", search={"grid": [0.5, -1.0]})
     assert error_of(params).startswith("params.yaml: merge.search.grid: must be distinct values > 0")
     params["merge"].update(search={"grid": [0.5], "split": "test"})
@@ -188,7 +191,27 @@ def test_searched_merge_scale_needs_its_search_section(params):
     params["merge"].update(search={"grid": [0.5]}, weights="search")
     assert parse_params(params).merge.weights == "search"
     params["merge"].update(scale=0.5, search=None)
-    assert "`weights: search` searches weights and scale together: set `scale: search`" in error_of(params)
+    assert "`scale: 0.5` is fixed, so nothing is searched: set `merge.weights` to null" in error_of(params)
+
+
+def test_fixing_the_demo_merge_scale_names_everything_to_change(params):
+    # the natural edit of the shipped params.yaml: a number for the scale, the search settings left in place
+    params["merge"]["scale"] = 0.45
+    assert error_of(params) == (
+        "params.yaml: merge: `scale: 0.45` is fixed, so nothing is searched: delete `merge.search` (the scale "
+        "search's settings), and set `merge.weights` to null (all 1) or to one weight per fine-tune"
+    )
+
+
+def test_every_strategy_option_is_settable_and_checked_by_its_strategy(params):
+    search = params["amplify"]["search"]
+    del search["strategy"]
+    assert parse_params(params).amplify.search.strategy == "coordinate"  # the CLI's default too
+    search.update(step=0.2, probe_every_band=False)
+    parsed = parse_params(params).amplify.search
+    assert (parsed.step, parsed.probe_every_band) == (0.2, False)
+    search.update(strategy="pattern")
+    assert "probe-every-band is an option of coordinate, not of search strategy pattern" in error_of(params)
 
 
 def test_amplify_tracks_exactly_the_prune_keys_its_dp_bands_use():

@@ -34,7 +34,7 @@ example (demo zoo):
 
 
 def register(subparsers) -> None:
-    from dppa.search.registry import ALIASES, STRATEGIES
+    from dppa.search.registry import ALIASES, DEFAULT_STRATEGY, STRATEGIES
 
     p = subparsers.add_parser(
         "search",
@@ -56,9 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--reference", dest="dense_old_flag", metavar="FT_OR_JSON", help=argparse.SUPPRESS)
     p.add_argument(
         "--strategy",
-        default="coordinate",
+        default=DEFAULT_STRATEGY,
         choices=[*STRATEGIES.names(), *ALIASES],
-        help="search strategy (default coordinate; reference = coordinate)",
+        help=f"search strategy (default {DEFAULT_STRATEGY}; reference = coordinate)",
     )
     add_band_options(p)
     p.add_argument(

@@ -16,94 +16,27 @@ from typing import Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
 
 from dppa.errors import DppaError
+from dppa.pipeline.config_errors import describe_errors
+from dppa.pipeline.runtime_config import Runtime
+from dppa.pipeline.sources import ZOO_PREFIX, ModelEntry
+from dppa.pipeline.strict import Strict, check_density, check_positive
 from dppa.registry import pydantic_fields
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
-ZOO_PREFIX = "zoo:"
-HUB_PREFIX = "hub:"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 BASE_NAME = "base"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_density(value: float | None) -> float | None:
-    if value is not None and not 0 < value <= 1:
-        raise ValueError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _check_positive(value: float | None) -> float | None:
-    if value is not None and value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
-    return value
-
-
-class Source:
-    """Where a model comes from: the demo zoo, a hub repository at a revision, or a local folder."""
-
-    def __init__(self, kind: Literal["zoo", "hub", "local"], ref: str):
-        self.kind, self.ref = kind, ref
-
-    def __repr__(self) -> str:
-        return f"Source({self.kind}, {self.ref})"
-
-
-def parse_source(text: str, revision: str | None, root: Path) -> Source:
-    """`zoo:<domain>` | `hub:<org>/<name>` or `<org>/<name>` (needs a revision) | a local folder (must exist)."""
-    if text.startswith(ZOO_PREFIX):
-        return Source("zoo", text[len(ZOO_PREFIX) :])
-    local = Path(text).expanduser()
-    local = local if local.is_absolute() else root / local
-    explicit_hub = text.startswith(HUB_PREFIX)
-    repo_id = text[len(HUB_PREFIX) :] if explicit_hub else text
-    if explicit_hub or (HUB_ID.match(text) and not local.exists()):
-        if not HUB_ID.match(repo_id):
-            raise ValueError(f"{text!r} is not a hub id of the form org/name")
-        if not revision:
-            raise ValueError(
-                f"hub model {repo_id!r} needs a `revision`: a commit sha (pinned), or a branch or tag "
-                "(followed: `dppa run` refetches it when it moves)"
-            )
-        return Source("hub", repo_id)
-    if not local.is_dir():
-        raise ValueError(
-            f"no model folder at {local}; give an existing local folder, zoo:<domain> "
-            "or a hub id org/name with a revision"
-        )
-    return Source("local", str(local.resolve()))
-
-
 class AmplifyOverride(Strict):
     factors: list[float] | None = None  # fixed factors for this fine-tune (no search for it)
-
-
-class ModelEntry(Strict):
-    revision: str | None = None  # declared first: checking `source` needs it
-    source: str
-
-    @field_validator("source")
-    @classmethod
-    def _source_resolves(cls, value: str, info: ValidationInfo) -> str:
-        parse_source(value, info.data.get("revision"), _root(info))
-        return value
-
-    def resolve(self, root: Path) -> Source:
-        return parse_source(self.source, self.revision, root)
 
 
 class FinetuneEntryBase(ModelEntry):  # `prune` (its overrides) is added by `_models()`
@@ -149,7 +82,7 @@ class PruneBase(Strict):
     density: float
     scope: str = DEFAULT_SCOPE
 
-    _density = field_validator("density")(_check_density)
+    _density = field_validator("density")(check_density)
 
     @field_validator("scope")
     @classmethod
@@ -183,13 +116,27 @@ class PruneOverrideBase(Strict):
 
     density: float | None = None
 
-    _density = field_validator("density")(_check_density)
+    _density = field_validator("density")(check_density)
 
 
-class SearchBase(Strict):  # `strategy` comes from the strategy registry (`_models()`)
+class SearchBase(Strict):
+    """`amplify.search`; `strategy` and every registered strategy's options (unset: the strategy's default) are
+    added by `_models()`, and the chosen strategy's options dataclass checks them."""
+
     budget: int | None = Field(default=None, ge=1)
     split: Literal["validation"] = "validation"  # the test split is kept for the final numbers
     limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _options_valid(self):
+        from dppa.search.registry import STRATEGIES
+
+        values = {k: v for k, v in self.model_dump().items() if k not in ("strategy", "split", "limit")}
+        try:
+            STRATEGIES.options_for(self.strategy, values)
+        except (ValueError, TypeError, DppaError) as exc:
+            raise ValueError(f"{self.strategy} options: {exc}") from None
+        return self
 
 
 class AmplifyBase(Strict):
@@ -241,22 +188,27 @@ class MergeBase(Strict):  # `method` comes from the merge-method registry (`_mod
     # deltas extracted from another base are refused unless the transfer is deliberate (merge --allow-other-base)
     allow_other_base: bool = False
 
-    _density = field_validator("density")(_check_density)
+    _density = field_validator("density")(check_density)
 
     @field_validator("scale")
     @classmethod
     def _scale(cls, value):
-        return value if value == "search" else _check_positive(value)
+        return value if value == "search" else check_positive(value)
 
     @model_validator(mode="after")
     def _search_iff_searched(self):
-        if (self.scale == "search") != (self.search is not None):
-            raise ValueError(
-                "`scale: search` needs a `search` section (grid, split, limit), and a `search` "
-                "section needs `scale: search`"
-            )
-        if self.weights == "search" and self.scale != "search":
-            raise ValueError("`weights: search` searches weights and scale together: set `scale: search` too")
+        if self.scale == "search":
+            if self.search is None:
+                raise ValueError("`scale: search` needs a `search` section (grid, split, limit): add one")
+            return self
+        # a fixed scale: say everything that must go with the search, at once
+        leftovers = []
+        if self.search is not None:
+            leftovers.append("delete `merge.search` (the scale search's settings)")
+        if self.weights == "search":
+            leftovers.append("set `merge.weights` to null (all 1) or to one weight per fine-tune")
+        if leftovers:
+            raise ValueError(f"`scale: {self.scale:g}` is fixed, so nothing is searched: {', and '.join(leftovers)}")
         return self
 
 
@@ -278,81 +230,6 @@ class Publish(Strict):
     revision: str = "main"  # the branch to commit to (created from main if missing)
     private: bool = False  # create the repository private
     gate: PublishGate = PublishGate()
-
-
-class Runtime(Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # "threads" | "local-cluster:N" (a Dask LocalCluster of N worker processes) | "local-gpu-cluster[:N]" (one
-    # Dask worker per visible GPU, pinned to it, plus N CPU-only workers, default 0) | a Dask scheduler address
-    task_runner: str = "threads"
-    concurrency: int = Field(default=2, ge=1)
-    gpu_concurrency: int = Field(default=1, ge=1)
-    # On Dask: the model-heavy stages run only on workers started with `--resources GPU=1`. Unset: when device is
-    # cuda or the runner is local-gpu-cluster. The threads runner ignores it.
-    gpu_resource: bool | None = None
-    # When another run holds the project: fail at once naming it, skip this run, or wait for it. Unset: fail for
-    # a run started by hand, skip for a scheduled one (the next schedule picks the work up).
-    on_overlap: Literal["wait", "skip", "fail"] | None = None
-    # Where a failed run is sent (off when unset): a Prefect notification block saved as "BLOCK-TYPE/NAME" (its
-    # secrets stay in Prefect), or a webhook URL that receives a JSON POST.
-    notify: str | None = None
-
-    @field_validator("notify")
-    @classmethod
-    def _notify(cls, value: str | None) -> str | None:
-        if value is None or re.match(r"^https?://[^\s]+$", value) or re.match(r"^[a-z0-9-]+/[\w.-]+$", value):
-            return value
-        raise ValueError(
-            "use a Prefect notification block as BLOCK-TYPE/NAME (e.g. slack-webhook/nightly) or an http(s) webhook URL"
-        )  # the value is not repeated: a webhook URL may hold a secret
-
-    def gpu_cluster_cpu_workers(self) -> int | None:
-        """The CPU-only workers of `local-gpu-cluster[:N]`; None for any other task runner."""
-        found = re.match(r"^local-gpu-cluster(?::(\d+))?$", self.task_runner)
-        return None if found is None else int(found.group(1) or 0)
-
-    def needs_gpu_resource(self) -> bool:
-        if self.gpu_resource is not None:
-            return self.gpu_resource
-        return self.device == "cuda" or self.gpu_cluster_cpu_workers() is not None
-
-    @field_validator("task_runner")
-    @classmethod
-    def _runner(cls, value: str) -> str:
-        if value == "threads" or re.match(r"^local-cluster:[1-9]\d*$", value):
-            return value
-        if re.match(r"^local-gpu-cluster(:(0|[1-9]\d*))?$", value):
-            return value
-        if re.match(r"^(tcp|tls|inproc|ucx)://", value):
-            return value
-        raise ValueError(
-            f"{value!r}: use threads, local-cluster:N, local-gpu-cluster[:N] or a Dask scheduler address "
-            "tcp://host:port"
-        )
-
-    @model_validator(mode="after")
-    def _gpu_cluster(self):
-        cpu_workers = self.gpu_cluster_cpu_workers()
-        if cpu_workers is None:
-            return self
-        if self.device == "cpu":
-            raise ValueError(
-                f"task_runner {self.task_runner} puts the model-heavy stages on GPUs but device is cpu: "
-                "set device: auto or cuda, or use task_runner: local-cluster:N"
-            )
-        if self.gpu_resource is False:
-            raise ValueError(
-                f"task_runner {self.task_runner} with gpu_resource: false would let model-heavy stages run on "
-                "CPU-only workers: leave gpu_resource unset"
-            )
-        if cpu_workers and self.device == "cuda":
-            # extract and prune follow runtime.device, and a CPU-only worker sees no GPU
-            raise ValueError(
-                f"task_runner {self.task_runner}: its {cpu_workers} CPU-only workers see no GPU, so extract and "
-                "prune there cannot use device cuda: set device: auto (GPU workers use their GPU, CPU-only "
-                "workers the CPU) or use local-gpu-cluster without :N"
-            )
-        return self
 
 
 class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_models()`
@@ -462,7 +339,7 @@ def _models() -> type[ParamsBase]:
     """The params schema, with the method names and options of the registries as they are now (a plugin
     registered after this module was imported is included)."""
     from dppa.merging.registry import MERGERS
-    from dppa.search.registry import STRATEGIES
+    from dppa.search.registry import DEFAULT_STRATEGY, STRATEGIES
     from dppa.sparsify.registry import PRUNERS
 
     options = PRUNERS.option_fields()
@@ -479,8 +356,16 @@ def _models() -> type[ParamsBase]:
         )
         finetune = create_model("FinetuneEntry", __base__=FinetuneEntryBase, prune=(override, override()))
         models = create_model("Models", __base__=ModelsBase, finetunes=(dict[str, finetune], Field(min_length=1)))
+        strategy_options = {
+            name: (typ | None, None)
+            for name, (typ, _default) in pydantic_fields(list(STRATEGIES.option_fields().values())).items()
+            if name not in SearchBase.model_fields
+        }
         search = create_model(
-            "Search", __base__=SearchBase, strategy=(Literal[STRATEGIES.names()], STRATEGIES.names()[0])
+            "Search",
+            __base__=SearchBase,
+            strategy=(Literal[STRATEGIES.names()], DEFAULT_STRATEGY),
+            **strategy_options,
         )
         amplify = create_model("Amplify", __base__=AmplifyBase, search=(search | None, None))
         merge = create_model("Merge", __base__=MergeBase, method=(Literal[MERGERS.names()], ...))
@@ -498,58 +383,11 @@ def _models() -> type[ParamsBase]:
 _SCHEMAS: dict[tuple, type[ParamsBase]] = {}
 
 
-def _root(info: ValidationInfo) -> Path:
-    return Path((info.context or {}).get("root", "."))
-
-
-def _key_path(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
-
-
-def _model_in(annotation) -> type[BaseModel] | None:
-    candidates = [annotation, *getattr(annotation, "__args__", ())]
-    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    """The keys the section holding the unknown key at `loc` accepts, for the error message."""
-    model, parts = _models(), list(loc[:-1])
-    while parts and model is not None:
-        field = model.model_fields.get(str(parts.pop(0)))
-        if field is None:
-            return []
-        args = getattr(field.annotation, "__args__", ())
-        if getattr(field.annotation, "__origin__", None) is dict and parts:
-            parts.pop(0)  # a name (fine-tune) key: step into the value type
-            model = _model_in(args[1])
-        else:
-            model = _model_in(field.annotation)
-    return sorted(model.model_fields) if model else []
-
-
-def describe_errors(exc: ValidationError, source: str) -> str:
-    lines = []
-    for error in exc.errors():
-        where = _key_path(error["loc"])  # empty for checks across sections, whose messages start with the key
-        if error["type"] == "extra_forbidden":
-            allowed = _allowed_keys(error["loc"])
-            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
-            message = f"unknown key{hint}"
-        elif error["type"] == "missing":
-            message = "required key is missing"
-        else:
-            message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-            if error["type"] not in ("value_error", "assertion_error") and "input" in error:
-                message += f", got {error['input']!r}"
-        lines.append(f"{source}: {where}: {message}" if where else f"{source}: {message}")
-    return "\n".join(lines)
-
-
 def parse_params(data: dict, *, source: str = "params.yaml", root: str | Path = ".") -> ParamsBase:
     try:
         return _models().model_validate(data, context={"root": Path(root)})
     except ValidationError as exc:
-        raise DppaError(describe_errors(exc, source)) from None
+        raise DppaError(describe_errors(exc, source, _models())) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> ParamsBase:

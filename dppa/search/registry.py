@@ -11,6 +11,7 @@ from dppa.registry import Registry
 
 STRATEGIES: Registry = Registry("search strategy", "--strategy")
 ALIASES = {"reference": "coordinate"}
+DEFAULT_STRATEGY = "coordinate"  # the reference's search: the default of the CLI and of params.yaml alike
 
 
 def canonical(name: str) -> str:
