@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
-from dppa.pipeline.hub import MODELS_DIR_ENV
+from dppa.pipeline.models_store import MODELS_DIR_ENV
 from tests.hub_server import FakeHub
 from tests.synthetic import make_base, make_finetune
 from tests.test_hub_fetch import TOKEN, folder_files, hub_env, sha256

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from dppa.pipeline.hub import MODELS_DIR_ENV, StoreMismatch, ensure_model_folder, write_record
+from dppa.pipeline.hub import ensure_model_folder, write_record
+from dppa.pipeline.models_store import MODELS_DIR_ENV, StoreMismatch
 from tests.hub_server import FakeHub
 from tests.test_hub_fetch import folder_files, hub_env, sha256
 
@@ -194,7 +195,7 @@ def test_help_names_the_models_store():
 # -- a store shared by a team: members are other users of one machine (or of a shared filesystem) ------------------
 TEAM_GID, MEMBER_A, MEMBER_B = 54321, 54322, 54323  # ids no account uses: setpriv needs no user database entry
 STORED = (
-    "import os, sys; os.umask(0o022); from dppa.pipeline.hub import stored_model; "
+    "import os, sys; os.umask(0o022); from dppa.pipeline.models_store import stored_model; "
     "print(stored_model(sys.argv[1], sys.argv[2]))"
 )
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dppa.cli import main
-from dppa.pipeline.hub import MODELS_DIR_ENV, ensure_model_folder
+from dppa.pipeline.hub import ensure_model_folder
+from dppa.pipeline.models_store import MODELS_DIR_ENV
 
 BASE_USED, BASE_OLD, FT, STAGED = "a" * 40, "b" * 40, "c" * 40, "d" * 40
 DAY = 86400

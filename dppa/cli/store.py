@@ -16,16 +16,8 @@ from pathlib import Path
 
 from dppa.errors import DppaError
 from dppa.io.manifest import read_manifest
-from dppa.pipeline.hub import (
-    COMMIT_SHA,
-    RECORD,
-    STORE_HASHES,
-    STORE_LOCK,
-    models_store,
-    shared_store,
-    store_folder,
-    store_lock,
-)
+from dppa.pipeline.hub import COMMIT_SHA, RECORD
+from dppa.pipeline.models_store import STORE_HASHES, STORE_LOCK, models_store, shared_store, store_folder, store_lock
 
 ORDER = 9
 

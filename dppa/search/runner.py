@@ -18,16 +18,14 @@ optionally elsewhere.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from dppa.io.atomic import atomic_dir, atomic_write_text, check_output_free
 from dppa.io.manifest import read_manifest
 from dppa.search.core import SearchResult
 from dppa.search.registry import STRATEGIES, canonical
+from dppa.search.report import CandidateTiming, SearchReport, rows_to_csv
 from dppa.sparsify.registry import PRUNERS
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
@@ -152,93 +151,6 @@ class SearchSettings:
         return hashlib.sha256(body.encode()).hexdigest()
 
 
-@dataclass
-class CandidateTiming:
-    factors: tuple[float, ...]
-    build_s: float  # setting the model's weights to the candidate
-    evaluate_s: float  # the harness on the candidate
-
-
-@dataclass
-class SearchReport:
-    """What one search did: the result, where it went, how many evaluations were real, and the time split."""
-
-    output: Path
-    result: SearchResult
-    dense_scores: dict[str, float]
-    candidate_scores: dict[tuple[float, ...], Scores]
-    real_evaluations: int  # harness runs this call made (candidates and the dense fine-tune); 0 on a cached rerun
-    cache_hits: int
-    setup_s: float  # loading the base, computing the DP bands and loading the tasks, once per search
-    timings: list[CandidateTiming] = field(default_factory=list)
-    fingerprint: str = ""
-    normalised: bool = True  # False when the dense fine-tune scored 0 on a task and the objective is raw
-
-    def build_over_evaluate(self) -> float | None:
-        """Total candidate build time / total evaluation time over the candidates evaluated for real."""
-        evaluate = sum(t.evaluate_s for t in self.timings)
-        return sum(t.build_s for t in self.timings) / evaluate if evaluate > 0 else None
-
-    def summary(self) -> dict:
-        """The manifest's record of the search (the full trace lives in search_trace.json)."""
-        return {
-            "strategy": self.result.strategy,
-            "best_factors": list(self.result.best_factors),
-            "best_score": self.result.best_score,
-            "n_candidates": self.result.n_evals,
-            "stop_reason": self.result.stop_reason,
-            "dense_scores": self.dense_scores,
-            "objective": "normalised geometric mean" if self.normalised else "raw geometric mean",
-            "real_evaluations": self.real_evaluations,
-            "cache_hits": self.cache_hits,
-            "fingerprint": self.fingerprint,
-        }
-
-    def trace_rows(self) -> list[dict]:
-        """One row per candidate: factors, objective, per-task scores, decision, timing (blank when cached)."""
-        timing = {t.factors: t for t in self.timings}
-        rows = []
-        for row, ev in zip(self.result.trace_rows(), self.result.trace):
-            for task, value in primary_scores(self.candidate_scores[ev.factors]).items():
-                row[task] = value
-            t = timing.get(ev.factors)
-            row.update(
-                cached=t is None,
-                build_s="" if t is None else round(t.build_s, 4),
-                evaluate_s="" if t is None else round(t.evaluate_s, 4),
-            )
-            rows.append(row)
-        return rows
-
-    def trace_json(self, settings: SearchSettings) -> dict:
-        ratio = self.build_over_evaluate()
-        return {
-            **self.result.to_dict(),
-            "settings": settings.record(),
-            "summary": self.summary(),
-            "candidate_scores": [{"factors": list(f), "scores": s} for f, s in self.candidate_scores.items()],
-            "timing": {
-                "setup_s": round(self.setup_s, 4),
-                "candidates": [
-                    {"factors": list(t.factors), "build_s": round(t.build_s, 5), "evaluate_s": round(t.evaluate_s, 4)}
-                    for t in self.timings
-                ],
-                "build_s_total": round(sum(t.build_s for t in self.timings), 5),
-                "evaluate_s_total": round(sum(t.evaluate_s for t in self.timings), 4),
-                "build_over_evaluate": None if ratio is None else round(ratio, 5),
-            },
-        }
-
-
-def rows_to_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def read_dense_scores(path: Path, tasks: Sequence[str]) -> Scores:
     """Dense fine-tune scores from a JSON file, {task: {metric: value}} (as `dppa eval --output` writes) or
     {task: value}."""
@@ -317,15 +229,7 @@ def search_amplification(
     trace_csv = Path(trace) if trace is not None else None
     if trace_csv is not None:
         check_output_free(trace_csv, overwrite)
-    manifest = read_manifest(delta)
-    if manifest.get("kind") != "delta" or not manifest.get("content_hash"):
-        raise DppaError(
-            f"{delta}: not a delta folder written by `dppa extract` (its manifest has no delta "
-            "content hash); the search needs the unpruned delta"
-        )
-    base_hash = recorded_hash(base, manifest.get("base"))
-    if manifest.get("base", {}).get("content_hash") not in (None, base_hash):
-        raise DppaError(f"{base}: is not the base {delta} was extracted from (content hashes differ)")
+    manifest, base_hash = _checked_delta(delta, base)
     cache_path = Path(cache) if cache is not None else default_cache_path()
     dev = resolve_device(device)
 
@@ -336,64 +240,99 @@ def search_amplification(
     log(f"dense fine-tune on {split}: {dense_primary}")
     normalised = informative_tasks(dense_primary, log)
 
-    from dppa.evaluation.harness import Evaluator, load_model
-    from dppa.evaluation.weights import candidates_for_delta
-
-    started = time.perf_counter()
-    model, tokenizer = load_model(base, device=dev)
-    weights = candidates_for_delta(
-        model, delta, settings.densities, combine=combine, device=str(dev), options=settings.dp, scope=scope
-    )
-    evaluator = Evaluator(model, tokenizer, settings.tasks, split=split, limit=limit, batch_size=batch_size)
-    setup_s = time.perf_counter() - started
-
-    timings: list[CandidateTiming] = []
-    candidate_scores: dict[tuple[float, ...], Scores] = {}
-
-    def evaluate_candidate(factors: tuple[float, ...]) -> Scores:
-        t0 = time.perf_counter()
-        weights.amplify(factors)  # the next candidate overwrites it: the base is put back once, at the end
-        t1 = time.perf_counter()
-        scores = evaluator.scores()
-        timings.append(CandidateTiming(tuple(factors), t1 - t0, time.perf_counter() - t1))
-        return scores
-
-    key = functools.partial(
-        eval_key,
-        model=(manifest["content_hash"],),
-        base=base_hash,
-        tasks=settings.tasks,
-        split=split,
-        limit=limit,
-        recipe=settings.candidate_recipe(),
-    )
-    cached = CachedEvaluator(evaluate_candidate, EvalCache(cache_path), key)
-
-    def objective(factors: tuple[float, ...]) -> float:
-        scores = cached(factors)
-        candidate_scores[tuple(factors)] = scores
-        value, _ = scoring.objective(primary_scores(scores), dense_primary)
-        log(f"factors {list(factors)}: objective {value:.4f}  {primary_scores(scores)}")
-        return value
-
-    try:
-        result = settings.run(objective)
-    finally:
-        weights.restore()
+    run = _CandidateRun(settings, base, delta, dev, log)
+    result = run.search(manifest["content_hash"], base_hash, dense_primary, cache_path)
     report = SearchReport(
         out,
         result,
         dense_primary,
-        candidate_scores,
-        cached.real_evaluations + (dense_source == "evaluated"),
-        cached.hits + (dense_source == "cache"),
-        setup_s,
-        timings,
+        run.candidate_scores,
+        run.cached.real_evaluations + (dense_source == "evaluated"),
+        run.cached.hits + (dense_source == "cache"),
+        run.setup_s,
+        run.timings,
         settings.fingerprint(manifest["content_hash"], base_hash, dense_hash),
         normalised=normalised,
     )
     _write_outputs(report, settings, delta, out, trace_csv, device=str(dev), overwrite=overwrite, progress=progress)
     return report
+
+
+class _CandidateRun:
+    """The base loaded once, the DP bands computed once and the tasks prepared once; each candidate's factors are
+    then set in place, scored through the evaluation cache, and timed."""
+
+    def __init__(self, settings: SearchSettings, base, delta, device, log: Callable[[str], None]):
+        from dppa.evaluation.harness import Evaluator, load_model
+        from dppa.evaluation.weights import candidates_for_delta
+
+        started = time.perf_counter()
+        self.settings, self.log = settings, log
+        model, tokenizer = load_model(base, device=device)
+        self.weights = candidates_for_delta(
+            model,
+            delta,
+            settings.densities,
+            combine=settings.combine,
+            device=str(device),
+            options=settings.dp,
+            scope=settings.scope,
+        )
+        self.evaluator = Evaluator(
+            model, tokenizer, settings.tasks, split=settings.split, limit=settings.limit, batch_size=settings.batch_size
+        )
+        self.setup_s = time.perf_counter() - started
+        self.timings: list[CandidateTiming] = []
+        self.candidate_scores: dict[tuple[float, ...], Scores] = {}
+        self.cached: CachedEvaluator | None = None
+
+    def _evaluate(self, factors: tuple[float, ...]) -> Scores:
+        t0 = time.perf_counter()
+        self.weights.amplify(factors)  # the next candidate overwrites it: the base is put back once, at the end
+        t1 = time.perf_counter()
+        scores = self.evaluator.scores()
+        self.timings.append(CandidateTiming(tuple(factors), t1 - t0, time.perf_counter() - t1))
+        return scores
+
+    def search(self, delta_hash: str, base_hash: str, dense: dict[str, float], cache: Path) -> SearchResult:
+        """The strategy's walk over candidates, maximising the normalised score against `dense`."""
+        key = functools.partial(
+            eval_key,
+            model=(delta_hash,),
+            base=base_hash,
+            tasks=self.settings.tasks,
+            split=self.settings.split,
+            limit=self.settings.limit,
+            recipe=self.settings.candidate_recipe(),
+        )
+        self.cached = CachedEvaluator(self._evaluate, EvalCache(cache), key)
+
+        def objective(factors: tuple[float, ...]) -> float:
+            found = self.cached(factors)
+            self.candidate_scores[tuple(factors)] = found
+            scores = primary_scores(found)
+            value, _ = scoring.objective(scores, dense)
+            self.log(f"factors {list(factors)}: objective {value:.4f}  {scores}")
+            return value
+
+        try:
+            return self.settings.run(objective)
+        finally:
+            self.weights.restore()
+
+
+def _checked_delta(delta, base) -> tuple[dict, str]:
+    """The delta's manifest and the base's content hash, once both are known to be what the search needs."""
+    manifest = read_manifest(delta)
+    if manifest.get("kind") != "delta" or not manifest.get("content_hash"):
+        raise DppaError(
+            f"{delta}: not a delta folder written by `dppa extract` (its manifest has no delta "
+            "content hash); the search needs the unpruned delta"
+        )
+    base_hash = recorded_hash(base, manifest.get("base"))
+    if manifest.get("base", {}).get("content_hash") not in (None, base_hash):
+        raise DppaError(f"{base}: is not the base {delta} was extracted from (content hashes differ)")
+    return manifest, base_hash
 
 
 def dense_scores(

@@ -45,7 +45,8 @@ def may_recover(error: BaseException) -> bool:
     (unknown repository or revision, refused token, pickles only) nor a models-store file that does not match its
     record: those fail at once, with their message."""
     from dppa.errors import DppaError
-    from dppa.pipeline.hub import HubRefusal, StoreMismatch
+    from dppa.pipeline.hub import HubRefusal
+    from dppa.pipeline.models_store import StoreMismatch
 
     return isinstance(error, (DppaError, OSError)) and not isinstance(error, (HubRefusal, StoreMismatch))
 
