@@ -128,16 +128,19 @@ class SearchBase(Strict):
     split: Literal["validation"] = "validation"  # the test split is kept for the final numbers
     limit: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _options_valid(self):
-        from dppa.search.registry import STRATEGIES
 
-        values = {k: v for k, v in self.model_dump().items() if k not in ("strategy", "split", "limit")}
-        try:
-            STRATEGIES.options_for(self.strategy, values)
-        except (ValueError, TypeError, DppaError) as exc:
-            raise ValueError(f"{self.strategy} options: {exc}") from None
-        return self
+def _strategy_options_valid(search: SearchBase) -> SearchBase:
+    """The chosen strategy's options dataclass checks `amplify.search`'s values. Attached to the schema by `_models()`,
+    not written in SearchBase's body, so that the stages that only read params (extract, prune, merge) do not
+    depend on the search's code (scripts/code_deps.py takes a class's methods whole)."""
+    from dppa.search.registry import STRATEGIES
+
+    values = {k: v for k, v in search.model_dump().items() if k not in ("strategy", "split", "limit")}
+    try:
+        STRATEGIES.options_for(search.strategy, values)
+    except (ValueError, TypeError, DppaError) as exc:
+        raise ValueError(f"{search.strategy} options: {exc}") from None
+    return search
 
 
 class AmplifyBase(Strict):
@@ -315,6 +318,7 @@ def _models() -> type[ParamsBase]:
             "Search",
             __base__=SearchBase,
             strategy=(Literal[STRATEGIES.names()], DEFAULT_STRATEGY),
+            __validators__={"_options_valid": model_validator(mode="after")(_strategy_options_valid)},
             **strategy_options,
         )
         amplify = create_model("Amplify", __base__=AmplifyBase, search=(search | None, None))
