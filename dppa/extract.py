@@ -25,10 +25,11 @@ from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_wor
 from dppa.errors import DppaError
 from dppa.io.adapter import AdapterModel, open_finetune, provenance
 from dppa.io.atomic import atomic_dir, check_output_free
+from dppa.io.content_hash import ContentHasher, tensor_bytes
 from dppa.io.fingerprint import base_fingerprint
 from dppa.io.manifest import source_record, write_manifest
 from dppa.io.reader import CheckpointReader, open_checkpoint
-from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
+from dppa.io.writer import ShardedWriter, parse_size
 
 VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings|output)\.weight$")
 ARCH_KEYS = (

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dppa.extract import extract_delta
+from dppa.io.content_hash import ContentHasher, tensor_bytes
 from dppa.io.reader import open_checkpoint
-from dppa.io.writer import ContentHasher, tensor_bytes
 from dppa.merging.merge import apply_delta, merge_deltas
 from tests.synthetic import make_finetune
 

@@ -8,7 +8,7 @@ import pytest
 
 from dppa.cli import main
 from dppa.evaluation.scores import primary_scores, score_folder
-from dppa.pipeline.scoring import search_merge
+from dppa.pipeline.merge_search import search_merge
 from tests.test_merge_model import expected_merge
 
 FINETUNES = ("arith", "facts")
@@ -22,7 +22,7 @@ def test_weights_and_scale_search_picks_the_best_candidate(tiny_zoo, tmp_path):
         deltas.append(tmp_path / name)
     tasks = {n: [f"zoo_{n}"] for n in FINETUNES}
     evaluate = {"split": "validation", "limit": 8, "batch_size": 8}
-    scale, weights, rows = search_merge(
+    scale, weights, result, columns = search_merge(
         tiny_zoo / "base",
         deltas,
         {n: tiny_zoo / n for n in FINETUNES},
@@ -37,15 +37,16 @@ def test_weights_and_scale_search_picks_the_best_candidate(tiny_zoo, tmp_path):
         work=tmp_path / "work",
         **evaluate,
     )
+    assert columns == ["scale", "weight_arith", "weight_facts"]
+    rows = [(r["scale"], r["weight_arith"], r["weight_facts"], r["score"]) for r in result.trace_rows(columns)]
     # the order of the search: the scale grid at weights 1, then each fine-tune's weight in turn, then the scales
     # again for the chosen weights (candidates already scored are not repeated)
-    assert [(r["scale"], r["weights"]) for r in rows[:2]] == [(0.5, "arith=1 facts=1"), (1.0, "arith=1 facts=1")]
-    first_scale = float(max(rows[:2], key=lambda r: r["score"])["scale"])
-    assert [r["scale"] for r in rows[2:4]] == [first_scale, first_scale]
-    assert [r["weights"].split()[0] for r in rows[2:4]] == ["arith=0.5", "arith=2"]
-    assert len({(r["scale"], r["weights"]) for r in rows}) == len(rows)
-    best = max(rows, key=lambda r: r["score"])  # the first best in search order
-    assert (scale, " ".join(f"{n}={w:g}" for n, w in zip(FINETUNES, weights))) == (best["scale"], best["weights"])
+    assert [r[:3] for r in rows[:2]] == [(0.5, 1.0, 1.0), (1.0, 1.0, 1.0)]
+    first_scale = max(rows[:2], key=lambda r: r[3])[0]
+    assert [r[:2] for r in rows[2:4]] == [(first_scale, 0.5), (first_scale, 2.0)]
+    assert len({r[:3] for r in rows}) == len(rows)
+    best = max(rows, key=lambda r: r[3])  # the first best in search order
+    assert (scale, *weights) == best[:3] and result.best_score == best[3]
     assert not (tmp_path / "work").exists()
 
     # by hand: base + scale * sum(w_i * delta_i), scored from a folder, normalised by the dense fine-tunes
@@ -65,6 +66,7 @@ def test_weights_and_scale_search_picks_the_best_candidate(tiny_zoo, tmp_path):
         ratios += [got[t] / dense[t] for t in own if dense[t] > 0]
         raw += [got[t] for t in own]
     # the objective: the geometric mean of the ratios; when no dense fine-tune scores above 0 (the tiny zoo's
-    # fine-tunes are too small to learn their tasks) the search ranks by the mean raw score instead
-    expected = math.prod(ratios) ** (1 / len(ratios)) if ratios else sum(raw) / len(raw)
-    assert best["score"] == pytest.approx(expected, abs=1e-6)
+    # fine-tunes are too small to learn their tasks) the geometric mean of the raw scores (dppa.evaluation.objective)
+    values = ratios or raw
+    expected = math.prod(values) ** (1 / len(values)) if min(values) > 0 else 0.0
+    assert best[3] == pytest.approx(expected, abs=1e-6)

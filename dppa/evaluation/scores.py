@@ -37,7 +37,7 @@ def checkpoint_hash(folder: str | os.PathLike, base: str | os.PathLike | None = 
     """The content hash the engine's manifests use (sha256 over tensor names, dtypes, shapes and bytes); a LoRA
     adapter folder hashes as the model it makes of `base`."""
     from dppa.io.adapter import open_model
-    from dppa.io.writer import ContentHasher, tensor_bytes
+    from dppa.io.content_hash import ContentHasher, tensor_bytes
 
     hasher = ContentHasher()
     reader = open_model(folder, base)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 
+from dppa.io.content_hash import tensor_bytes
 from dppa.io.reader import CheckpointReader
-from dppa.io.writer import tensor_bytes
 
 FINGERPRINT_ELEMS = 512
 

@@ -6,7 +6,6 @@ its input, so each shard's header is written first and data follows without buff
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -17,6 +16,7 @@ import torch
 
 from dppa.io import sparse
 from dppa.io.atomic import link_or_copy
+from dppa.io.content_hash import ContentHasher, tensor_bytes
 from dppa.io.safetensors_format import HEADER_ALIGN, build_header, itemsize
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -93,43 +93,6 @@ def shard_header(entries: list[_Entry], shard: int, metadata: dict | None = None
     zeros = sparse.zero_metadata([(e.name, e.dtype, e.shape) for e in members if e.zero])
     stored = [(e.name, e.dtype, e.shape) for e in members if not e.zero]
     return build_header(stored, {**(metadata or {}), **zeros} if zeros else metadata)
-
-
-class ContentHasher:
-    """sha256 over (name, dtype, shape, bytes) of every tensor, combined in name order.
-
-    Independent of sharding and of the order tensors are streamed in, so the same weights always hash the same.
-    """
-
-    def __init__(self):
-        self._digests: dict[str, str] = {}
-        self._name: str | None = None
-        self._current = None
-
-    def start(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-        self._finish()
-        self._name, self._current = name, hashlib.sha256(f"{name}|{dtype}|{tuple(shape)}".encode())
-
-    def update(self, raw) -> None:
-        self._current.update(raw)
-
-    def _finish(self) -> None:
-        if self._name is not None:
-            self._digests[self._name] = self._current.hexdigest()
-            self._name = None
-
-    def hexdigest(self) -> str:
-        self._finish()
-        total = hashlib.sha256()
-        for name in sorted(self._digests):
-            total.update(f"{name}={self._digests[name]};".encode())
-        return total.hexdigest()
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """Zero-copy view of a CPU tensor's bytes (any dtype, bfloat16 included)."""
-    flat = tensor.detach().reshape(-1).contiguous()
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def planned_next(entries: list[_Entry], pos: int, name: str) -> _Entry:

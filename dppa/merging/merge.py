@@ -25,11 +25,12 @@ from dppa.errors import DppaError
 from dppa.extract import check_finite, check_same_architecture, check_same_tensors, matching_rows
 from dppa.io.adapter import open_finetune, provenance
 from dppa.io.atomic import atomic_dir, check_output_free
+from dppa.io.content_hash import ContentHasher, tensor_bytes
 from dppa.io.fingerprint import base_fingerprint
 from dppa.io.manifest import check_is_delta, input_kind, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader, open_checkpoint
-from dppa.io.writer import ContentHasher, ShardedWriter, parse_size, tensor_bytes
+from dppa.io.writer import ShardedWriter, parse_size
 from dppa.merging.card import write_card_and_recipe
 from dppa.merging.registry import MERGERS
 from dppa.merging.ties import trim_threshold

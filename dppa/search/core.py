@@ -43,12 +43,13 @@ class SearchResult:
     def n_evals(self) -> int:
         return len(self.trace)
 
-    def trace_rows(self) -> list[dict]:
-        """Flat rows (index, alpha_1..alpha_K, score, accepted, best_score) for csv.DictWriter or a DVC plot."""
+    def trace_rows(self, names: Sequence[str] | None = None) -> list[dict]:
+        """Flat rows (index, alpha_1..alpha_K, score, accepted, best_score) for csv.DictWriter or a DVC plot;
+        `names` names the point's coordinates instead of alpha_1..alpha_K (the merge search's scale and weights)."""
         rows = []
         for ev in self.trace:
             row: dict = {"index": ev.index}
-            row.update({f"alpha_{i + 1}": f for i, f in enumerate(ev.factors)})
+            row.update({names[i] if names else f"alpha_{i + 1}": f for i, f in enumerate(ev.factors)})
             row.update(score=ev.score, accepted=ev.accepted, best_score=ev.best_score)
             rows.append(row)
         return rows

@@ -106,7 +106,7 @@ def report(
     """Tables and plots of every score, the summary metrics, and the merged model's card with its scores."""
     from dppa.evaluation.report import write_report
     from dppa.merging.card import REPORT_CARD, scored_card
-    from dppa.pipeline.scoring import pipeline_notes
+    from dppa.pipeline.report_notes import pipeline_notes
 
     clear_leftovers(out)
     card = scored_card(merged, scores)

@@ -18,7 +18,8 @@ def merge(
     scale (and with `merge.weights: search` the weights) is chosen first, against the dense fine-tunes
     (fetched/NAME)."""
     from dppa.merging.merge import merge_deltas
-    from dppa.pipeline.scoring import search_merge, trace_csv
+    from dppa.pipeline.merge_search import TRACE_HEADER, search_merge
+    from dppa.search.report import rows_to_csv
 
     m = params.merge
     names = list(params.models.finetunes)
@@ -26,9 +27,9 @@ def merge(
     weights = [m.weights[n] for n in names] if isinstance(m.weights, dict) else None
     base_folder = model_folder(fetched / BASE_NAME, root)
     clear_leftovers(out)
-    scale, rows = m.scale, []
+    scale, trace_text, best_score = m.scale, TRACE_HEADER, None
     if scale == "search":
-        scale, weights, rows = search_merge(
+        scale, weights, result, columns = search_merge(
             base_folder,
             folders,
             {n: model_folder(fetched / n, root) for n in names},
@@ -46,12 +47,13 @@ def merge(
             work=out.parent / f".{out.name}.scale-search",
             allow_other_base=m.allow_other_base,
         )
-    atomic_write_text(trace, trace_csv(rows))
+        trace_text, best_score = rows_to_csv(result.trace_rows(columns)), result.best_score
+    atomic_write_text(trace, trace_text)
     chosen = {
         "scale": scale,
         "weights": dict(zip(names, weights)) if weights else None,
         "searched": m.scale == "search",
-        "best_score": max((r["score"] for r in rows), default=None),
+        "best_score": best_score,
     }
     atomic_write_text(record, json.dumps(chosen, indent=2) + "\n")
     return merge_deltas(
