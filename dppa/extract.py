@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from dppa.architectures import block_weights
-from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
+from dppa.compute import PARALLEL_CHUNK_ELEMS, chunk_ranges, resolve_device
 from dppa.errors import DppaError
 from dppa.io.adapter import AdapterModel, open_finetune, provenance
-from dppa.io.atomic import atomic_dir, check_output_free
-from dppa.io.content_hash import ContentHasher, tensor_bytes
+from dppa.io.atomic import check_output_free
 from dppa.io.fingerprint import base_fingerprint
 from dppa.io.manifest import source_record, write_manifest
 from dppa.io.reader import CheckpointReader, open_checkpoint
+from dppa.io.stream import Stream, StreamInput
 from dppa.io.writer import ShardedWriter, parse_size
 
 VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|wte|embed_in|embed_out|word_embeddings|output)\.weight$")
@@ -123,6 +123,30 @@ def unchanged_tensors(
     return same
 
 
+def _delta_chunks(base_r: CheckpointReader, ft_r: CheckpointReader, name: str, dtype: torch.dtype, dev):
+    """The chunk function of tensor `name`: ((raw base chunk, raw fine-tune chunk), delta chunk in `dtype`,
+    (sum, max) of the delta's magnitudes)."""
+
+    def delta_chunk(span: tuple[int, int]):
+        start, count = span
+        raw_base, raw_ft = base_r.read_flat(name, start, count), ft_r.read_flat(name, start, count)
+        b, f = raw_base.to(dev, torch.float32), raw_ft.to(dev, torch.float32)
+        delta = f.sub(b)  # not in place: for float32 inputs `f` is raw_ft itself, hashed by the stream
+        magnitude = delta.abs()
+        abs_sum = float(magnitude.sum(dtype=torch.float64))
+        abs_max = float(magnitude.max()) if count else 0.0
+        if not math.isfinite(abs_sum):  # a NaN or Inf in either input shows here; find which one
+            check_finite(b, base_r, name)
+            check_finite(f, ft_r, name)
+            raise DppaError(
+                f"{ft_r.info(name).file}: tensor {name!r} minus the base overflows float32; "
+                "the checkpoint is corrupt or diverged"
+            )
+        return (raw_base, raw_ft), delta.to(dtype).cpu(), (abs_sum, abs_max)
+
+    return delta_chunk
+
+
 def extract_delta(
     base: str | os.PathLike,
     finetuned: str | os.PathLike,
@@ -152,67 +176,43 @@ def extract_delta(
     outside = [n for n in names if n not in in_blocks]
     names = outside + [n for n in names if n in in_blocks]
     plan_dtype = {n: out_dtype or ft_r.dtype(n) for n in names}
-    plan = [(n, plan_dtype[n], base_r.shape(n)) for n in names]
     zero = unchanged_tensors(base_r, ft_r, outside, set(grown), chunk_elems)  # stored as nothing
-    base_hash, ft_hash = ContentHasher(), ContentHasher()
-    stats: dict[str, dict] = {}
+    inputs = [StreamInput(base_r), StreamInput(ft_r)]  # both hashed as they are read
     fingerprint = base_fingerprint(base_r)  # merge compares it with its base before any work
-    dense_bytes = sum(base_r.numel(n) * plan_dtype[n].itemsize for n in names)
-    with (
-        atomic_dir(out, overwrite, needed_bytes=dense_bytes) as tmp,
-        chunk_workers() as (pool, workers),
-        Progress(
-            f"extract {Path(finetuned).name}", base_r.total_bytes() + ft_r.total_bytes(), len(names), progress
-        ) as bar,
-    ):
-        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size), shared=len(outside), zero=zero)
+    stats: dict[str, dict] = {}
+    with Stream(
+        out,
+        desc=f"extract {Path(finetuned).name}",
+        total_bytes=base_r.total_bytes() + ft_r.total_bytes(),
+        tensors=len(names),
+        overwrite=overwrite,
+        needed_bytes=sum(base_r.numel(n) * plan_dtype[n].itemsize for n in names),
+        progress=progress,
+    ) as stream:
+        plan = [(n, plan_dtype[n], base_r.shape(n)) for n in names]
+        stream.writer = ShardedWriter(stream.tmp, plan, parse_size(max_shard_size), shared=len(outside), zero=zero)
         for name in names:
-            base_hash.start(name, base_r.dtype(name), base_r.shape(name))
-            ft_hash.start(name, ft_r.dtype(name), ft_r.shape(name))
-
-            def delta_chunk(span: tuple[int, int], name=name):
-                start, count = span
-                raw_base, raw_ft = base_r.read_flat(name, start, count), ft_r.read_flat(name, start, count)
-                b, f = raw_base.to(dev, torch.float32), raw_ft.to(dev, torch.float32)
-                delta = f.sub(b)  # not in place: for float32 inputs `f` is raw_ft itself, hashed below
-                magnitude = delta.abs()
-                abs_sum = float(magnitude.sum(dtype=torch.float64))
-                abs_max = float(magnitude.max()) if count else 0.0
-                if not math.isfinite(abs_sum):  # a NaN or Inf in either input shows here; find which one
-                    check_finite(b, base_r, name)
-                    check_finite(f, ft_r, name)
-                    raise DppaError(
-                        f"{ft_r.info(name).file}: tensor {name!r} minus the base overflows float32; "
-                        "the checkpoint is corrupt or diverged"
-                    )
-                return raw_base, raw_ft, delta.to(plan_dtype[name]).cpu(), abs_sum, abs_max
-
-            abs_sum, abs_max = 0.0, 0.0
-            for raw_base, raw_ft, delta, chunk_sum, chunk_max in ordered_map(
-                pool, workers, delta_chunk, chunk_ranges(base_r.numel(name), chunk_elems)
-            ):
-                base_hash.update(tensor_bytes(raw_base))
-                ft_hash.update(tensor_bytes(raw_ft))
-                writer.write(name, delta)
-                abs_sum, abs_max = abs_sum + chunk_sum, max(abs_max, chunk_max)
-                bar.advance(raw_base.nbytes + raw_ft.nbytes)
-            if name in grown:  # rows beyond the base's: hashed as part of the fine-tune, not part of the delta
-                for _, rest in ft_r.iter_chunks(name, chunk_elems, start=base_r.numel(name)):
-                    ft_hash.update(tensor_bytes(rest))
+            spans = chunk_ranges(base_r.numel(name), chunk_elems)
+            magnitudes = stream.chunks(
+                name, spans, _delta_chunks(base_r, ft_r, name, plan_dtype[name], dev), inputs, chunk_elems
+            )
             numel = base_r.numel(name)
-            stats[name] = {"numel": numel, "mean_abs": abs_sum / numel if numel else 0.0, "max_abs": abs_max}
-            bar.tensor_done()
-        content_hash = writer.close()
+            stats[name] = {
+                "numel": numel,
+                "mean_abs": sum(s for s, _ in magnitudes) / numel if numel else 0.0,
+                "max_abs": max((m for _, m in magnitudes), default=0.0),
+            }
+        content_hash = stream.writer.close()
         if base_r.config is not None:
-            (tmp / "config.json").write_text((base_r.folder / "config.json").read_text())
+            (stream.tmp / "config.json").write_text((base_r.folder / "config.json").read_text())
         write_manifest(
-            tmp,
+            stream.tmp,
             {
                 "kind": "delta",
                 "content_hash": content_hash,
                 "storage": {"format": "dense", "zero_tensors": len(zero)},
-                "base": {**source_record(base_r.folder, base_hash.hexdigest()), "fingerprint": fingerprint},
-                "finetuned": {**source_record(ft_r.folder, ft_hash.hexdigest()), **provenance(ft_r)},
+                "base": {**source_record(base_r.folder, inputs[0].hexdigest()), "fingerprint": fingerprint},
+                "finetuned": {**source_record(ft_r.folder, inputs[1].hexdigest()), **provenance(ft_r)},
                 "dtype": str(out_dtype).replace("torch.", "") if out_dtype else "source",
                 "vocab_growth": grown,
                 "pruned": False,

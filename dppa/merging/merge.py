@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 
-from dppa.compute import PARALLEL_CHUNK_ELEMS, Progress, chunk_ranges, chunk_workers, ordered_map, resolve_device
+from dppa.compute import PARALLEL_CHUNK_ELEMS, chunk_ranges, resolve_device
 from dppa.errors import DppaError
 from dppa.extract import check_finite, check_same_architecture, check_same_tensors, matching_rows
 from dppa.io.adapter import open_finetune, provenance
-from dppa.io.atomic import atomic_dir, check_output_free
-from dppa.io.content_hash import ContentHasher, tensor_bytes
+from dppa.io.atomic import check_output_free
 from dppa.io.fingerprint import base_fingerprint
 from dppa.io.manifest import check_is_delta, input_kind, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader, open_checkpoint
+from dppa.io.stream import Stream, StreamInput
 from dppa.io.writer import ShardedWriter, parse_size
 from dppa.merging.card import write_card_and_recipe
 from dppa.merging.registry import MERGERS
@@ -44,7 +44,7 @@ class MergeInput:
 
     def __init__(self, reader: CheckpointReader, is_model: bool, manifest: dict, base: CheckpointReader, dev):
         self.reader, self.is_model, self.manifest, self.base, self.dev = reader, is_model, manifest, base, dev
-        self.hasher = ContentHasher() if is_model else None  # a model's content hash, for the manifest
+        self.stream_input = StreamInput(reader, hashed=is_model)  # a model's content hash, for the manifest
 
     @property
     def pruned(self) -> bool:
@@ -79,7 +79,7 @@ class MergeInput:
 
     def record(self) -> dict:
         if self.is_model:
-            return {**source_record(self.reader.folder, self.hasher.hexdigest()), **provenance(self.reader)}
+            return {**source_record(self.reader.folder, self.stream_input.hexdigest()), **provenance(self.reader)}
         return source_record(self.reader.folder, self.manifest.get("content_hash", ""))
 
 
@@ -168,6 +168,42 @@ def _check_finite_merge(merged, raw_base, raws, name, base_r, inputs) -> None:
     raise DppaError(f"tensor {name!r}: the merge overflows its float range; a fine-tune is corrupt or diverged")
 
 
+def _merged_chunks(base_r: CheckpointReader, inputs: list[MergeInput], name: str, thresholds, merger, weights, scale):
+    """The chunk function of tensor `name`: ([raw base chunk, raw chunk of each input], merged chunk in the base's
+    dtype, None)."""
+    dev = inputs[0].dev
+    any_model = any(source.is_model for source in inputs)
+
+    def merged_chunk(span: tuple[int, int]):
+        start, count = span
+        raw_base = base_r.read_flat(name, start, count)
+        # a copy: merge methods work in place, and raw_base (the same tensor for float32 on the CPU) is hashed
+        base32 = raw_base.to(dev, torch.float32, copy=True)
+        raws, deltas = [], []
+        for source, threshold in zip(inputs, thresholds):
+            raw, delta = source.delta(name, start, count, raw_base)
+            values = delta.to(torch.float32)
+            if threshold is not None:  # keys first: `values` may be `delta` itself
+                threshold.keep_in_(values, magnitude_keys(delta), start)
+            raws.append(raw)
+            deltas.append(values)
+        merged = merger.combine(base32, deltas, weights, scale)
+        if any_model:
+            _check_finite_merge(merged, raw_base, raws, name, base_r, inputs)
+        return [raw_base, *raws], merged.to(base_r.dtype(name)).cpu(), None
+
+    return merged_chunk
+
+
+def _trim_thresholds(stream: Stream, inputs: list[MergeInput], trim: list[bool], name: str, density) -> list:
+    """TIES's trim threshold of `name` for each input to trim (None for the others), found in the pool."""
+    pending = [stream.pool.submit(_trim_threshold, s, name, density) if t else None for s, t in zip(inputs, trim)]
+    thresholds = [p.result() if p else None for p in pending]
+    base_bytes = inputs[0].base.info(name).nbytes
+    stream.bar.advance(sum(s.reader.info(name).nbytes + base_bytes * s.is_model for s, t in zip(inputs, trim) if t))
+    return thresholds
+
+
 def merge_deltas(
     base: str | os.PathLike,
     deltas: list,
@@ -196,7 +232,6 @@ def merge_deltas(
     """
     options = MERGERS.options_for(method, options)
     merger = MERGERS.get(method).impl(options)
-    density = merger.trim_density
     if not deltas:
         raise DppaError("give at least one delta folder to merge")
     weights = [1.0] * len(deltas) if weights is None else list(weights)
@@ -204,75 +239,35 @@ def merge_deltas(
         raise DppaError(f"--weights: {len(weights)} weights for {len(deltas)} inputs; give one weight per input")
     out = Path(out)
     check_output_free(out, overwrite)
-    dev = resolve_device(device)
     base_r = open_checkpoint(base, allow_pickle)
-    inputs = open_inputs(base_r, deltas, dev, models=models, allow_pickle=allow_pickle)
+    inputs = open_inputs(base_r, deltas, resolve_device(device), models=models, allow_pickle=allow_pickle)
     fingerprint = base_fingerprint(base_r)
     other_base = check_bases(inputs, base_r, fingerprint, allow_other_base=allow_other_base)
+    density = merger.trim_density
     trim = [density is not None and density < 1.0 and not source.pruned for source in inputs]
-    any_model = any(source.is_model for source in inputs)
     names = base_r.names()
-    plan = [(n, base_r.dtype(n), base_r.shape(n)) for n in names]
     base_bytes = base_r.total_bytes()
-    total_bytes = base_bytes + sum(
-        s.reader.total_bytes() * (1 + t) + base_bytes * t * s.is_model for s, t in zip(inputs, trim)
-    )
-    base_hash = ContentHasher()
-    with (
-        atomic_dir(out, overwrite, needed_bytes=base_bytes) as tmp,  # the merged model has the base's tensors
-        Progress(f"merge {method}", total_bytes, len(names), progress) as bar,
-        chunk_workers() as (pool, workers),
-    ):
-        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+    base_input = StreamInput(base_r)
+    streamed = [base_input, *(s.stream_input for s in inputs)]
+    with Stream(
+        out,
+        desc=f"merge {method}",
+        total_bytes=base_bytes
+        + sum(s.reader.total_bytes() * (1 + t) + base_bytes * t * s.is_model for s, t in zip(inputs, trim)),
+        tensors=len(names),
+        overwrite=overwrite,
+        needed_bytes=base_bytes,  # the merged model has the base's tensors
+        progress=progress,
+    ) as stream:
+        plan = [(n, base_r.dtype(n), base_r.shape(n)) for n in names]
+        stream.writer = ShardedWriter(stream.tmp, plan, parse_size(max_shard_size))
         for name in names:
-            pending = [pool.submit(_trim_threshold, s, name, density) if t else None for s, t in zip(inputs, trim)]
-            thresholds = [p.result() if p else None for p in pending]
-            bar.advance(
-                sum(
-                    s.reader.info(name).nbytes + base_r.info(name).nbytes * s.is_model
-                    for s, t in zip(inputs, trim)
-                    if t
-                )
-            )
-            base_hash.start(name, base_r.dtype(name), base_r.shape(name))
-            for s in inputs:
-                if s.is_model:
-                    s.hasher.start(name, s.reader.dtype(name), s.reader.shape(name))
-
-            def merged_chunk(span: tuple[int, int], name=name, thresholds=thresholds):
-                start, count = span
-                raw_base = base_r.read_flat(name, start, count)
-                # a copy: merge methods work in place, and raw_base (the same tensor for float32 on the CPU) is hashed
-                base32 = raw_base.to(dev, torch.float32, copy=True)
-                raws, deltas = [], []
-                for source, threshold in zip(inputs, thresholds):
-                    raw, delta = source.delta(name, start, count, raw_base)
-                    values = delta.to(torch.float32)
-                    if threshold is not None:  # keys first: `values` may be `delta` itself
-                        threshold.keep_in_(values, magnitude_keys(delta), start)
-                    raws.append(raw)
-                    deltas.append(values)
-                merged = merger.combine(base32, deltas, weights, scale)
-                if any_model:
-                    _check_finite_merge(merged, raw_base, raws, name, base_r, inputs)
-                return raw_base, raws, merged.to(base_r.dtype(name)).cpu()
-
-            spans = chunk_ranges(base_r.numel(name), chunk_elems)
-            for raw_base, raws, merged in ordered_map(pool, workers, merged_chunk, spans):
-                base_hash.update(tensor_bytes(raw_base))
-                for s, raw in zip(inputs, raws):
-                    if s.is_model:
-                        s.hasher.update(tensor_bytes(raw))
-                writer.write(name, merged)
-                bar.advance(raw_base.nbytes + sum(raw.nbytes for raw in raws))
-            for s in inputs:  # a grown vocabulary's added rows: part of the fine-tune's hash, not of its delta
-                if s.is_model and s.reader.numel(name) > base_r.numel(name):
-                    for _, rest in s.reader.iter_chunks(name, chunk_elems, start=base_r.numel(name)):
-                        s.hasher.update(tensor_bytes(rest))
-            bar.tensor_done()
-        content_hash = writer.close()
-        other_base = check_bases(inputs, base_r, fingerprint, base_hash.hexdigest(), allow_other_base) or other_base
-        copy_model_files(base_r.folder, tmp)
+            thresholds = _trim_thresholds(stream, inputs, trim, name, density)
+            chunk_fn = _merged_chunks(base_r, inputs, name, thresholds, merger, weights, scale)
+            stream.chunks(name, chunk_ranges(base_r.numel(name), chunk_elems), chunk_fn, streamed, chunk_elems)
+        content_hash = stream.writer.close()
+        other_base = check_bases(inputs, base_r, fingerprint, base_input.hexdigest(), allow_other_base) or other_base
+        copy_model_files(base_r.folder, stream.tmp)
         manifest = {
             "kind": "model",
             "content_hash": content_hash,
@@ -281,12 +276,13 @@ def merge_deltas(
             "scale": scale,
             **dataclasses.asdict(options),
             "trimmed": trim,
-            "base": source_record(base_r.folder, base_hash.hexdigest()),
-            ("finetuned" if any_model else "deltas"): [s.record() for s in inputs],
+            "base": source_record(base_r.folder, base_input.hexdigest()),
+            ("finetuned" if any(s.is_model for s in inputs) else "deltas"): [s.record() for s in inputs],
             **({"other_base": other_base} if other_base else {}),
         }
-        write_manifest(tmp, manifest)
-        write_card_and_recipe(tmp, out.name, manifest, dataclasses.asdict(options), deltas, base_r.folder, models)
+        write_manifest(stream.tmp, manifest)
+        recipe_options = dataclasses.asdict(options)
+        write_card_and_recipe(stream.tmp, out.name, manifest, recipe_options, deltas, base_r.folder, models)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Rewrite a delta folder tensor by tensor: the shared driver of pruning and amplification."""
+"""Rewrite a delta folder tensor by tensor: pruning and amplification, on the streaming driver (dppa/io/stream.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from dppa.compute import Progress, chunk_workers, ordered_map
 from dppa.errors import DppaError
-from dppa.io.atomic import atomic_dir
 from dppa.io.manifest import read_manifest, source_record, write_manifest
 from dppa.io.model_files import copy_model_files
 from dppa.io.reader import CheckpointReader
 from dppa.io.space import same_disk
+from dppa.io.stream import Stream
 from dppa.io.writer import DeltaWriter, parse_size
 from dppa.sparsify.scope import layer_of
 
@@ -73,13 +72,17 @@ def transform_delta(
     def transform(name: str) -> torch.Tensor:
         return fn(name, reader.get(name).to(device), layer_of(scope, name)).cpu()
 
-    with (
-        atomic_dir(out, overwrite, needed_bytes=_output_bytes(reader, out, inside, outside, storage, density)) as tmp,
-        Progress(desc, reader.total_bytes(), len(names), progress) as bar,
-        chunk_workers() as (pool, workers),
-    ):
-        writer = DeltaWriter(
-            tmp,
+    with Stream(
+        out,
+        desc=desc,
+        total_bytes=reader.total_bytes(),
+        tensors=len(names),
+        overwrite=overwrite,
+        needed_bytes=_output_bytes(reader, out, inside, outside, storage, density),
+        progress=progress,
+    ) as stream:
+        writer = stream.writer = DeltaWriter(
+            stream.tmp,
             plan,
             parse_size(max_shard_size),
             sparse=storage == "sparse",
@@ -88,17 +91,15 @@ def transform_delta(
             zero={n for n in names if reader.info(n).zero},  # zero in, zero out: pruning and scaling keep zeros
         )
         writer.link_shared(reader)
-        # one tensor per worker in flight: memory stays at a few copies of the largest tensor
-        results = zip(inside, ordered_map(pool, workers, transform, inside, window=workers))
-        for name, result in itertools.chain(((n, reader.get(n)) for n in outside), results):
-            writer.write(name, result)  # an out-of-scope tensor in a linked shard is only hashed
-            bar.advance(reader.info(name).nbytes)
-            bar.tensor_done()
+        # an out-of-scope tensor in a linked shard is only hashed by the writer
+        unchanged = ((n, reader.get(n)) for n in outside)
+        computed = stream.map_tensors(transform, inside)
+        stream.tensors(itertools.chain(unchanged, computed), lambda n: reader.info(n).nbytes)
         content_hash = writer.close()
-        copy_model_files(reader.folder, tmp)
+        copy_model_files(reader.folder, stream.tmp)
         record = {key: upstream[key] for key in ("base", "finetuned", "vocab_growth") if key in upstream}
         write_manifest(
-            tmp,
+            stream.tmp,
             {
                 **manifest,
                 "content_hash": content_hash,
