@@ -10,7 +10,7 @@ os.environ["DPPA_ZOO_CACHE"] = "off"
 
 import pytest  # noqa: E402
 
-from tests.synthetic import make_base, make_finetune  # noqa: E402
+from tests.helpers.synthetic import make_base, make_finetune  # noqa: E402
 
 
 @pytest.fixture(scope="session")

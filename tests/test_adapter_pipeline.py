@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.delta_files import load_delta
-from tests.test_pipeline import ALL_STAGES, FINETUNES, dvc, make_project, stages_run
+from tests.helpers.delta_files import load_delta
+from tests.helpers.pipeline import ALL_STAGES, FINETUNES, dvc, make_project, stages_run
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
@@ -94,7 +94,7 @@ def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api, monkeypatch
 
     # publish: off by default; then to the local hub, refused by the gate, then published, then nothing to do
     assert json.loads((project / "data/metrics/publish.json").read_text())["published"] is False
-    from tests.hub_server import FakeHub
+    from tests.helpers.hub_server import FakeHub
 
     token = "hf_PipelineToken0123456789abcdefgh"
     with FakeHub(token=token) as hub:

@@ -20,7 +20,7 @@ from dppa.errors import DppaError
 from dppa.extract import extract_delta
 from dppa.io.manifest import read_manifest
 from dppa.merging.merge import merge_deltas
-from tests.delta_files import load_delta
+from tests.helpers.delta_files import load_delta
 
 peft = pytest.importorskip("peft")
 

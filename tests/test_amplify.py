@@ -4,7 +4,7 @@ import torch
 from dppa.errors import DppaError
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.bands import amplify_delta, amplify_tensor, band_factors, band_index
-from tests.test_dp import HAND, SCOPE, TOY, write_delta
+from tests.helpers.toy_delta import HAND, SCOPE, TOY, write_delta
 
 
 def test_band_factors_follow_the_reference_rule():

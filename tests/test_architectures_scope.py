@@ -15,8 +15,8 @@ from dppa.cli import main as dppa
 from dppa.io.manifest import write_manifest
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.scope import compile_scope
-from tests.delta_files import load_delta
-from tests.test_architectures import block_matrices_by_rule, build_base, make_finetune
+from tests.helpers.architectures import block_matrices_by_rule, build_base, make_finetune
+from tests.helpers.delta_files import load_delta
 
 OLD_LLAMA_SCOPE = r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$"
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dppa.cli import main
-from tests.synthetic import make_base
+from tests.helpers.synthetic import make_base
 
 
 def run_cli(capsys, *args):

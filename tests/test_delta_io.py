@@ -8,7 +8,7 @@ from dppa.extract import extract_delta
 from dppa.io.content_hash import ContentHasher, tensor_bytes
 from dppa.io.reader import open_checkpoint
 from dppa.merging.merge import apply_delta, merge_deltas
-from tests.synthetic import make_finetune
+from tests.helpers.synthetic import make_finetune
 
 
 def test_extract_records_provenance_and_statistics(tiny_models, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.test_pipeline import (
+from tests.helpers.pipeline import (
     FINETUNES,
     ROOT,
     artifact_contents,

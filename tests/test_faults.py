@@ -17,7 +17,7 @@ from dppa.errors import DppaError
 from dppa.io.atomic import atomic_dir
 from dppa.io.manifest import read_manifest
 from dppa.io.space import check_free_space, free_bytes
-from tests.synthetic import make_base, make_finetune
+from tests.helpers.synthetic import make_base, make_finetune
 
 WIDE = dict(vocab_size=1024, hidden_size=256, intermediate_size=512)  # about 7 MB of float32
 

@@ -1,4 +1,4 @@
-"""`dppa fetch` with the real huggingface_hub client against a local hub server (tests/hub_server.py).
+"""`dppa fetch` with the real huggingface_hub client against a local hub server (tests/helpers/hub_server.py).
 
 Each fetch runs the real command in a fresh process whose environment points huggingface_hub at the local server
 (HF_ENDPOINT, read when huggingface_hub is imported) and allows downloads (HF_HUB_OFFLINE=0, in that process only).
@@ -19,28 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.delta_files import load_delta
-from tests.hub_server import FakeHub
-from tests.synthetic import make_base, make_finetune, make_lora_adapter
+from tests.helpers.delta_files import load_delta
+from tests.helpers.hub import TOKEN, folder_files, hub_env, sha256
+from tests.helpers.hub_server import FakeHub
+from tests.helpers.synthetic import make_base, make_finetune, make_lora_adapter
 
-TOKEN = "hf_TestSecretToken0123456789abcdef"
 CHUNK = 10 * 1024 * 1024  # huggingface_hub writes what it receives in chunks of this size
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def hub_env(hub_url: str, home: Path, token: str | None = None) -> dict[str, str]:
-    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="0", HF_HOME=str(home))
-    env.pop("HF_TOKEN", None)
-    if token is not None:
-        env["HF_TOKEN"] = token
-    return env
 
 
 def dppa_fetch(hub_url: str, tmp_path: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """Hub models in the pipeline: real DVC, real Prefect, the real huggingface_hub client against the local hub server
-(tests/hub_server.py). A scheduled pipeline whose params name hub branches follows them; the models themselves stay
-out of DVC, in the models store (DPPA_MODELS_DIR, a folder of the test), and come back from the hub at their
-recorded commit when a stage needs one that is missing.
+(tests/helpers/hub_server.py). A scheduled pipeline whose params name hub branches follows them; the models
+themselves stay out of DVC, in the models store (DPPA_MODELS_DIR, a folder of the test), and come back from the hub
+at their recorded commit when a stage needs one that is missing.
 
 The project holds this repository's fetch and extract stages (dvc.yaml's own, cut down to them) and a params.yaml
 whose base and fine-tune are private hub repositories at `revision: main`. Each run is what `dppa serve` runs on
@@ -22,10 +22,10 @@ import yaml
 
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
 from dppa.pipeline.models_store import MODELS_DIR_ENV
-from tests.hub_server import FakeHub
-from tests.synthetic import make_base, make_finetune
-from tests.test_hub_fetch import TOKEN, folder_files, hub_env, sha256
-from tests.test_pipeline import CODE, ROOT
+from tests.helpers.hub import TOKEN, folder_files, hub_env, sha256
+from tests.helpers.hub_server import FakeHub
+from tests.helpers.pipeline import CODE, ROOT
+from tests.helpers.synthetic import make_base, make_finetune
 
 pytestmark = pytest.mark.slow
 STAGES = ("zoo", "fetch_base", "fetch", "extract")

@@ -9,7 +9,7 @@ import pytest
 from dppa.cli import main
 from dppa.evaluation.scores import primary_scores, score_folder
 from dppa.pipeline.merge_search import search_merge
-from tests.test_merge_model import expected_merge
+from tests.helpers.merge import expected_merge
 
 FINETUNES = ("arith", "facts")
 

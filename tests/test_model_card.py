@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from tests.synthetic import make_base, make_finetune, make_lora_adapter
+from tests.helpers.synthetic import make_base, make_finetune, make_lora_adapter
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

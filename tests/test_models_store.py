@@ -1,7 +1,7 @@
 """The models store: where the pipeline keeps hub models, outside DVC, one folder per commit.
 
 Downloads run the real huggingface_hub client in fresh processes pointed at the local hub server
-(tests/hub_server.py), with DPPA_MODELS_DIR set to a folder of the test; checks of a store already filled run in
+(tests/helpers/hub_server.py), with DPPA_MODELS_DIR set to a folder of the test; checks of a store already filled run in
 this process (they need no network: HF_HUB_OFFLINE=1 here).
 """
 
@@ -21,8 +21,8 @@ import pytest
 
 from dppa.pipeline.hub import ensure_model_folder, write_record
 from dppa.pipeline.models_store import MODELS_DIR_ENV, StoreMismatch
-from tests.hub_server import FakeHub
-from tests.test_hub_fetch import folder_files, hub_env, sha256
+from tests.helpers.hub import folder_files, hub_env, sha256
+from tests.helpers.hub_server import FakeHub
 
 FILES = {
     "config.json": b'{"model_type": "llama"}',

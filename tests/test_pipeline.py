@@ -8,114 +8,33 @@ repository and `dvc init`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from dppa.pipeline.dvc_process import stage_environment
-
-ROOT = Path(__file__).resolve().parents[1]
-FINETUNES = ("arith", "facts")
-PER_FINETUNE = ("fetch", "extract", "prune", "amplify", "score")
-ALL_STAGES = {
-    "zoo",
-    "fetch_base",
-    *(f"{s}@{ft}" for s in PER_FINETUNE for ft in FINETUNES),
-    "merge",
-    "evaluate",
-    "report",
-    "publish",
-}
-CODE = ("dppa", "flows", "tasks")
+from tests.helpers.pipeline import (
+    ALL_STAGES,
+    FINETUNES,
+    _cmdline,
+    alive,
+    artifact_contents,
+    assert_reran,
+    descendants,
+    dvc,
+    edit_params,
+    make_project,
+    out_hashes,
+    stages_run,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def small_params(zoo: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"] = {
-        "base": {"source": str(zoo / "base")},
-        "finetunes": {ft: {"source": str(zoo / ft), "tasks": [f"zoo_{ft}"]} for ft in FINETUNES},
-    }
-    params["zoo"]["size"] = "none"  # the models come from the session's tiny zoo, as local folders
-    params["amplify"] = {"bands": [0.5, 1.0], "factors": [1.8, 1.0]}
-    params["merge"]["search"].update(grid=[0.5, 1.0], limit=4)
-    params["merge"]["weights"] = None  # the weights search has its own test (test_merge_search.py)
-    params["evaluate"].update(limit=4, batch_size=8)
-    params["runtime"].update(device="cpu", concurrency=2, gpu_concurrency=2)
-    return params
-
-
-def make_project(folder: Path, zoo: Path) -> Path:
-    folder.mkdir(parents=True)
-    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
-    shutil.copy(ROOT / ".dvcignore", folder / ".dvcignore")
-    for code in CODE:
-        shutil.copytree(ROOT / code, folder / code, ignore=shutil.ignore_patterns("__pycache__"))
-    (folder / "params.yaml").write_text(yaml.safe_dump(small_params(zoo), sort_keys=False))
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(command, cwd=folder, check=True)
-    return folder
-
-
-def edit_params(project: Path, change) -> None:
-    path = project / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    change(params)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=project, env=stage_environment(), capture_output=True, text=True
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def assert_reran(output: str, expected: set[str]) -> None:
-    """Exactly `expected` ran, except that `report` and `publish` may be skipped: DVC reruns them only when the
-    scores or traces they read changed, and the tiny models' scores often do not move."""
-    ran = stages_run(output)
-    if "merge" in expected:  # publish (off here) follows the merged model and the report
-        expected = expected | {"publish"}
-    optional = {"report", "publish"}
-    assert expected - optional <= ran <= expected, f"ran {sorted(ran)}, expected {sorted(expected)}"
-
-
-def artifact_contents(project: Path) -> dict[str, str]:
-    """{file under each recorded output: sha256}, with an engine manifest standing for its tensors' content hash
-    (a manifest also holds its creation time, which differs between two runs of the same computation)."""
-    contents = {}
-    for out in out_hashes(project):
-        path = project / out
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.name == "dppa_manifest.json":
-                contents[str(file.relative_to(project))] = json.loads(file.read_text()).get("content_hash", "")
-            elif file.is_file():
-                contents[str(file.relative_to(project))] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return contents
-
-
-def out_hashes(project: Path) -> dict[str, str]:
-    """{output path: md5} of every stage output recorded in dvc.lock."""
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +43,11 @@ def built_project(tmp_path_factory, tiny_zoo, prefect_api):
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_zoo)
     done = dvc(project, "repro")
     assert stages_run(done.stdout) == ALL_STAGES
+    BUILT_CONTENTS[project] = artifact_contents(project)  # before any test changes it
     return project
+
+
+BUILT_CONTENTS: dict = {}  # built_project's artifacts as plain `dvc repro` made them
 
 
 def test_repro_runs_every_stage_once_then_nothing(built_project):
@@ -275,7 +198,7 @@ def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_
         subprocess.run(command, cwd=project, check=True, env={**os.environ, **identity})
     params_before = (project / "params.yaml").read_text()
     spec = {
-        "seeds": [{"prune.seed": 0}, {"prune.seed": 1}],
+        "seeds": [{"prune.seed": 0}],
         "grids": {
             "pruning": {"table": "finetunes", "axes": {"prune.method": ["magnitude", "dare"]}, "targets": ["score"]}
         },
@@ -283,12 +206,12 @@ def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_
     log = []
     os.environ.update(identity)
     run_grid(spec, ["pruning"], project, tmp_path / "results", where={"prune.method": "dare"}, log=log.append)
-    assert len([line for line in log if "done in" in line]) == 2  # the slice: dare's two seeds
+    assert len([line for line in log if "done in" in line]) == 1  # the slice: dare's point
     log.clear()
     results = run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
     expected = points(spec, "pruning")
-    assert len(expected) == 4
-    assert len([line for line in log if "done in" in line]) == 2 and len([x for x in log if "skipped" in x]) == 2
+    assert len(expected) == 2
+    assert len([line for line in log if "done in" in line]) == 1 and len([x for x in log if "skipped" in x]) == 1
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
     assert (project / "params.yaml").read_text() == params_before  # the workspace's params are put back
     # DVC recorded each point with its overrides and the per-fine-tune metrics of the score stage
@@ -298,10 +221,10 @@ def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_
         assert record["method"] == point["overrides"]["prune.method"]
     assert all(p["name"] in json.dumps(shown) for p in expected)
     text = results.read_text()
-    assert "## pruning (4 of 4 points)" in text
+    assert "## pruning (2 of 2 points)" in text
     assert "| finetune | magnitude 0.2 | dppa 0.2 | dare 0.2 |" in text
     rows = list(csv.DictReader((tmp_path / "results" / "pruning.csv").open()))
-    assert len(rows) == 4 * len(FINETUNES) * 2  # points x fine-tunes x (pruned, amplified)
+    assert len(rows) == 2 * len(FINETUNES) * 2  # points x fine-tunes x (pruned, amplified)
     # a rerun finds every point recorded and runs nothing
     log.clear()
     run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
@@ -319,54 +242,26 @@ def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built_project, tmp_
     assert results.read_text() == text
 
 
-def test_dask_local_cluster_gives_the_same_artifacts_as_threads(tmp_path, tiny_zoo, prefect_api, capsys):
+def test_dask_local_cluster_gives_the_same_artifacts_as_plain_dvc_repro(built_project, tmp_path, capsys):
+    """The whole pipeline on a Dask LocalCluster of two processes, from nothing, writes the same bytes as the
+    shared project's plain `dvc repro` (one full run fewer than running the threads path again)."""
     from dppa.cli.run import run_pipeline
 
-    project = make_project(tmp_path / "project", tiny_zoo)
-    timings = {}
-    hashes = {}
-    for runner in ("threads", "local-cluster:2"):
-        edit_params(project, lambda p, runner=runner: p["runtime"].update(task_runner=runner))
-        # Start from nothing, DVC's run cache (.dvc/cache/runs) included, so that every stage really runs.
-        for produced in ("dvc.lock", "data", ".dvc/cache"):
-            target = project / produced
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        started = time.perf_counter()
-        outcome = run_pipeline(project)
-        timings[runner] = time.perf_counter() - started
-        assert set(outcome) == ALL_STAGES and set(outcome.values()) == {"ran"}
-        hashes[runner] = artifact_contents(project)
+    project = tmp_path / "project"
+    shutil.copytree(built_project, project, symlinks=True)
+    edit_params(project, lambda p: p["runtime"].update(task_runner="local-cluster:2"))
+    # Start from nothing, DVC's run cache (.dvc/cache/runs) included, so that every stage really runs.
+    for produced in ("dvc.lock", "data", ".dvc/cache"):
+        target = project / produced
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    started = time.perf_counter()
+    outcome = run_pipeline(project)
+    wall = time.perf_counter() - started
+    assert set(outcome) == ALL_STAGES and set(outcome.values()) == {"ran"}
     with capsys.disabled():
-        print(
-            f"\npipeline wall time, 2 fine-tunes: threads {timings['threads']:.1f} s, "
-            f"Dask LocalCluster(2 processes) {timings['local-cluster:2']:.1f} s"
-        )
-    assert hashes["threads"] == hashes["local-cluster:2"]
+        print(f"\npipeline wall time, 2 fine-tunes, Dask LocalCluster(2 processes): {wall:.1f} s")
+    assert artifact_contents(project) == BUILT_CONTENTS[built_project]
     assert "Data and pipelines are up to date" in dvc(project, "status").stdout
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
@@ -411,10 +306,3 @@ def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(bui
     )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "merge" in again.stdout
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""

@@ -1,4 +1,4 @@
-"""`dppa publish` with the real huggingface_hub upload API against the local hub server (tests/hub_server.py).
+"""`dppa publish` with the real huggingface_hub upload API against the local hub server (tests/helpers/hub_server.py).
 
 Each publish runs the real command in a fresh process pointed at the local server (HF_ENDPOINT), with LFS uploads
 (HF_HUB_DISABLE_XET=1: the local hub has no Xet storage) and the token in HF_TOKEN.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from tests.hub_server import FakeHub
-from tests.synthetic import make_base, make_finetune
+from tests.helpers.hub_server import FakeHub
+from tests.helpers.synthetic import make_base, make_finetune
 
 TOKEN = "hf_WriterSecretToken0123456789abcd"
 OTHER = "hf_OtherUserToken0123456789abcdef"

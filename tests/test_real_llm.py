@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from dppa.cli import main as dppa
 from dppa.io.manifest import read_manifest
-from tests.delta_files import load_delta
+from tests.helpers.delta_files import load_delta
 
 pytestmark = pytest.mark.slow
 

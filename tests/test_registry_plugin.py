@@ -12,7 +12,7 @@ import torch
 from dppa.cli import main
 from dppa.io.reader import open_checkpoint
 from dppa.sparsify.registry import PRUNERS
-from tests.test_dp import SCOPE, TOY, write_delta
+from tests.helpers.toy_delta import SCOPE, TOY, write_delta
 
 PLUGIN = "tests.plugins.toy_pruner"
 

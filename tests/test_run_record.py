@@ -12,7 +12,7 @@ import pytest
 from dppa.errors import DppaError
 from dppa.pipeline.run_lock import RunSkipped
 from dppa.pipeline.run_record import StageFailed, recorded_run, redact, runs_folder
-from tests.webhook import SECRET, Receiver
+from tests.helpers.webhook import SECRET, Receiver
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from dppa.extract import extract_delta
 from dppa.io.manifest import read_manifest
 from dppa.search.runner import SearchSettings, dense_scores, search_amplification
 from dppa.zoo.tasks import data_fingerprint
-from tests.delta_files import load_delta
+from tests.helpers.delta_files import load_delta
 
 TASK = "zoo_facts"
 LIMIT = 8

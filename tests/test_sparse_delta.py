@@ -1,5 +1,5 @@
 """Sparse delta files: written where smaller, read as the dense tensors they encode by everything that reads deltas,
-and merges from them bit-identical to merges from dense files. The independent side is tests/delta_files.py
+and merges from them bit-identical to merges from dense files. The independent side is tests/helpers/delta_files.py
 (safetensors + numpy's unpackbits) and plain torch on state dicts."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dppa.io.writer import DeltaWriter
 from dppa.merging.merge import apply_delta, merge_deltas
 from dppa.sparsify.bands import amplify_delta
 from dppa.sparsify.prune import prune_delta
-from tests.delta_files import load_delta
+from tests.helpers.delta_files import load_delta
 
 NUMEL = 3 * sparse.BLOCK + 1234  # several blocks and a partial one
 

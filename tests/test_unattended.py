@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from dppa.pipeline.dvc_process import stage_environment
-from tests.test_pipeline import _cmdline, alive, descendants, dvc, edit_params, make_project, stages_run
-from tests.webhook import SECRET, Receiver
+from tests.helpers.pipeline import _cmdline, alive, descendants, dvc, edit_params, make_project, stages_run
+from tests.helpers.webhook import SECRET, Receiver
 
 pytestmark = pytest.mark.slow
 

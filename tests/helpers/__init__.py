@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: model builders, hub and webhook servers, projects, hand computations."""
