@@ -30,9 +30,9 @@ class ZooSize:
 
 SIZES = {
     "tiny": ZooSize(
-        name="tiny", hidden=32, layers=2, heads=2, intermediate=64, vocab=320, max_positions=64,
+        name="tiny", hidden=64, layers=2, heads=2, intermediate=64, vocab=320, max_positions=64,
         corpus_sentences=2000, skill_share=0.5, pretrain_steps=40, pretrain_batch=16, pretrain_seq=48,
-        pretrain_lr=3e-3, finetune_batch=32, finetune_steps={"heavy": 60, "light": 20}, eval_limit=40,
+        pretrain_lr=3e-3, finetune_batch=32, finetune_steps={"heavy": 200, "light": 60}, eval_limit=40,
     ),
     "default": ZooSize(
         name="default", hidden=128, layers=4, heads=4, intermediate=352, vocab=512, max_positions=128,
