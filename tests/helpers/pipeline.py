@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from dppa.pipeline.dvc_process import stage_environment
 
@@ -91,9 +93,11 @@ def assert_reran(output: str, expected: set[str]) -> None:
     assert expected - optional <= ran <= expected, f"ran {sorted(ran)}, expected {sorted(expected)}"
 
 
-def artifact_contents(project: Path) -> dict[str, str]:
+def artifact_contents(project: Path, relocatable: bool = False) -> dict[str, str]:
     """{file under each recorded output: sha256}, with an engine manifest standing for its tensors' content hash
-    (a manifest also holds its creation time, which differs between two runs of the same computation)."""
+    (a manifest also holds its creation time, which differs between two runs of the same computation).
+    `relocatable`: the project's own path, which a merge recipe records for its inputs, counts as `<project>`, so
+    that two projects computed in two folders compare equal."""
     contents = {}
     for out in out_hashes(project):
         path = project / out
@@ -101,7 +105,10 @@ def artifact_contents(project: Path) -> dict[str, str]:
             if file.name == "dppa_manifest.json":
                 contents[str(file.relative_to(project))] = json.loads(file.read_text()).get("content_hash", "")
             elif file.is_file():
-                contents[str(file.relative_to(project))] = hashlib.sha256(file.read_bytes()).hexdigest()
+                data = file.read_bytes()
+                if relocatable:
+                    data = data.replace(str(project).encode(), b"<project>")
+                contents[str(file.relative_to(project))] = hashlib.sha256(data).hexdigest()
     return contents
 
 
@@ -140,3 +147,20 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def built_once(tmp_path_factory, zoo: Path) -> tuple[Path, dict[str, str]]:
+    """(a project after one full `dvc repro`, its artifact contents), built once per test session and shared by the
+    pytest-xdist workers: the first to ask builds it under a file lock, the others wait and reuse it. Nothing may
+    change it: a test works on a copy (`shutil.copytree(project, ..., symlinks=True)`)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder, all workers'
+    project, done = shared / "pipeline-built" / "project", shared / "pipeline-built" / "contents.json"
+    with FileLock(str(shared / "pipeline-built.lock")):
+        if not done.exists():
+            shutil.rmtree(project.parent, ignore_errors=True)
+            make_project(project, zoo)
+            ran = dvc(project, "repro")
+            assert stages_run(ran.stdout) == ALL_STAGES
+            done.write_text(json.dumps(artifact_contents(project, relocatable=True)))
+    return project, json.loads(done.read_text())

@@ -1,0 +1,165 @@
+"""The pipeline runs that each take their own copy of the session's built project (tests/helpers/pipeline.py's
+`built_once`): the experiment grid, the Dask LocalCluster, and runs killed mid-stage. Apart from
+tests/test_pipeline.py so that pytest-xdist runs the two files side by side on one build.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dppa.pipeline.dvc_process import stage_environment
+from tests.helpers.pipeline import (
+    ALL_STAGES,
+    FINETUNES,
+    _cmdline,
+    alive,
+    artifact_contents,
+    built_once,
+    descendants,
+    dvc,
+    edit_params,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_zoo, prefect_api):
+    """(the session's built project, not to be changed, and its artifact contents)"""
+    return built_once(tmp_path_factory, tiny_zoo)
+
+
+def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built, tmp_path):
+    from dppa.pipeline.grid import points, recorded, run_grid
+
+    project = tmp_path / "grid"
+    shutil.copytree(built[0], project, symlinks=True)
+    identity = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(command, cwd=project, check=True, env={**os.environ, **identity})
+    params_before = (project / "params.yaml").read_text()
+    spec = {
+        "seeds": [{"prune.seed": 0}],
+        "grids": {
+            "pruning": {"table": "finetunes", "axes": {"prune.method": ["magnitude", "dare"]}, "targets": ["score"]}
+        },
+    }
+    log = []
+    os.environ.update(identity)
+    run_grid(spec, ["pruning"], project, tmp_path / "results", where={"prune.method": "dare"}, log=log.append)
+    assert len([line for line in log if "done in" in line]) == 1  # the slice: dare's point
+    log.clear()
+    results = run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
+    expected = points(spec, "pruning")
+    assert len(expected) == 2
+    assert len([line for line in log if "done in" in line]) == 1 and len([x for x in log if "skipped" in x]) == 1
+    shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    assert (project / "params.yaml").read_text() == params_before  # the workspace's params are put back
+    # DVC recorded each point with its overrides and the per-fine-tune metrics of the score stage
+    metrics = recorded(project)
+    for point in expected:
+        record = metrics[point["name"]][f"data/metrics/finetunes/{FINETUNES[0]}.json"]
+        assert record["method"] == point["overrides"]["prune.method"]
+    assert all(p["name"] in json.dumps(shown) for p in expected)
+    text = results.read_text()
+    assert "## pruning (2 of 2 points)" in text
+    assert "| finetune | magnitude 0.2 | dppa 0.2 | dare 0.2 |" in text
+    rows = list(csv.DictReader((tmp_path / "results" / "pruning.csv").open()))
+    assert len(rows) == 2 * len(FINETUNES) * 2  # points x fine-tunes x (pruned, amplified)
+    # a rerun finds every point recorded and runs nothing
+    log.clear()
+    run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
+    assert log == [f"{p['name']}: recorded, skipped" for p in expected]
+    # A later sitting (a fresh clone, another commit): DVC's experiments are gone, the committed points.jsonl is
+    # what remains, and it alone says which points are done and what they scored
+    logged = [json.loads(line) for line in (tmp_path / "results" / "points.jsonl").read_text().splitlines()]
+    assert sorted(entry["name"] for entry in logged) == sorted(p["name"] for p in expected)
+    assert all(entry["metrics"] == metrics[entry["name"]] for entry in logged)
+    dvc(project, "exp", "remove", "--all-commits")
+    assert not set(recorded(project)) & {p["name"] for p in expected}
+    log.clear()
+    results = run_grid(spec, ["pruning"], project, tmp_path / "results", log=log.append)
+    assert log == [f"{p['name']}: recorded, skipped" for p in expected]
+    assert results.read_text() == text
+
+
+def test_dask_local_cluster_gives_the_same_artifacts_as_plain_dvc_repro(built, tmp_path, capsys):
+    """The whole pipeline on a Dask LocalCluster of two processes, from nothing, writes the same bytes as the
+    session's built project's plain `dvc repro` (one full run fewer than running the threads path again)."""
+    from dppa.cli.run import run_pipeline
+
+    project = tmp_path / "project"
+    shutil.copytree(built[0], project, symlinks=True)
+    edit_params(project, lambda p: p["runtime"].update(task_runner="local-cluster:2"))
+    # Start from nothing, DVC's run cache (.dvc/cache/runs) included, so that every stage really runs.
+    for produced in ("dvc.lock", "data", ".dvc/cache"):
+        target = project / produced
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    started = time.perf_counter()
+    outcome = run_pipeline(project)
+    wall = time.perf_counter() - started
+    assert set(outcome) == ALL_STAGES and set(outcome.values()) == {"ran"}
+    with capsys.disabled():
+        print(f"\npipeline wall time, 2 fine-tunes, Dask LocalCluster(2 processes): {wall:.1f} s")
+    assert artifact_contents(project, relocatable=True) == built[1]
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(built, tmp_path, sig):
+    project = tmp_path / "project"
+    shutil.copytree(built[0], project, symlinks=True)
+    # a scale no other test used, so that DVC's run cache cannot restore the merge instead of running it
+    edit_params(
+        project,
+        lambda p: p["merge"].update(
+            scale={signal.SIGKILL: 0.91, signal.SIGTERM: 0.92, signal.SIGINT: 0.93}[sig], search=None
+        ),
+    )
+    env = {k: v for k, v in stage_environment().items() if k != "PREFECT_API_URL"}  # its own temporary server
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dppa", "run", "-C", str(project)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    for line in run.stdout:  # until the merge stage's own process runs
+        if "Running stage 'merge'" in line:
+            break
+    deadline = time.monotonic() + 60
+    while not any("stage" in _cmdline(p) and "merge" in _cmdline(p) for p in descendants(run.pid)):
+        assert time.monotonic() < deadline and run.poll() is None, "the merge stage never started"
+        time.sleep(0.05)
+    started = descendants(run.pid)
+    assert any("uvicorn" in _cmdline(p) for p in started)  # the temporary Prefect server is among them
+    run.send_signal(sig)
+    run.wait(timeout=60)
+    run.stdout.close()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {p: _cmdline(p) for p in started if alive(p)}
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"left behind after {sig.name}: {left}"
+    again = subprocess.run(
+        [sys.executable, "-m", "dppa", "run", "-C", str(project)], env=env, text=True, capture_output=True
+    )
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "merge" in again.stdout
