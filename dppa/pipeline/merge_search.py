@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dppa.evaluation.cache import EvalCache
 from dppa.evaluation.objective import objective, task_owners
-from dppa.evaluation.scores import content_hash, primary_scores
+from dppa.evaluation.scores import content_hash, primary_scores, score_folder
 from dppa.pipeline.scoring import BaseInMemory
 from dppa.search.core import SearchResult
 from dppa.search.merge_grid import merge_grid_search
@@ -55,8 +55,6 @@ class _MergesAtScale1:
 
 def dense_task_scores(base: Path, dense: dict[str, Path], tasks: dict[str, list[str]], **evaluate) -> dict:
     """{task: the score of the dense fine-tune that owns it} (`task_owners`), through the evaluation cache."""
-    from dppa.evaluation.scores import score_folder
-
     owners = task_owners({n: tasks[n] for n in dense})
     own = {n: primary_scores(score_folder(folder, tasks[n], base=base, **evaluate)[0]) for n, folder in dense.items()}
     return {t: own[n][t] for t, n in owners.items()}
@@ -100,6 +98,7 @@ def search_merge(
     )
     evals, best = EvalCache(cache), {"score": None, "weights": None}
     fixed = tuple(weights) if weights and not weight_grid else None
+    model = BaseInMemory(base, eval_device)
 
     def score(point: tuple[float, ...]) -> float:
         scale, w = point[0], (tuple(point[1:]) if weight_grid else fixed)
@@ -119,7 +118,6 @@ def search_merge(
         return value
 
     try:
-        model = BaseInMemory(base, eval_device)
         start = tuple(weights) if weights else tuple(1.0 for _ in inputs)
         result = merge_grid_search(score, grid, weight_grid, start if weight_grid else ())
     finally:
