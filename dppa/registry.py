@@ -1,9 +1,9 @@
 """Registries of extension points (pruning methods, merge methods, search strategies).
 
 Each entry is a name, a callable and one frozen options dataclass that declares the entry's own options and their
-defaults once. The CLI's choices and flags (`add_options`), the params.yaml schema (`options_fields`, for pydantic)
-and the engine's keyword arguments all come from that dataclass, so adding a method is one file and one
-`@REGISTRY.register(...)`.
+defaults once. The CLI's choices and flags (`add_options`), the params.yaml checks (`option_fields`, in
+dppa/pipeline/registered.py) and the engine's keyword arguments all come from that dataclass, so adding a method is
+one file and one `@REGISTRY.register(...)`.
 
 Option fields may carry ``metadata={"help": "...", "flag": "--name"}``: the help text and, when the flag differs
 from the field name with dashes, the CLI flag.
@@ -166,11 +166,6 @@ def options_of(options: type) -> list[Option]:
             )
         )
     return out
-
-
-def pydantic_fields(options: list[Option]) -> dict[str, tuple]:
-    """{name: (type, default)} for `pydantic.create_model`."""
-    return {o.name: (o.type, o.default) for o in options}
 
 
 def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, options: list[Option]) -> None:

@@ -258,7 +258,7 @@ def test_every_merge_input_names_a_folder_the_stage_graph_writes():
     """dvc.yaml's merge stage reads data/${merge.inputs}: each allowed value must be a folder some stage writes."""
     import typing
 
-    from dppa.pipeline.config import MergeBase
+    from dppa.pipeline.config import Merge
 
     graph = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     outs = {
@@ -266,7 +266,7 @@ def test_every_merge_input_names_a_folder_the_stage_graph_writes():
         for stage in graph["stages"].values()
         for out in (stage.get("do", stage).get("outs") or [])
     }
-    for value in typing.get_args(MergeBase.model_fields["inputs"].annotation):
+    for value in typing.get_args(Merge.model_fields["inputs"].annotation):
         assert f"data/{value}" in outs, f"merge.inputs: {value} reads data/{value}, which no stage writes"
 
 
@@ -326,3 +326,26 @@ def test_notify_takes_a_block_or_a_url_and_never_echoes_it(params):
     message = error_of(params)
     assert message.startswith("params.yaml: runtime.notify: use a Prefect notification block as BLOCK-TYPE/NAME")
     assert "s3cret" not in message
+
+
+def test_a_finetunes_prune_options_are_checked_by_its_methods_own_options(params):
+    params["models"]["finetunes"]["facts"]["prune"] = {"lamda": 1.5}
+    assert error_of(params).startswith("params.yaml: models.finetunes.facts.prune: dp options:")
+    params["models"]["finetunes"]["facts"]["prune"] = {"method": "magnitude", "lamda": 1.5}  # not magnitude's
+    assert parse_params(params).prune_for("facts").method == "magnitude"
+
+
+def test_an_option_of_the_wrong_type_names_its_key(params):
+    params["prune"]["seed"] = "abc"
+    assert error_of(params).startswith("params.yaml: prune.seed: Input should be a valid integer")
+    params["prune"]["seed"] = "7"  # typed as the method's dataclass declares it
+    assert parse_params(params).prune.seed == 7
+
+
+def test_the_schema_is_plain_classes_one_per_section():
+    from dppa.pipeline import config
+
+    sections = {name: field.annotation for name, field in config.Params.model_fields.items()}
+    assert sections["prune"] is config.Prune and sections["merge"] is config.Merge
+    assert sections["amplify"] is config.Amplify and sections["models"] is config.Models
+    assert set(config.Params.model_json_schema()["properties"]) == set(sections)

@@ -1,5 +1,9 @@
 """`params.yaml`, the pipeline's one configuration: a typed model that is checked before any work starts.
 
+One class per section. The names and options that come from the registries (pruning and merge methods, search
+strategies: a plugin adds its own) are checked by dppa/pipeline/registered.py; the model sources are resolved by
+dppa/pipeline/sources.py; the one-line error messages come from dppa/pipeline/config_errors.py.
+
 Every problem is reported as one line naming the key path, e.g.
 ``params.yaml: prune.density: must be in (0, 1], got 1.5``.
 Unknown keys are errors (a typo must not silently fall back to a default).
@@ -15,21 +19,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import (
-    Field,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dppa.errors import DppaError
 from dppa.pipeline.config_errors import describe_errors
-from dppa.pipeline.merge_config import MergeBase
+from dppa.pipeline.merge_config import Merge
 from dppa.pipeline.runtime_config import Runtime
 from dppa.pipeline.sources import ZOO_PREFIX, ModelEntry
-from dppa.pipeline.strict import Strict, check_density
-from dppa.registry import pydantic_fields
+from dppa.pipeline.strict import RegistryOptions, Strict, check_density
 from dppa.sparsify.scope import DEFAULT_SCOPE
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -40,17 +37,29 @@ class AmplifyOverride(Strict):
     factors: list[float] | None = None  # fixed factors for this fine-tune (no search for it)
 
 
-class FinetuneEntryBase(ModelEntry):  # `prune` (its overrides) is added by `_models()`
+class PruneOverride(RegistryOptions):
+    """Per-fine-tune pruning keys (method, density, any registered method's options); unset ones come from the
+    `prune` section."""
+
+    method: str | None = None
+    density: float | None = None
+
+    _density = field_validator("density")(check_density)
+
+
+class FinetuneEntry(ModelEntry):
     # lm-eval tasks of this fine-tune's domain; optional when nothing scores it (fixed factors, a fixed merge scale,
     # and no evaluation of it)
     tasks: list[str] = []
+    prune: PruneOverride = PruneOverride()
     amplify: AmplifyOverride = AmplifyOverride()
 
 
-class ModelsBase(Strict):  # `finetunes` is added by `_models()`
+class Models(Strict):
     base: ModelEntry
+    finetunes: dict[str, FinetuneEntry] = Field(min_length=1)  # name -> entry; each gets its own stages
 
-    @field_validator("finetunes", check_fields=False)
+    @field_validator("finetunes")
     @classmethod
     def _names(cls, value: dict) -> dict:
         for name in value:
@@ -73,13 +82,12 @@ class Extract(Strict):
     dtype: Literal["source", "float32", "bfloat16", "float16"] = "source"
 
 
-class PruneBase(Strict):
-    """The `prune` section's fixed keys; `method` and every registered method's options are added by `_models()`.
+class Prune(RegistryOptions):
+    """The `prune` section: the method, the density and the scope; any other key is an option of a registered pruning
+    method (dppa/pipeline/registered.py checks it). Options of methods other than the chosen one are accepted (and
+    ignored), so a grid can switch methods without deleting keys."""
 
-    Options of methods other than the chosen one are accepted (and ignored), so a grid can switch methods
-    without deleting keys.
-    """
-
+    method: str
     density: float
     scope: str = DEFAULT_SCOPE
 
@@ -94,17 +102,6 @@ class PruneBase(Strict):
             raise ValueError(f"not a valid regular expression ({exc})") from None
         return value
 
-    @model_validator(mode="after")
-    def _options_valid(self):
-        # The method's own options dataclass checks its values (the one place they are written).
-        from dppa.sparsify.registry import PRUNERS
-
-        try:
-            PRUNERS.make_options(self.method, self.model_dump())
-        except (ValueError, TypeError, DppaError) as exc:
-            raise ValueError(f"{self.method} options: {exc}") from None
-        return self
-
     def options(self):
         """The chosen method's options dataclass."""
         from dppa.sparsify.registry import PRUNERS
@@ -112,42 +109,22 @@ class PruneBase(Strict):
         return PRUNERS.make_options(self.method, self.model_dump())
 
 
-class PruneOverrideBase(Strict):
-    """Per-fine-tune pruning keys (method, density, method options); unset ones come from the `prune` section."""
+class Search(RegistryOptions):
+    """`amplify.search`: the strategy (unset: the registry's default), the budget and the split; any other key is an
+    option of a registered strategy (unset: the strategy's default)."""
 
-    density: float | None = None
-
-    _density = field_validator("density")(check_density)
-
-
-class SearchBase(Strict):
-    """`amplify.search`; `strategy` and every registered strategy's options (unset: the strategy's default) are
-    added by `_models()`, and the chosen strategy's options dataclass checks them."""
-
+    strategy: str | None = None
     budget: int | None = Field(default=None, ge=1)
     split: Literal["validation"] = "validation"  # the test split is kept for the final numbers
     limit: int | None = Field(default=None, ge=1)
 
 
-def _strategy_options_valid(search: SearchBase) -> SearchBase:
-    """The chosen strategy's options dataclass checks `amplify.search`'s values. Attached to the schema by `_models()`,
-    not written in SearchBase's body, so that the stages that only read params (extract, prune, merge) do not
-    depend on the search's code (scripts/code_deps.py takes a class's methods whole)."""
-    from dppa.search.registry import STRATEGIES
-
-    values = {k: v for k, v in search.model_dump().items() if k not in ("strategy", "split", "limit")}
-    try:
-        STRATEGIES.options_for(search.strategy, values)
-    except (ValueError, TypeError, DppaError) as exc:
-        raise ValueError(f"{search.strategy} options: {exc}") from None
-    return search
-
-
-class AmplifyBase(Strict):
+class Amplify(Strict):
     # Band edges as fractions of the fine-tune's prune density: [0.5, 1.0] at density 0.2 gives the paper's
     # bands 0.1 / 0.2, and a fine-tune with its own density gets bands scaled to it.
     bands: list[float] = Field(default=[0.5, 1.0], min_length=1)
     factors: list[float] | None = None
+    search: Search | None = None
 
     @field_validator("bands")
     @classmethod
@@ -185,9 +162,13 @@ class Publish(Strict):
     gate: PublishGate = PublishGate()
 
 
-class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_models()`
+class Params(Strict):
+    models: Models
     zoo: Zoo = Zoo()
     extract: Extract = Extract()
+    prune: Prune
+    amplify: Amplify
+    merge: Merge
     evaluate: Evaluate = Evaluate()
     publish: Publish = Publish()
     runtime: Runtime = Runtime()
@@ -247,7 +228,7 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
 
         return any(not is_commit_sha(revision) for _, revision in self.hub_revisions(root))
 
-    def finetune(self, name: str) -> FinetuneEntryBase:
+    def finetune(self, name: str) -> FinetuneEntry:
         if name not in self.models.finetunes:
             raise DppaError(
                 f"--model {name}: not a fine-tune in params.yaml (models.finetunes has "
@@ -255,7 +236,7 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
             )
         return self.models.finetunes[name]
 
-    def prune_for(self, name: str) -> PruneBase:
+    def prune_for(self, name: str) -> Prune:
         """The global `prune` section with this fine-tune's overrides applied."""
         override = self.finetune(name).prune.model_dump(exclude_none=True)
         return self.prune.model_copy(update=override)
@@ -288,63 +269,20 @@ class ParamsBase(Strict):  # models, prune, amplify and merge are added by `_mod
         return None
 
 
-def _models() -> type[ParamsBase]:
-    """The params schema, with the method names and options of the registries as they are now (a plugin
-    registered after this module was imported is included)."""
-    from dppa.merging.registry import MERGERS
-    from dppa.search.registry import DEFAULT_STRATEGY, STRATEGIES
-    from dppa.sparsify.registry import PRUNERS
-
-    options = PRUNERS.option_fields()
-    key = (PRUNERS.names(), tuple(options.values()), MERGERS.names(), STRATEGIES.names())
-    if key not in _SCHEMAS:
-        methods = Literal[PRUNERS.names()]
-        fields = pydantic_fields(list(options.values()))
-        prune = create_model("Prune", __base__=PruneBase, method=(methods, ...), **fields)
-        override = create_model(
-            "PruneOverride",
-            __base__=PruneOverrideBase,
-            method=(methods | None, None),
-            **{name: (typ | None, None) for name, (typ, _default) in fields.items()},
-        )
-        finetune = create_model("FinetuneEntry", __base__=FinetuneEntryBase, prune=(override, override()))
-        models = create_model("Models", __base__=ModelsBase, finetunes=(dict[str, finetune], Field(min_length=1)))
-        strategy_options = {
-            name: (typ | None, None)
-            for name, (typ, _default) in pydantic_fields(list(STRATEGIES.option_fields().values())).items()
-            if name not in SearchBase.model_fields
-        }
-        search = create_model(
-            "Search",
-            __base__=SearchBase,
-            strategy=(Literal[STRATEGIES.names()], DEFAULT_STRATEGY),
-            __validators__={"_options_valid": model_validator(mode="after")(_strategy_options_valid)},
-            **strategy_options,
-        )
-        amplify = create_model("Amplify", __base__=AmplifyBase, search=(search | None, None))
-        merge = create_model("Merge", __base__=MergeBase, method=(Literal[MERGERS.names()], ...))
-        _SCHEMAS[key] = create_model(
-            "Params",
-            __base__=ParamsBase,
-            models=(models, ...),
-            prune=(prune, ...),
-            amplify=(amplify, ...),
-            merge=(merge, ...),
-        )
-    return _SCHEMAS[key]
-
-
-_SCHEMAS: dict[tuple, type[ParamsBase]] = {}
-
-
-def parse_params(data: dict, *, source: str = "params.yaml", root: str | Path = ".") -> ParamsBase:
+def parse_params(data: dict, *, source: str = "params.yaml", root: str | Path = ".") -> Params:
+    """The checked params: the schema's checks, then those of the registries (names and options)."""
     try:
-        return _models().model_validate(data, context={"root": Path(root)})
+        params = Params.model_validate(data, context={"root": Path(root)})
     except ValidationError as exc:
-        raise DppaError(describe_errors(exc, source, _models())) from None
+        raise DppaError(describe_errors(exc, source, Params)) from None
+    # Imported here: the checks run in the command that reads params.yaml, and none of them changes what a stage
+    # writes, so a stage's code deps (scripts/code_deps.py) need not name them.
+    from dppa.pipeline.registered import check_registered
+
+    return check_registered(params, source)
 
 
-def load_params(path: str | Path = "params.yaml") -> ParamsBase:
+def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and check `path`; relative model paths are relative to its folder."""
     path = Path(path)
     if not path.is_file():

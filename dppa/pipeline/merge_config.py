@@ -1,4 +1,4 @@
-"""params.yaml's `merge` section: the method (added from the merge-method registry by the schema), the scale and
+"""params.yaml's `merge` section: the method (a name of the merge-method registry), the scale and
 weights, fixed or searched on the validation split, and which deltas are merged."""
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class MergeSearch(Strict):
         return value
 
 
-class MergeBase(Strict):  # `method` comes from the merge-method registry (`_models()`)
+class Merge(Strict):
+    method: str  # a registered merge method (checked by dppa/pipeline/registered.py)
     scale: float | Literal["search"]
     search: MergeSearch | None = None
     weights: dict[str, float] | Literal["search"] | None = None

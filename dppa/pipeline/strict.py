@@ -8,6 +8,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RegistryOptions(Strict):
+    """A section whose keys beyond its own fields are the options of a registry's entries (a pruning method's, a
+    search strategy's): kept as they are given, then checked and typed by dppa/pipeline/registered.py."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
 def check_density(value: float | None) -> float | None:
     if value is not None and not 0 < value <= 1:
         raise ValueError(f"must be in (0, 1], got {value}")

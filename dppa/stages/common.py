@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from dppa.pipeline.config import ParamsBase
+from dppa.pipeline.config import Params
 
 UNUSED = "UNUSED"
 SEARCH_TRACE = "search_trace.csv"
@@ -64,16 +64,16 @@ def retried(call: Callable[[], T], what: str, delays_s: tuple[float, ...] = RETR
     raise AssertionError("unreachable")
 
 
-def dp_options(params: ParamsBase, name: str) -> dict:
+def dp_options(params: Params, name: str) -> dict:
     """The DP options of this fine-tune's pruning settings (DPA's band edges are DP selections)."""
     from dppa.sparsify.registry import PRUNERS
 
     return dataclasses.asdict(PRUNERS.make_options("dp", params.prune_for(name).model_dump()))
 
 
-def device(params: ParamsBase) -> str:
+def device(params: Params) -> str:
     return params.runtime.device
 
 
-def eval_device(params: ParamsBase) -> str | None:
+def eval_device(params: Params) -> str | None:
     return None if params.runtime.device == "auto" else params.runtime.device

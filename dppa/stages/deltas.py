@@ -6,14 +6,14 @@ import dataclasses
 from pathlib import Path
 
 from dppa.io.atomic import atomic_write_text
-from dppa.pipeline.config import ParamsBase
+from dppa.pipeline.config import Params
 from dppa.stages.common import SEARCH_TRACE, clear_leftovers, device, dp_options, write_unused
 from dppa.stages.models import model_folder
 
 EMPTY_TRACE = "index,score,best_score\n"
 
 
-def extract(params: ParamsBase, root: Path, model: str, base: Path, finetune: Path, out: Path) -> Path:
+def extract(params: Params, root: Path, model: str, base: Path, finetune: Path, out: Path) -> Path:
     """delta = fine-tune - base (extract.dtype)."""
     from dppa.extract import extract_delta
 
@@ -29,7 +29,7 @@ def extract(params: ParamsBase, root: Path, model: str, base: Path, finetune: Pa
     )
 
 
-def prune(params: ParamsBase, root: Path, model: str, delta: Path, out: Path) -> Path:
+def prune(params: Params, root: Path, model: str, delta: Path, out: Path) -> Path:
     """The delta pruned by prune.method at its density (with the fine-tune's overrides)."""
     from dppa.sparsify.prune import prune_delta
 
@@ -49,7 +49,7 @@ def prune(params: ParamsBase, root: Path, model: str, delta: Path, out: Path) ->
 
 
 def amplify(
-    params: ParamsBase,
+    params: Params,
     root: Path,
     model: str,
     base: Path,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from dppa.io.atomic import atomic_write_text
-from dppa.pipeline.config import BASE_NAME, ParamsBase
+from dppa.pipeline.config import BASE_NAME, Params
 from dppa.stages.common import clear_leftovers, eval_device, is_unused, retried
 from dppa.stages.models import model_folder
 
@@ -16,7 +16,7 @@ def _dump(record: dict) -> str:
 
 
 def score(
-    params: ParamsBase,
+    params: Params,
     root: Path,
     model: str,
     base: Path,
@@ -60,7 +60,7 @@ def score(
     return out
 
 
-def evaluate(params: ParamsBase, root: Path, fetched: Path, merged: Path, out: Path, cache: Path) -> Path:
+def evaluate(params: Params, root: Path, fetched: Path, merged: Path, out: Path, cache: Path) -> Path:
     """Scores of the base, every dense fine-tune and the merged model on evaluate.split (unchanged models come
     from the evaluation cache, so a new merge costs one evaluation)."""
     from dppa.evaluation.scores import score_folder
@@ -93,7 +93,7 @@ def evaluate(params: ParamsBase, root: Path, fetched: Path, merged: Path, out: P
 
 
 def report(
-    params: ParamsBase,
+    params: Params,
     root: Path,
     scores: Path,
     finetunes: Path,
@@ -115,7 +115,7 @@ def report(
     return out
 
 
-def publish(params: ParamsBase, root: Path, merged: Path, report: Path, summary: Path, out: Path) -> Path:
+def publish(params: Params, root: Path, merged: Path, report: Path, summary: Path, out: Path) -> Path:
     """The merged model to the hub (publish.repo; off when null), gated by its normalised score; the result, commit
     sha included, in `out` (a DVC metric)."""
     from dppa.errors import DppaError

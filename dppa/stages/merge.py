@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from dppa.io.atomic import atomic_write_text
-from dppa.pipeline.config import BASE_NAME, ParamsBase
+from dppa.pipeline.config import BASE_NAME, Params
 from dppa.stages.common import clear_leftovers, device
 from dppa.stages.models import model_folder
 
 
 def merge(
-    params: ParamsBase, root: Path, fetched: Path, inputs: Path, out: Path, trace: Path, record: Path, cache: Path
+    params: Params, root: Path, fetched: Path, inputs: Path, out: Path, trace: Path, record: Path, cache: Path
 ) -> Path:
     """Merge every fine-tune's input (inputs/NAME) into the base (fetched/base); with `merge.scale: search` the
     scale (and with `merge.weights: search` the weights) is chosen first, against the dense fine-tunes

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dppa.pipeline.config import ParamsBase
+from dppa.pipeline.config import Params
 from dppa.stages.common import UNUSED, clear_leftovers, retried
 
 
-def zoo(params: ParamsBase, root: Path, out: Path) -> Path:
+def zoo(params: Params, root: Path, out: Path) -> Path:
     """The demo models (zoo.size, zoo.regime, zoo.seed), from the per-user zoo cache when it holds them."""
     from dppa.io.atomic import atomic_dir
     from dppa.zoo.build import build_zoo
@@ -29,7 +29,7 @@ def zoo(params: ParamsBase, root: Path, out: Path) -> Path:
     return out
 
 
-def fetch(params: ParamsBase, root: Path, model: str, zoo: Path, out: Path) -> Path:
+def fetch(params: Params, root: Path, model: str, zoo: Path, out: Path) -> Path:
     """A hub snapshot, or the record of a zoo or local model folder (MODEL may be base)."""
     from dppa.pipeline.hub import record_local, write_hub_record
 
