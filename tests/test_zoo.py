@@ -90,6 +90,29 @@ def test_build_is_deterministic(tiny_zoo, tmp_path):
     assert _manifest_without_timing(again) == _manifest_without_timing(tiny_zoo)
 
 
+def test_pretraining_gives_the_same_weights_on_one_thread_and_on_two():
+    # dppa.zoo.training.deterministic: pre-training uses the cores because the thread count does not change the bits.
+    from dppa.zoo.corpus import pretraining_text
+    from dppa.zoo.model import SIZES, build_model
+    from dppa.zoo.tokenizer import train_tokenizer
+    from dppa.zoo.training import pretrain
+
+    spec = SIZES["tiny"]
+    texts = pretraining_text(0, 400, spec.skill_share)
+    tokenizer = train_tokenizer(texts, spec.vocab)
+    weights = []
+    for threads in (1, 2):
+        model = build_model(spec, tokenizer, seed=0)
+        pretrain(model, tokenizer, texts, steps=8, batch=8, seq=32, lr=3e-3, seed=0, log=lambda _m: None,
+                 threads=threads)  # fmt: skip
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(
+        weights[0]["model.embed_tokens.weight"], build_model(spec, tokenizer, 0).model.embed_tokens.weight
+    )
+
+
 @pytest.mark.slow
 def test_light_regime_drifts_less_than_heavy(tiny_zoo, tmp_path, capsys):
     assert main(["zoo", str(tmp_path / "light"), "--size", "tiny", "--regime", "light"]) == 0
