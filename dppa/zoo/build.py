@@ -34,7 +34,7 @@ from dppa.zoo.model import SIZES, build_model
 from dppa.zoo.pretrained import PRETRAINED, add_lora, write_base
 from dppa.zoo.tasks import data_fingerprint, task_name, zoo_task_names
 from dppa.zoo.tokenizer import train_tokenizer
-from dppa.zoo.training import REGIMES, Regime, finetune, pretrain
+from dppa.zoo.training import REGIMES, Regime, finetune, pretrain, pretrain_threads
 
 TOKENIZER_SAMPLES_PER_DOMAIN = 2000  # domain training text the tokenizer also sees, so domain words get tokens
 LINEAR_SCOPE = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
@@ -247,7 +247,8 @@ def build_zoo(
             manifest["regime"]["format"] = "peft-lora-adapter" if recipe.lora_rank else "full"
             manifest["base"] = write_base(tmp / "base")
         else:
-            _pretrain_base(tmp / "base", SIZES[size], seed, manifest, log)
+            timing["pretrain_threads"] = pretrain_threads()  # the speed, not the weights, depends on it
+            _pretrain_base(tmp / "base", SIZES[size], seed, manifest, timing["pretrain_threads"], log)
             manifest["regime"] = {
                 "name": regime, "lr": REGIMES[regime].lr, "steps": SIZES[size].finetune_steps[regime],
                 "batch": SIZES[size].finetune_batch,
@@ -274,7 +275,7 @@ def build_zoo(
     return manifest
 
 
-def _pretrain_base(folder: Path, spec, seed: int, manifest: dict, log: Callable[[str], None]) -> None:
+def _pretrain_base(folder: Path, spec, seed: int, manifest: dict, threads: int, log: Callable[[str], None]) -> None:
     """A small size's base: a tokenizer trained on the corpus and domain text, then a model pre-trained on it."""
     texts = pretraining_text(seed, spec.corpus_sentences, spec.skill_share)
     domain_texts = [
@@ -284,7 +285,7 @@ def _pretrain_base(folder: Path, spec, seed: int, manifest: dict, log: Callable[
     base = build_model(spec, tokenizer, seed)
     loss = pretrain(
         base, tokenizer, texts, steps=spec.pretrain_steps, batch=spec.pretrain_batch, seq=spec.pretrain_seq,
-        lr=spec.pretrain_lr, seed=seed, log=log,
+        lr=spec.pretrain_lr, seed=seed, log=log, threads=threads,
     )  # fmt: skip
     manifest["base"] = {"parameters": sum(p.numel() for p in base.parameters()), "final_loss": round(loss, 4)}
     _save(base, tokenizer, folder)

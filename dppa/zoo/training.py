@@ -43,14 +43,17 @@ REGIMES = {
 }
 
 
-# Pre-training runs alone (the fine-tunes wait for its base), so it may use the cores: 1.43x faster on 2 threads
-# than on one on an idle 2-core machine (0.156 against 0.224 s a step, default size). More than 4 would gain little on
-# matrices this small.
+# Pre-training runs alone (the fine-tunes wait for its base), so it may use the idle cores: 1.43x faster on 2 threads
+# than on one on an idle 2-core machine (0.156 against 0.224 s a step, default size). On a busy machine a second
+# thread is several times slower than one (its threads wait on each other for a core), so it takes only the cores the
+# load average leaves free. More than 4 would gain little on matrices this small.
 PRETRAIN_MAX_THREADS = 4
 
 
 def pretrain_threads() -> int:
-    return max(1, min(PRETRAIN_MAX_THREADS, len(os.sched_getaffinity(0))))
+    """Threads for pre-training: the cores this process may use that the 1-minute load average leaves idle."""
+    idle = len(os.sched_getaffinity(0)) - round(os.getloadavg()[0])
+    return max(1, min(PRETRAIN_MAX_THREADS, idle))
 
 
 @contextlib.contextmanager
