@@ -31,6 +31,13 @@ def test_the_closure_follows_functions_not_whole_modules():
     assert {"dppa/evaluation/task_sources.py", "dppa/zoo/tasks.py", "dppa/zoo/domains.py"} <= amplify
 
 
+def test_no_code_dep_is_an_empty_file():
+    # DVC warns "'dppa/x/__init__.py' is empty." on every run for each stage that lists an empty file
+    deps = code_deps()
+    listed = {p for stage in ("zoo", "extract", "amplify", "merge", "report") for p in deps.stage_files(stage)}
+    assert {p.relative_to(ROOT).as_posix() for p in listed if p.stat().st_size == 0} == set()
+
+
 def test_a_missing_or_stale_dep_is_named(tmp_path):
     deps = code_deps()
     text = (ROOT / "dvc.yaml").read_text()
