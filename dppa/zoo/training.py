@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -45,15 +46,38 @@ REGIMES = {
 
 # Pre-training runs alone (the fine-tunes wait for its base), so it may use the idle cores: 1.43x faster on 2 threads
 # than on one on an idle 2-core machine (0.156 against 0.224 s a step, default size). On a busy machine a second
-# thread is several times slower than one (its threads wait on each other for a core), so it takes only the cores the
-# load average leaves free. More than 4 would gain little on matrices this small.
+# thread is several times slower than one (its threads wait on each other for a core), so it takes only the cores that
+# are idle when it starts. More than 4 would gain little on matrices this small.
 PRETRAIN_MAX_THREADS = 4
 
 
+def idle_cores(window: float = 0.5) -> float:
+    """How many cores were idle over the last `window` seconds (/proc/stat; elsewhere, cores - the load average).
+
+    Measured, not the load average: the 1-minute average lags, and counts the pipeline's own start-up just before.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        first = _cpu_times()
+        time.sleep(window)
+        second = _cpu_times()
+    except OSError:
+        return max(0.0, cores - os.getloadavg()[0])
+    total, idle = (b - a for a, b in zip(first, second))
+    return cores * idle / total if total > 0 else float(cores)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of the machine, from /proc/stat's first line."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
 def pretrain_threads() -> int:
-    """Threads for pre-training: the cores this process may use that the 1-minute load average leaves idle."""
-    idle = len(os.sched_getaffinity(0)) - round(os.getloadavg()[0])
-    return max(1, min(PRETRAIN_MAX_THREADS, idle))
+    """Threads for pre-training: the idle cores among those this process may use, at least 1."""
+    usable = len(os.sched_getaffinity(0))
+    return max(1, min(PRETRAIN_MAX_THREADS, usable, round(idle_cores())))
 
 
 @contextlib.contextmanager
