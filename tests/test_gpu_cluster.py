@@ -45,6 +45,7 @@ def where_am_i() -> tuple[str, str]:
     return get_worker().name, child.stdout.strip()
 
 
+@pytest.mark.slow
 def test_one_pinned_worker_per_gpu_and_cpu_only_workers(monkeypatch):
     import dask
     from distributed import Client

@@ -24,6 +24,8 @@ from tests.helpers.hub import TOKEN, folder_files, hub_env, sha256
 from tests.helpers.hub_server import FakeHub
 from tests.helpers.synthetic import make_base, make_finetune, make_lora_adapter
 
+pytestmark = pytest.mark.slow  # a hub server, CLI processes and model folders per test
+
 CHUNK = 10 * 1024 * 1024  # huggingface_hub writes what it receives in chunks of this size
 
 

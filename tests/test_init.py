@@ -25,6 +25,7 @@ def dppa(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_init_writes_a_checked_project_with_comments_and_no_code_deps(tmp_path):
     base, ft = tmp_path / "base", tmp_path / "ft"
     for folder in (base, ft):
@@ -59,6 +60,7 @@ def test_init_writes_a_checked_project_with_comments_and_no_code_deps(tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_init_on_the_zoo_keeps_the_zoo_models_at_the_size_given(tmp_path):
     done = dppa("init", tmp_path / "real", "--zoo", "smollm2-135m", "--set", "zoo.regime=light")
     assert done.returncode == 0, done.stderr

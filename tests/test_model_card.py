@@ -35,6 +35,7 @@ def models(tmp_path_factory):
     return root, base, make_finetune(base, root / "ft", seed=1), adapter
 
 
+@pytest.mark.slow
 def test_merged_model_card_names_method_settings_and_lineage(models):
     root, base, ft, adapter = models
     out = root / "merged"
@@ -52,6 +53,7 @@ def test_merged_model_card_names_method_settings_and_lineage(models):
     assert "LoRA adapter" in text and manifest["content_hash"] in text
 
 
+@pytest.mark.slow
 def test_card_of_amplified_deltas_gives_bands_and_factors(models):
     root, base, ft, _ = models
     dppa("extract", base, ft, "-o", root / "delta", "-q")
@@ -61,6 +63,7 @@ def test_card_of_amplified_deltas_gives_bands_and_factors(models):
     assert "DPPA: bands at densities [0.1, 0.2], factors [1.8, 1.0]" in text and "| scale (lambda) | 0.7 |" in text
 
 
+@pytest.mark.slow
 def test_recipe_rebuilds_the_same_bytes_and_refuses_a_changed_input(models):
     root, base, ft, adapter = models
     first = root / "first"

@@ -24,6 +24,8 @@ from dppa.pipeline.models_store import MODELS_DIR_ENV, StoreMismatch
 from tests.helpers.hub import folder_files, hub_env, sha256
 from tests.helpers.hub_server import FakeHub
 
+pytestmark = pytest.mark.slow  # a hub server, CLI processes and model folders per test
+
 FILES = {
     "config.json": b'{"model_type": "llama"}',
     "tokenizer.json": b'{"version": "1.0"}',

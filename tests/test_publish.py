@@ -54,6 +54,7 @@ def merged(tmp_path_factory) -> Path:
     return root / "merged"
 
 
+@pytest.mark.slow
 def test_publish_uploads_once_then_nothing_and_the_gate_refuses_worse(merged, tmp_path):
     with FakeHub(token=TOKEN) as hub:
         done = publish(hub, tmp_path, merged, "--repo", "me/merge", "--score", "0.9", "--record", tmp_path / "p.json")
@@ -86,6 +87,7 @@ def test_publish_uploads_once_then_nothing_and_the_gate_refuses_worse(merged, tm
         assert hub.repos["me/merge"].refs["nightly"] != hub.repos["me/merge"].refs["main"]
 
 
+@pytest.mark.slow
 def test_refused_tokens_are_one_line(merged, tmp_path):
     with FakeHub(token=TOKEN, readonly_token=OTHER) as hub:
         hub.commit("someone/else", {"README.md": b"# theirs\n"})
@@ -96,6 +98,7 @@ def test_refused_tokens_are_one_line(merged, tmp_path):
         assert OTHER not in line
 
 
+@pytest.mark.slow
 def test_a_connection_cut_mid_upload_commits_nothing_and_a_rerun_completes(merged, tmp_path):
     with FakeHub(token=TOKEN) as hub:
         hub.cut_upload = 1  # one cut: huggingface_hub's own retry sends the file again, and the publish succeeds

@@ -204,6 +204,7 @@ def test_the_dense_finetune_is_evaluated_once(tiny_zoo, facts_delta, tmp_path):
     assert json.dumps(data_fingerprint()) in json.dumps(record["fields"])
 
 
+@pytest.mark.slow  # the tiny zoo (about a minute to build)
 def test_test_split_and_existing_output_are_refused_before_work(tiny_zoo, facts_delta, dense_json, tmp_path):
     with pytest.raises(DppaError, match="validation"):
         _search(tiny_zoo, facts_delta, tmp_path / "amp", dense_json, tmp_path / "c.jsonl", split="test")
@@ -215,6 +216,7 @@ def test_test_split_and_existing_output_are_refused_before_work(tiny_zoo, facts_
     assert not (tmp_path / "c.jsonl").exists()
 
 
+@pytest.mark.slow  # the tiny zoo (about a minute to build)
 def test_dense_scores_file_must_cover_the_tasks(tiny_zoo, facts_delta, tmp_path):
     path = tmp_path / "ref.json"
     path.write_text(json.dumps({"zoo_arith": 0.5}))

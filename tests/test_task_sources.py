@@ -56,6 +56,7 @@ def test_a_user_folder_is_fingerprinted_by_its_files(tmp_path, monkeypatch):
     assert eval_key(model="m", tasks=["team_echo"], split="test", limit=None, recipe={}) != key
 
 
+@pytest.mark.slow
 def test_user_folder_tasks_load_and_unknown_names_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv(TASK_PATH_ENV, str(_folder(tmp_path)))
     loaded = load_tasks(["team_echo", "zoo_arith"], "test")

@@ -47,6 +47,7 @@ def test_lr_schedule_warms_up_then_decays():
     assert held[0] == pytest.approx(6e-4 / 24) and held[23:] == [6e-4] * (240 - 23)  # 24 warm-up steps, then 6e-4
 
 
+@pytest.mark.slow
 def test_zoo_layout_and_models_load_offline(tiny_zoo):
     manifest = read_manifest(tiny_zoo)
     assert set(manifest["domains"]) == set(DOMAINS)
@@ -138,11 +139,13 @@ def test_unknown_size_is_a_user_error(tmp_path):
         build_zoo(tmp_path / "zoo", size="huge")
 
 
+@pytest.mark.slow  # the tiny zoo (about a minute to build)
 def test_manifest_is_json_with_regime(tiny_zoo):
     manifest = json.loads((tiny_zoo / "zoo.json").read_text())
     assert manifest["regime"]["name"] == "heavy" and manifest["size"] == "tiny"
 
 
+@pytest.mark.slow  # the tiny zoo (about a minute to build)
 def test_manifest_records_scores_deltas_and_build_time(tiny_zoo):
     manifest = read_manifest(tiny_zoo)
     assert manifest["eval"] == {"split": "test", "limit": 40, "metric": "exact_match"}
