@@ -30,10 +30,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # The demo pipeline on params.yaml: builds the demo zoo if missing, runs every stale stage of dvc.yaml through
 # Prefect, prints the results table. The stages call `dppa`, so the virtualenv's bin folder goes first on PATH.
