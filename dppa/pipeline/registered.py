@@ -94,10 +94,10 @@ def check_registered(params: Params, source: str = "params.yaml") -> Params:
         update["amplify"] = params.amplify.model_copy(update={"search": search})
     if not problems:  # the values, once every name and type is right
         checked = params.model_copy(update=update)
-        for name in [None, *checked.models.finetunes]:
-            settings = checked.prune if name is None else checked.prune_for(name)
-            if name is None or checked.finetune(name).prune.model_dump(exclude_none=True):
-                path = "prune" if name is None else f"models.finetunes.{name}.prune"
+        checked_by_entry(PRUNERS, checked.prune.method, checked.prune.model_dump(), "prune", problems)
+        for name, entry in checked.models.finetunes.items():
+            if entry.prune.model_dump(exclude_none=True):  # its own overrides: the settings it prunes with
+                settings, path = checked.prune_for(name), f"models.finetunes.{name}.prune"
                 checked_by_entry(PRUNERS, settings.method, settings.model_dump(), path, problems)
         if search is not None:
             values = {k: v for k, v in search.model_dump().items() if k not in ("strategy", "split", "limit")}
