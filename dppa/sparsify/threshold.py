@@ -1,9 +1,10 @@
 """Magnitude thresholds in O(n) by radix selection: exact top-k without sorting, streamable chunk by chunk.
 
 The bit pattern of a float with its sign bit cleared is an integer that orders like the float's magnitude. So the
-k-th largest magnitude is found from histograms of those integers ("keys"): one `bincount` pass for 16-bit dtypes
-(bf16, fp16: 32768 possible magnitudes), two for float32 (high 15 bits, then low 16 bits inside the chosen bin).
-Each pass can run over chunks read from disk, so no full-tensor float32 copy is needed to find a threshold.
+k-th largest magnitude is found from histograms of those integers ("keys"): one pass for 16-bit dtypes (bf16, fp16:
+32768 possible magnitudes, int16 keys, counted by the compiled loop of dppa/io/codec.py where it was built), two
+`bincount` passes for float32 (high 15 bits, then low 16 bits inside the chosen bin). Each pass can run over chunks
+read from disk, so no full-tensor float32 copy is needed to find a threshold.
 
 Ties at the threshold are broken by lowest flat index, so the kept set for a smaller k is always a subset of the kept
 set for a larger k (DP's nested bands rely on it).
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+from dppa.io.codec import histogram15
 
 LOW_BITS = 16
 LOW_MASK = (1 << LOW_BITS) - 1
@@ -32,13 +35,29 @@ def key_bits(dtype: torch.dtype) -> int:
 
 
 def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
-    """int32 keys ordered like |values| (flat); NaN sorts above Inf (inputs are checked finite at extraction)."""
+    """Integer keys ordered like |values| (flat): int16 for bf16 and fp16 (widening them to int32 cost more than the
+    histogram), int32 otherwise; NaN sorts above Inf (inputs are checked finite at extraction)."""
     flat = values.reshape(-1)
     if flat.dtype in (torch.bfloat16, torch.float16):
-        return flat.view(torch.int16).to(torch.int32).bitwise_and_(0x7FFF)
+        return flat.view(torch.int16).bitwise_and(0x7FFF)
     if flat.dtype != torch.float32:
         flat = flat.float()
     return flat.view(torch.int32).bitwise_and(0x7FFFFFFF)
+
+
+def _in_range(keys: torch.Tensor, key: int) -> int:
+    """`key` as compared with `keys`: a Python int beyond int16 would wrap against int16 keys (0x7FFFFFFF, KEEP_NONE's
+    key, would become -1), and no int16 key exceeds 0x7FFF."""
+    return min(key, 0x7FFF) if keys.dtype == torch.int16 else key
+
+
+def _histogram(keys: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of each key value in [0, bins)."""
+    if keys.dtype == torch.int16 and keys.device.type == "cpu" and bins >= 1 << 15:
+        hist = torch.zeros(bins, dtype=torch.int64)
+        histogram15(keys.contiguous().numpy(), hist.numpy())  # keys are non-negative: the same counts
+        return hist
+    return torch.bincount(keys, minlength=bins)
 
 
 def _bin_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
@@ -58,26 +77,27 @@ class Threshold:
 
     def mask(self, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Keep-mask of a chunk of keys beginning at flat index `start`."""
-        keep = keys > self.key
+        key = _in_range(keys, self.key)
+        keep = keys > key
         end = min(keys.numel(), self.tie_cutoff - start)
         if end > 0:
-            keep[:end] |= keys[:end] == self.key
+            keep[:end] |= keys[:end] == key
         return keep
 
     def keep_in_(self, values: torch.Tensor, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Zero, in place, the entries of a float32 chunk that `mask` drops; returns `values`. Integer arithmetic
         only: boolean kernels are several times slower on CPU."""
-        bits = values.view(torch.int32)
+        bits, key = values.view(torch.int32), _in_range(keys, self.key)
         end = max(0, min(keys.numel(), self.tie_cutoff - start))
-        bits[:end].bitwise_and_(_all_ones_where_greater(keys[:end], self.key - 1))  # ties kept before the cutoff
-        bits[end:].bitwise_and_(_all_ones_where_greater(keys[end:], self.key))
+        bits[:end].bitwise_and_(_all_ones_where_greater(keys[:end], key - 1))  # ties kept before the cutoff
+        bits[end:].bitwise_and_(_all_ones_where_greater(keys[end:], key))  # int16 masks widen with their sign
         return values
 
 
 def _all_ones_where_greater(keys: torch.Tensor, key: int) -> torch.Tensor:
-    """int32 -1 (every bit set) where keys > key, else 0; keys in [0, 2**31 - 1] and key in [-1, 2**31 - 1], so
-    key - keys cannot overflow and is negative exactly where keys > key."""
-    return torch.sub(key, keys).bitwise_right_shift_(31)
+    """-1 (every bit set) where keys > key, else 0, in the keys' dtype; keys in [0, max] and key in [-1, max] for the
+    dtype's max, so key - keys cannot overflow and is negative exactly where keys > key."""
+    return torch.sub(key, keys).bitwise_right_shift_(keys.element_size() * 8 - 1)
 
 
 KEEP_ALL = Threshold(-1, 0)
@@ -106,7 +126,7 @@ def find_threshold(
     def histogram(chunks) -> torch.Tensor:
         total, group = None, None
         for c, bins in chunks:
-            hist = torch.bincount(bins, minlength=1 << LOW_BITS)
+            hist = _histogram(bins, 1 << LOW_BITS)
             if groups is not None:
                 if group is None or group[1] >= TIE_GROUP_ELEMS:
                     group = [0, 0, torch.zeros_like(hist)]
