@@ -20,13 +20,13 @@ from tests.helpers.synthetic import make_base, make_finetune  # noqa: E402
 # fill in beside them; by default it orders files by their number of tests, which started these last and left one
 # worker running them alone at the end (21 min wall for 33 CPU-minutes on 2 cores).
 LONGEST_FIRST = (
-    "test_pipeline.py",  # builds the shared project (tests/helpers/pipeline.py, built_once) ...
-    "test_dvc_team.py",
-    "test_init.py",
-    "test_unattended.py",
-    "test_pipeline_runs.py",  # ... which these copy: started once it is likely built, not waiting for it
-    "test_real_llm.py",
+    "test_pipeline.py",  # builds the tiny zoo and the shared project (tests/helpers/pipeline.py, built_once) ...
+    "test_real_llm.py",  # ... while the other worker starts on what needs neither
     "test_adapter_pipeline.py",
+    "test_dvc_team.py",  # these copy the shared project
+    "test_pipeline_runs.py",
+    "test_unattended.py",
+    "test_init.py",
     "test_hub_pipeline.py",
     "test_dask_resources.py",
 )
@@ -47,12 +47,37 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    """The demo zoo at --size tiny (base + one fine-tune per domain), built once per test session."""
-    from dppa.zoo.build import build_zoo
+    """The demo zoo at --size tiny (base + one fine-tune per domain), built once per test session and shared by the
+    pytest-xdist workers (the first to ask builds it under a file lock; a minute of CPU each, otherwise). Nothing may
+    change it."""
+    import shutil
 
-    out = tmp_path_factory.mktemp("zoo") / "tiny"
-    build_zoo(out, size="tiny", regime="heavy", seed=0, workers=2, log=lambda _msg: None)  # the parallel path
+    from filelock import FileLock
+
+    from dppa.zoo.build import build_zoo
+    from tests.helpers.pipeline import session_folder
+
+    shared = session_folder(tmp_path_factory)
+    out, done = shared / "tiny-zoo" / "tiny", shared / "tiny-zoo" / "built"
+    with FileLock(str(shared / "tiny-zoo.lock")):
+        if not done.exists():
+            shutil.rmtree(out.parent, ignore_errors=True)
+            build_zoo(out, size="tiny", regime="heavy", seed=0, workers=2, log=lambda _msg: None)  # the parallel path
+            done.touch()
     return out
+
+
+@pytest.fixture(scope="session")
+def stage_server():
+    """The socket of a warm stage server (dppa/pipeline/stage_server.py, what `dppa run` starts beside its `dvc repro`)
+    for this pytest worker: a `dppa stage` command whose environment names it forks the server instead of importing
+    torch and the stages again (about 2 s a stage). Only for DVC runs whose subject is not the stage's own cold start
+    and whose environment is the session's (the server imported its modules under it): a test passes it on
+    explicitly (`dvc(..., server=stage_server)`), and nothing else sees it."""
+    from dppa.pipeline.stage_server import SERVER_ENV, warm_stages
+
+    with warm_stages():
+        yield os.environ.pop(SERVER_ENV)
 
 
 @pytest.fixture(scope="module")

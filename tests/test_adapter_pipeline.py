@@ -43,7 +43,7 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api, monkeypatch):
+def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api, stage_server, monkeypatch):
     adapters = {ft: make_adapter(tiny_zoo / "base", tmp_path / ft, seed=i) for i, ft in enumerate(FINETUNES)}
     project = make_project(tmp_path / "project", tiny_zoo)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -52,7 +52,8 @@ def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api, monkeypatch
     params["merge"].update(scale=0.8, search=None)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    assert stages_run(dvc(project, "repro").stdout) == ALL_STAGES
+    # the warm server only here: the publish runs below change HF_* settings that huggingface_hub reads on import
+    assert stages_run(dvc(project, "repro", server=stage_server).stdout) == ALL_STAGES
 
     base = load_file(tiny_zoo / "base" / "model.safetensors")
     for ft in FINETUNES:

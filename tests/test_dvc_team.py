@@ -18,9 +18,9 @@ from tests.helpers.pipeline import (
     FINETUNES,
     ROOT,
     artifact_contents,
+    built_once,
     dvc,
     edit_params,
-    make_project,
     out_hashes,
     stages_run,
 )
@@ -35,12 +35,15 @@ def git(project: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, tiny_zoo, prefect_api):
+def team(tmp_path_factory, tiny_zoo, stage_server):
     root = tmp_path_factory.mktemp("team")
-    a = make_project(root / "a", tiny_zoo)
+    pristine, _contents = built_once(tmp_path_factory, tiny_zoo, stage_server)  # the session's full `dvc repro`, copied
+    a = root / "a"
+    shutil.copytree(pristine, a, symlinks=True)
     shutil.copy(ROOT / ".dvc" / "config", a / ".dvc" / "config")  # the repository's cache and remote settings
     dvc(a, "remote", "modify", "local", "url", str(root / "remote"))
-    assert stages_run(dvc(a, "repro").stdout)
+    dvc(a, "checkout", "--relink")  # the outputs become links into the cache, as that config asks
+    assert "Data and pipelines are up to date" in dvc(a, "status").stdout
     git(a, "add", "-A")
     git(a, "commit", "-q", "-m", "pipeline on the tiny zoo")
     dvc(a, "push")
@@ -64,7 +67,7 @@ def cache_file(project: Path, md5: str) -> Path:
     return project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
 
 
-def test_outputs_are_links_into_the_cache_and_a_rerun_changes_no_cached_file(team):
+def test_outputs_are_links_into_the_cache_and_a_rerun_changes_no_cached_file(team, stage_server):
     a, _ = team
     for out, md5 in out_hashes(a).items():
         entries = json.loads(cache_file(a, md5).read_text()) if md5.endswith(".dir") else [{"relpath": "", "md5": md5}]
@@ -76,7 +79,7 @@ def test_outputs_are_links_into_the_cache_and_a_rerun_changes_no_cached_file(tea
                 assert os.path.samefile(file, cache_file(a, entry["md5"])), file
     before = {p: p.stat().st_ino for p in (a / ".dvc" / "cache" / "files").rglob("*") if p.is_file()}
     edit_params(a, lambda p: p["models"]["finetunes"][FINETUNES[0]].update(prune={"density": 0.3}))
-    assert f"prune@{FINETUNES[0]}" in stages_run(dvc(a, "repro").stdout)
+    assert f"prune@{FINETUNES[0]}" in stages_run(dvc(a, "repro", server=stage_server).stdout)
     for path, inode in before.items():  # every object still holds the bytes its name is the hash of
         assert path.stat().st_ino == inode
         assert hashlib.md5(path.read_bytes()).hexdigest() == path.parent.name + path.name.removesuffix(".dir")

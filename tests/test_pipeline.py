@@ -34,10 +34,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def built_project(tmp_path_factory, tiny_zoo, prefect_api):
+def built_project(tmp_path_factory, tiny_zoo, prefect_api, stage_server):
     """A copy of the session's built project (one full `dvc repro`), for this module's tests, which change it in
     turn (the tests that each take their own copy are in tests/test_pipeline_runs.py)."""
-    pristine, _contents = built_once(tmp_path_factory, tiny_zoo)
+    pristine, _contents = built_once(tmp_path_factory, tiny_zoo, stage_server)
     project = tmp_path_factory.mktemp("pipeline") / "project"
     shutil.copytree(pristine, project, symlinks=True)
     return project
@@ -115,10 +115,10 @@ def test_a_code_change_makes_stale_only_the_stages_that_use_the_code(built_proje
     assert "Data and pipelines are up to date" in dvc(built_project, "status").stdout
 
 
-def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project):
+def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project, stage_server):
     before = out_hashes(built_project)
     edit_params(built_project, lambda p: p["merge"].update(scale=0.8, search=None))
-    done = dvc(built_project, "repro")
+    done = dvc(built_project, "repro", server=stage_server)
     assert_reran(done.stdout, {"merge", "evaluate", "report"})
     after = out_hashes(built_project)
     assert after["data/merged/model"] != before["data/merged/model"]
@@ -128,9 +128,9 @@ def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project):
     }
 
 
-def test_changing_one_finetunes_density_reruns_only_its_branch(built_project):
+def test_changing_one_finetunes_density_reruns_only_its_branch(built_project, stage_server):
     edit_params(built_project, lambda p: p["models"]["finetunes"]["facts"].update(prune={"density": 0.3}))
-    done = dvc(built_project, "repro")
+    done = dvc(built_project, "repro", server=stage_server)
     # fetch@facts reruns (its entry changed) but writes the same record, so extract@facts stays up to date.
     assert_reran(
         done.stdout, {"fetch@facts", "prune@facts", "amplify@facts", "score@facts", "merge", "evaluate", "report"}
@@ -140,7 +140,7 @@ def test_changing_one_finetunes_density_reruns_only_its_branch(built_project):
     assert stages_run(dvc(built_project, "repro").stdout) == set()
 
 
-def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path):
+def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path, stage_server):
     project = built_project
     edit_params(project, lambda p: p["merge"].update(scale=0.7, search=None))
     log = tmp_path / "repro.log"
@@ -169,7 +169,7 @@ def test_killed_stage_leaves_nothing_taken_as_done(built_project, tmp_path):
     assert not merged.exists() or (merged / "dppa_manifest.json").exists()
     assert "merge" in dvc(project, "status").stdout
 
-    rerun = dvc(project, "repro")
+    rerun = dvc(project, "repro", server=stage_server)  # (the killed run's stages started cold, in its group)
     assert_reran(rerun.stdout, {"merge", "evaluate", "report"})  # finished stages are not redone
     assert (merged / "dppa_manifest.json").exists()
     assert not list(merged.parent.glob(".model.tmp-*")), "the killed run's temporary folder survived the rerun"

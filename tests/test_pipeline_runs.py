@@ -17,6 +17,7 @@ import time
 import pytest
 
 from dppa.pipeline.dvc_process import stage_environment
+from dppa.pipeline.stage_server import SERVER_ENV
 from tests.helpers.pipeline import (
     ALL_STAGES,
     FINETUNES,
@@ -33,14 +34,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_zoo, prefect_api):
+def built(tmp_path_factory, tiny_zoo, prefect_api, stage_server):
     """(the session's built project, not to be changed, and its artifact contents)"""
-    return built_once(tmp_path_factory, tiny_zoo)
+    return built_once(tmp_path_factory, tiny_zoo, stage_server)
 
 
-def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built, tmp_path):
+def test_experiment_grid_runs_each_point_as_a_dvc_experiment(built, tmp_path, stage_server, monkeypatch):
     from dppa.pipeline.grid import points, recorded, run_grid
 
+    monkeypatch.setenv(SERVER_ENV, stage_server)  # the points' stages fork the warm server (run_grid's DVC inherits it)
     project = tmp_path / "grid"
     shutil.copytree(built[0], project, symlinks=True)
     identity = {
@@ -120,7 +122,9 @@ def test_dask_local_cluster_gives_the_same_artifacts_as_plain_dvc_repro(built, t
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(built, tmp_path, sig):
+def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(
+    built, tmp_path, sig, prefect_api, stage_server
+):
     project = tmp_path / "project"
     shutil.copytree(built[0], project, symlinks=True)
     # a scale no other test used, so that DVC's run cache cannot restore the merge instead of running it
@@ -158,6 +162,8 @@ def test_a_run_killed_mid_stage_leaves_no_process_and_the_next_run_completes(bui
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"left behind after {sig.name}: {left}"
+    # the next run: against the module's Prefect API and warm stage server, whose start-ups are not under test here
+    env.update({"PREFECT_API_URL": prefect_api, SERVER_ENV: stage_server})
     again = subprocess.run(
         [sys.executable, "-m", "dppa", "run", "-C", str(project)], env=env, text=True, capture_output=True
     )

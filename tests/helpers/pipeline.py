@@ -16,6 +16,7 @@ import yaml
 from filelock import FileLock
 
 from dppa.pipeline.dvc_process import stage_environment
+from dppa.pipeline.stage_server import SERVER_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,10 +71,12 @@ def edit_params(project: Path, change) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=project, env=stage_environment(), capture_output=True, text=True
-    )
+def dvc(project: Path, *args: str, check: bool = True, server: str | None = None) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `project`; `server`: a warm stage server's socket (the `stage_server` fixture) for its stages."""
+    env = stage_environment()
+    if server:
+        env[SERVER_ENV] = server
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True)
     if check and done.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done
@@ -149,18 +152,23 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def built_once(tmp_path_factory, zoo: Path) -> tuple[Path, dict[str, str]]:
+def session_folder(tmp_path_factory) -> Path:
+    """The test session's temporary folder, the same for every pytest-xdist worker (each has its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, zoo: Path, server: str | None = None) -> tuple[Path, dict[str, str]]:
     """(a project after one full `dvc repro`, its artifact contents), built once per test session and shared by the
     pytest-xdist workers: the first to ask builds it under a file lock, the others wait and reuse it. Nothing may
-    change it: a test works on a copy (`shutil.copytree(project, ..., symlinks=True)`)."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder, all workers'
+    change it: a test works on a copy (`shutil.copytree(project, ..., symlinks=True)`). `server`: as for `dvc`."""
+    shared = session_folder(tmp_path_factory)
     project, done = shared / "pipeline-built" / "project", shared / "pipeline-built" / "contents.json"
     with FileLock(str(shared / "pipeline-built.lock")):
         if not done.exists():
             shutil.rmtree(project.parent, ignore_errors=True)
             make_project(project, zoo)
-            ran = dvc(project, "repro")
+            ran = dvc(project, "repro", server=server)
             assert stages_run(ran.stdout) == ALL_STAGES
             done.write_text(json.dumps(artifact_contents(project, relocatable=True)))
     return project, json.loads(done.read_text())
