@@ -43,7 +43,7 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, prefect_api, stage_server, monkeypatch):
+def test_dvc_repro_on_lora_adapters(tmp_path, tiny_zoo, stage_server, monkeypatch):
     adapters = {ft: make_adapter(tiny_zoo / "base", tmp_path / ft, seed=i) for i, ft in enumerate(FINETUNES)}
     project = make_project(tmp_path / "project", tiny_zoo)
     params = yaml.safe_load((project / "params.yaml").read_text())
