@@ -1,6 +1,6 @@
 """Decoding sparse deltas fast (dppa/io/sparse.py): count the kept elements of a range of the bit mask, expand a
-range into dense values; and the histogram of 16-bit magnitudes behind every bf16 / fp16 threshold
-(dppa/sparsify/threshold.py).
+range into dense values. The compiled module also counts the 16-bit magnitudes behind every bf16 / fp16 threshold
+(dppa/sparsify/threshold.py; without it, torch.bincount does).
 
 The compiled module dppa/io/_codec.c does each in one pass (about 0.1 ns per element); the numpy functions here are
 the same functions for an install that could not build it (no C compiler), about ten times slower.
@@ -49,12 +49,6 @@ def expand_numpy(mask: np.ndarray, first: int, values: np.ndarray, out: np.ndarr
     dense[np.flatnonzero(kept)] = value_bytes.view(as_uint) if as_uint else value_bytes.reshape(-1, size)
 
 
-def histogram15_numpy(values: np.ndarray, hist: np.ndarray) -> None:
-    """Add to the int64 counts hist[0:32768] how many 16-bit elements of `values` have each low-15-bit pattern."""
-    keys = np.asarray(values).reshape(-1).view(np.uint16) & 0x7FFF
-    hist[: 1 << 15] += np.bincount(keys, minlength=1 << 15)
-
-
 try:
     if os.environ.get("DPPA_CODEC") == "python":
         raise ImportError("DPPA_CODEC=python")
@@ -62,5 +56,7 @@ try:
 
     COMPILED = True
 except ImportError:
-    count_kept, expand, histogram15 = count_kept_numpy, expand_numpy, histogram15_numpy
+    count_kept, expand = count_kept_numpy, expand_numpy
+    histogram15 = None  # the thresholds count with torch.bincount instead (numpy's is slower on int16)
+    COMPILED = False
     COMPILED = False

@@ -53,7 +53,7 @@ def _in_range(keys: torch.Tensor, key: int) -> int:
 
 def _histogram(keys: torch.Tensor, bins: int) -> torch.Tensor:
     """Counts of each key value in [0, bins)."""
-    if keys.dtype == torch.int16 and keys.device.type == "cpu" and bins >= 1 << 15:
+    if histogram15 is not None and keys.dtype == torch.int16 and keys.device.type == "cpu" and bins >= 1 << 15:
         hist = torch.zeros(bins, dtype=torch.int64)
         histogram15(keys.contiguous().numpy(), hist.numpy())  # keys are non-negative: the same counts
         return hist
