@@ -59,4 +59,3 @@ except ImportError:
     count_kept, expand = count_kept_numpy, expand_numpy
     histogram15 = None  # the thresholds count with torch.bincount instead (numpy's is slower on int16)
     COMPILED = False
-    COMPILED = False
