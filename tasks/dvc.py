@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from dppa.pipeline import lifeline
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
 from dppa.pipeline.run_record import TAIL_LINES, StageFailed
+from dppa.pipeline.stage_server import WARM_ENV
 
 PREFECT_INFO = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| (?:DEBUG|INFO) ")
 
@@ -42,11 +43,13 @@ def repro_stage(root: Path, stage: str, force: bool = False) -> str:
     ran = restored = False
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     started = time.perf_counter()
+    env = stage_environment()
+    env.setdefault(WARM_ENV, "0")  # one stage per DVC process: a server of its own would serve nothing (the run's does)
     # lifeline.popen: `dvc repro` (and through it the stage) ends when this run is killed
     with lifeline.popen(
         command,
         cwd=root,
-        env=stage_environment(),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -25,6 +25,7 @@ LONGEST_FIRST = (
     "test_adapter_pipeline.py",
     "test_dvc_team.py",  # these copy the shared project
     "test_pipeline_runs.py",
+    "test_pipeline_kills.py",
     "test_unattended.py",
     "test_init.py",
     "test_hub_pipeline.py",

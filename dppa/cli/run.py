@@ -66,77 +66,100 @@ def check_project(root: Path) -> None:
             raise DppaError(f"{root / required}: missing ({hint}); run from the project folder or pass -C PROJECT")
 
 
-def stage_output(root: Path, name: str) -> Path | None:
-    """The first output of stage `name` (the report's folder, the publish record), as dvc.yaml declares it; None
-    when the project has no such stage."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        stage = next((s for s in repo.index.stages if s.name == name and Path(s.path).parent == root), None)
-        return root / stage.outs[0].def_path if stage is not None else None
+SHOWN = ("report", "publish")  # the stages whose outputs `dppa run` prints at the end
 
 
-def stages_if_up_to_date(root: Path) -> list[str] | None:
-    """The pipeline's stages (the project's dvc.yaml and what it depends on) when DVC finds none of them stale, as
-    `dvc status` does; None when some stage would run."""
-    from dvc.repo import Repo
+class Pipeline:
+    """What `dppa run` reads of the project's pipeline, from one DVC index (DVC parses dvc.yaml and dvc.lock
+    once; a no-op run is mostly this)."""
 
-    dvcfile = root / "dvc.yaml"
-    with Repo(str(root)) as repo:
-        if repo.status(targets=[str(dvcfile)], with_deps=True):
-            return None
-        stages = repo.stage.collect(str(dvcfile), with_deps=True)
-        return [
-            s.name if Path(s.path).resolve() == dvcfile else f"{Path(s.path).resolve().relative_to(root)}:{s.name}"
-            for s in stages
-        ]
+    def __init__(self, root: Path):
+        self.root = root
+        self.dvcfile = root / "dvc.yaml"
+
+    def read(self) -> tuple[list[str] | None, dict[str, Path]]:
+        """(the pipeline's stages, the project's dvc.yaml and what it depends on, when DVC finds none of them
+        stale, as `dvc status` does; else None), {name: first output} of the SHOWN stages."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            own = [s for s in repo.index.stages if Path(s.path).resolve() == self.dvcfile]
+            outputs = {s.name: self.root / s.outs[0].def_path for s in own if s.name in SHOWN and s.outs}
+            if repo.status(targets=[str(self.dvcfile)], with_deps=True):
+                return None, outputs
+            stages = repo.stage.collect(str(self.dvcfile), with_deps=True)
+            return [self._name(s) for s in stages], outputs
+
+    def _name(self, stage) -> str:
+        path = Path(stage.path).resolve()
+        return stage.name if path == self.dvcfile else f"{path.relative_to(self.root)}:{stage.name}"
 
 
-def run_pipeline(root: Path) -> dict[str, str]:
-    """Check params, then run the pipeline flow with the task runner they choose; returns {stage: outcome}.
-
-    When nothing is stale, no Prefect API, task runner or stage process is started: every stage is up to date,
-    which is all the flow would find (in seconds instead of the tens of seconds those cost)."""
+def check_params(root: Path) -> bool:
+    """params.yaml checked as a run needs it (DppaError naming the problems); whether a model follows a hub branch."""
+    from dppa.flows.runtime import gpus_for
     from dppa.pipeline.config import load_params
 
     params = load_params(root / "params.yaml")
-    from dppa.flows.runtime import gpus_for
+    gpus_for(params.runtime)  # refuses local-gpu-cluster where no GPU is visible
+    return params.follows_hub_branch(root)
+
+
+def run_pipeline(root: Path) -> tuple[dict[str, str], dict[str, Path]]:
+    """Check params, then run the pipeline flow with the task runner they choose; returns ({stage: outcome}, the
+    outputs of the SHOWN stages).
+
+    When nothing is stale, no Prefect API, task runner or stage process is started: every stage is up to date,
+    which is all the flow would find (in seconds instead of the tens of seconds those cost). The params check runs
+    beside DVC's status (dppa/pipeline/params_check.py); no stage runs before it passes."""
+    from dppa.pipeline.params_check import ParamsCheck, on_overlap
     from dppa.pipeline.run_lock import run_lock
 
-    gpus_for(params.runtime)  # refuses local-gpu-cluster where no GPU is visible, before any work
+    checking = ParamsCheck(root, check_params)
+    try:
+        with run_lock(root, on_overlap=on_overlap(root), command="dppa run"):
+            try:
+                up_to_date, outputs = Pipeline(root).read()
+            except Exception:
+                checking.result()  # a params.yaml problem is what a user sees first (DVC's may follow from it)
+                raise
+            # A model at a hub branch may have moved: only the flow asks the hub, so there is no quick answer then.
+            if not checking.result() and up_to_date is not None:
+                return dict.fromkeys(up_to_date, "up to date"), outputs
+            return _run_flow(root), outputs
+    finally:
+        checking.cancel()
 
-    with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command="dppa run"):
-        # A model at a hub branch may have moved: only the flow asks the hub, so there is no quick answer then.
-        if not params.follows_hub_branch(root):
-            up_to_date = stages_if_up_to_date(root)
-            if up_to_date is not None:
-                return dict.fromkeys(up_to_date, "up to date")
-        from dppa.flows.pipeline import pipeline_flow
-        from dppa.flows.runtime import notifier, prefect_api, set_gpu_limit, task_runner
-        from dppa.pipeline.run_record import recorded_run
-        from dppa.pipeline.stage_server import warm_stages
 
-        runner = task_runner(params.runtime)  # starts nothing
+def _run_flow(root: Path) -> dict[str, str]:
+    from dppa.flows.pipeline import pipeline_flow
+    from dppa.flows.runtime import notifier, prefect_api, set_gpu_limit, task_runner
+    from dppa.pipeline.config import load_params
+    from dppa.pipeline.run_record import recorded_run
+    from dppa.pipeline.stage_server import warm_stages
 
-        with warm_stages(), prefect_api(), recorded_run(root, "dppa run") as record:
-            record.notify = notifier(params.runtime.notify)
-            set_gpu_limit(params.runtime.gpu_concurrency)
-            flow = pipeline_flow.with_options(task_runner=runner)
-            record.stages = flow(str(root), gpu_resource=params.runtime.needs_gpu_resource())
-            return record.stages
+    params = load_params(root / "params.yaml")  # (checked already: this process's copy, for the flow)
+    runner = task_runner(params.runtime)  # starts nothing
+    with warm_stages(), prefect_api(), recorded_run(root, "dppa run") as record:
+        record.notify = notifier(params.runtime.notify)
+        set_gpu_limit(params.runtime.gpu_concurrency)
+        flow = pipeline_flow.with_options(task_runner=runner)
+        record.stages = flow(str(root), gpu_resource=params.runtime.needs_gpu_resource())
+        return record.stages
 
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.project).resolve()
     check_project(root)
     started = time.perf_counter()
-    outcome = run_pipeline(root)
+    outcome, outputs = run_pipeline(root)
     ran = [stage for stage, result in outcome.items() if result == "ran"]
     elapsed = time.perf_counter() - started
     print(f"\n{len(ran)} of {len(outcome)} stages ran ({elapsed:.0f} s): {', '.join(ran) or 'none'}")
-    table = stage_output(root, "report") / "scores.md"
-    print(table.read_text() if table.exists() else f"{table}: no report was written")
-    record = stage_output(root, "publish")
+    if "report" in outputs:
+        table = outputs["report"] / "scores.md"
+        print(table.read_text() if table.exists() else f"{table}: no report was written")
+    record = outputs.get("publish")
     if record is not None:
         print(publish_line(record))
     return 0

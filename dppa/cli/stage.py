@@ -50,11 +50,11 @@ def stage_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from dppa.pipeline.lifeline import die_with_parent
     from dppa.pipeline.run_lock import TOKEN_ENV
-    from dppa.pipeline.stage_server import run_through_server
+    from dppa.pipeline.stage_server import stage_command
 
     if os.environ.get(TOKEN_ENV):
         die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed
-    status = run_through_server(["stage", *args.argv])  # under `dppa run`: in a warm process, its imports done
+    status = stage_command(["stage", *args.argv])  # in a warm process, its imports done, when one is there
     if status is not None:
         return status
     from dppa.pipeline.config import BASE_NAME, load_params
