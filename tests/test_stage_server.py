@@ -27,6 +27,7 @@ from dppa.pipeline.stage_server import (
     stage_command,
     warm_stages,
 )
+from tests.helpers.pipeline import _cmdline
 
 
 def wait_listening(path: str, timeout_s: float = 120) -> None:
@@ -87,15 +88,8 @@ def short_tmp(monkeypatch):
 
 def serving(folder: Path) -> list[str]:
     """Processes of a stage server whose socket is under `folder`, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "dppa.pipeline.stage_server" in command and str(folder) in command:
-            found.append(command.replace("\0", " "))
-    return found
+    commands = (_cmdline(int(entry.name)) for entry in Path("/proc").glob("[0-9]*"))
+    return [c for c in commands if "dppa.pipeline.stage_server" in c and str(folder) in c]
 
 
 def wait_for(condition, what: str, timeout_s: float = 30) -> None:

@@ -69,30 +69,23 @@ def check_project(root: Path) -> None:
 SHOWN = ("report", "publish")  # the stages whose outputs `dppa run` prints at the end
 
 
-class Pipeline:
-    """What `dppa run` reads of the project's pipeline, from one DVC index (DVC parses dvc.yaml and dvc.lock
-    once; a no-op run is mostly this)."""
+def read_pipeline(root: Path) -> tuple[list[str] | None, dict[str, Path]]:
+    """(the pipeline's stages, the project's dvc.yaml and what it depends on, when DVC finds none of them stale, as
+    `dvc status` does; else None), {name: first output} of the SHOWN stages. From one DVC index: DVC parses
+    dvc.yaml and dvc.lock once (a no-op run is mostly this)."""
+    from dvc.repo import Repo
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.dvcfile = root / "dvc.yaml"
-
-    def read(self) -> tuple[list[str] | None, dict[str, Path]]:
-        """(the pipeline's stages, the project's dvc.yaml and what it depends on, when DVC finds none of them
-        stale, as `dvc status` does; else None), {name: first output} of the SHOWN stages."""
-        from dvc.repo import Repo
-
-        with Repo(str(self.root)) as repo:
-            own = [s for s in repo.index.stages if Path(s.path).resolve() == self.dvcfile]
-            outputs = {s.name: self.root / s.outs[0].def_path for s in own if s.name in SHOWN and s.outs}
-            if repo.status(targets=[str(self.dvcfile)], with_deps=True):
-                return None, outputs
-            stages = repo.stage.collect(str(self.dvcfile), with_deps=True)
-            return [self._name(s) for s in stages], outputs
-
-    def _name(self, stage) -> str:
-        path = Path(stage.path).resolve()
-        return stage.name if path == self.dvcfile else f"{path.relative_to(self.root)}:{stage.name}"
+    dvcfile = root / "dvc.yaml"
+    with Repo(str(root)) as repo:
+        own = [s for s in repo.index.stages if Path(s.path).resolve() == dvcfile]
+        outputs = {s.name: root / s.outs[0].def_path for s in own if s.name in SHOWN and s.outs}
+        if repo.status(targets=[str(dvcfile)], with_deps=True):
+            return None, outputs
+        stages = repo.stage.collect(str(dvcfile), with_deps=True)
+        return [
+            s.name if Path(s.path).resolve() == dvcfile else f"{Path(s.path).resolve().relative_to(root)}:{s.name}"
+            for s in stages
+        ], outputs
 
 
 def check_params(root: Path) -> bool:
@@ -119,7 +112,7 @@ def run_pipeline(root: Path) -> tuple[dict[str, str], dict[str, Path]]:
     try:
         with run_lock(root, on_overlap=on_overlap(root), command="dppa run"):
             try:
-                up_to_date, outputs = Pipeline(root).read()
+                up_to_date, outputs = read_pipeline(root)
             except Exception:
                 checking.result()  # a params.yaml problem is what a user sees first (DVC's may follow from it)
                 raise

@@ -299,18 +299,18 @@ def serve(path: str, watch: int | None = None) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(64)
-        _serve_until(listener, [lock] if ended is None else [lock, ended])
+        _serve_until(listener, lock, ended)
     finally:
         for leftover in (path, f"{path}.lock"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
 
 
-def _serve_until(listener: socket.socket, held: list[int]) -> None:
-    """Fork a child per request until the watched process ends (`held`: the lock, then that process's pidfd), or
-    until the project's code changes on disk: a stage must run the code DVC records for it, so a request that
-    comes after an edit is declined (its command runs cold, reading the new code) and the server ends."""
-    ended = held[1] if len(held) > 1 else None
+def _serve_until(listener: socket.socket, lock: int, ended: int | None) -> None:
+    """Fork a child per request until the watched process's pidfd `ended` is readable (it ended), or until the
+    project's code changes on disk: a stage must run the code DVC records for it, so a request that comes after an
+    edit is declined (its command runs cold, reading the new code) and the server ends."""
+    held = [lock] if ended is None else [lock, ended]  # what a child must not keep
     waited = [listener] if ended is None else [listener, ended]
     code = source_files()
     while True:
