@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dppa.flows.runtime import GPU_RESOURCE, hide_run_tracebacks
 from dppa.tasks import GPU_TAG
-from dppa.tasks.dvc import repro_stage
+from dppa.tasks.dvc import repro_stage, up_to_date
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 
@@ -71,11 +71,11 @@ def submit_stage(root: Path, stage: str, wait_for: list, gpu_resource: bool, for
         return task.submit(root, stage, force=force, wait_for=wait_for)
 
 
-def stage_graph(root: Path) -> tuple[dict[str, list[str]], dict[str, Path]]:
-    """{stage name: names of the stages it depends on}, in a topological order (dependencies first); and
-    {fetch stage name: its output folder}."""
+def stage_graph(root: Path) -> tuple[dict[str, list[str]], dict[str, Path], set[str]]:
+    """{stage name: names of the stages it depends on}, in a topological order (dependencies first);
+    {fetch stage name: its output folder}; the stages DVC finds stale now (as `dvc status` does)."""
     import networkx as nx
-    from dvc.repo import Repo
+    from dvc.repo import Repo, lock_repo
 
     def address(stage) -> str:
         # DVC's own `addressing` is relative to the working folder, which need not be the project.
@@ -93,7 +93,9 @@ def stage_graph(root: Path) -> tuple[dict[str, list[str]], dict[str, Path]]:
         fetches = {
             address(s): root / s.outs[0].def_path for s in order if (s.cmd or "").startswith(FETCH_COMMAND) and s.outs
         }
-        return {address(stage): [address(up) for up in graph.successors(stage)] for stage in order}, fetches
+        with lock_repo(repo):  # as `dvc status` holds it
+            stale = {address(s) for s in order if s.status(check_updates=True)}
+        return {address(stage): [address(up) for up in graph.successors(stage)] for stage in order}, fetches, stale
 
 
 def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
@@ -122,6 +124,17 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     return moved
 
 
+def will_change(graph: dict[str, list[str]], changed: set[str]) -> set[str]:
+    """The stages of `graph` ({stage: its upstream stages}, dependencies first) that are in `changed` or depend on
+    one, directly or not: the stages whose inputs may differ once the stages before them ran. The others are up to
+    date now and stay so through the run, since nothing they depend on runs."""
+    to_run: set[str] = set()
+    for stage, upstream in graph.items():
+        if stage in changed or to_run.intersection(upstream):
+            to_run.add(stage)
+    return to_run
+
+
 NOT_RUN = "not run"  # an upstream stage failed
 
 
@@ -130,18 +143,24 @@ def pipeline_flow(root: str = ".", gpu_resource: bool = False) -> dict[str, str]
     """Run every stale stage of dvc.yaml in dependency order, and the fetch of every hub model whose branch moved
     upstream; returns {stage: "ran" | "restored" | "up to date"}. When stages fail, the stages independent of them
     still run, and then StageFailed names the first (in the graph's order) with the last lines of its log.
-    `gpu_resource`: the model-heavy stages require a Dask worker with the resource GPU."""
+    `gpu_resource`: the model-heavy stages require a Dask worker with the resource GPU. A stage that DVC finds up
+    to date and that depends on no stage that runs is reported so without a DVC process of its own."""
     hide_run_tracebacks()
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    graph, fetches = stage_graph(root_path)
+    graph, fetches, stale = stage_graph(root_path)
     if gpu_resource:
         check_gpu_workers()
     forced = moved_branches(root_path, fetches)
+    to_run = will_change(graph, stale | forced)
     started = time.perf_counter()
     futures = {}
     for stage, upstream in graph.items():
-        futures[stage] = submit_stage(root_path, stage, [futures[u] for u in upstream], gpu_resource, stage in forced)
+        wait_for = [futures[u] for u in upstream]
+        if stage in to_run:
+            futures[stage] = submit_stage(root_path, stage, wait_for, gpu_resource, stage in forced)
+        else:
+            futures[stage] = up_to_date.submit(stage, wait_for=wait_for)
     wait(list(futures.values()))
     outcome, failures = {}, []
     for stage, future in futures.items():
@@ -185,7 +204,7 @@ def scheduled_pipeline(root: str) -> dict[str, str]:
             with run_lock(root, on_overlap=params.runtime.on_overlap or "skip", command=command, log=logger.warning):
                 set_gpu_limit(params.runtime.gpu_concurrency)
                 flow_ = pipeline_flow.with_options(task_runner=task_runner(params.runtime))
-                with warm_stages():
+                with warm_stages(dvc=True):
                     record.stages = flow_(root, gpu_resource=params.runtime.needs_gpu_resource())
                 return record.stages
     except RunSkipped as skipped:

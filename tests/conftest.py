@@ -75,7 +75,8 @@ def stage_server():
     torch and the stages again (about 2 s a stage). Only for DVC runs whose subject is not the stage's own cold start
     and whose environment is the session's (the server imported its modules under it): a test passes it on
     explicitly (`dvc(..., server=stage_server)`), and nothing else sees it."""
-    from dppa.pipeline.stage_server import SERVER_ENV, warm_stages
+    from dppa.pipeline.stage_client import SERVER_ENV
+    from dppa.pipeline.stage_server import warm_stages
 
     with warm_stages():
         yield os.environ.pop(SERVER_ENV)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -115,11 +116,34 @@ def test_a_code_change_makes_stale_only_the_stages_that_use_the_code(built_proje
     assert "Data and pipelines are up to date" in dvc(built_project, "status").stdout
 
 
-def test_changing_merge_scale_reruns_merge_evaluate_report_only(built_project, stage_server):
+def pipeline_task_runs() -> dict[str, set[str]]:
+    """{task (its function's name): the stages it ran for} in the latest run of the pipeline flow."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_filter = FlowFilter(name=FlowFilterName(any_=["dppa-pipeline"]))
+        latest = client.read_flow_runs(flow_filter=flow_filter, sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[latest.id])))
+    tasks: dict[str, set[str]] = {}
+    for run in runs:
+        tasks.setdefault(run.task_key.rsplit("-", 1)[0], set()).add(run.name)
+    return tasks
+
+
+def test_dppa_run_after_a_merge_scale_change_reruns_merge_evaluate_report_only(built_project, capsys):
+    from dppa.cli import main
+
     before = out_hashes(built_project)
     edit_params(built_project, lambda p: p["merge"].update(scale=0.8, search=None))
-    done = dvc(built_project, "repro", server=stage_server)
-    assert_reran(done.stdout, {"merge", "evaluate", "report"})
+    assert main(["run", "-C", str(built_project)]) == 0
+    ran = re.search(r"stages ran \(\d+ s\): (.*)", capsys.readouterr().out).group(1)
+    assert_reran("".join(f"Running stage '{stage}'\n" for stage in ran.split(", ")), {"merge", "evaluate", "report"})
+    # DVC was asked again (its own process) only for the stages downstream of the stale one; the others were up
+    # to date at the start and nothing they depend on ran
+    downstream = {"merge", "evaluate", "report", "publish"}
+    assert pipeline_task_runs() == {"repro_stage": downstream, "up_to_date": ALL_STAGES - downstream}
     after = out_hashes(built_project)
     assert after["data/merged/model"] != before["data/merged/model"]
     upstream = ("data/models/", "data/deltas/", "data/pruned/", "data/amplified/", "data/plots/search/")

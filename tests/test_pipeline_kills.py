@@ -15,7 +15,7 @@ import time
 import pytest
 
 from dppa.pipeline.dvc_process import stage_environment
-from dppa.pipeline.stage_server import SERVER_ENV
+from dppa.pipeline.stage_client import SERVER_ENV
 from tests.helpers.pipeline import _cmdline, alive, built_once, descendants, edit_params
 
 pytestmark = pytest.mark.slow

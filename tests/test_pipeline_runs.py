@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from dppa.pipeline.stage_server import SERVER_ENV
+from dppa.pipeline.stage_client import SERVER_ENV
 from tests.helpers.pipeline import (
     ALL_STAGES,
     FINETUNES,

@@ -16,17 +16,17 @@ import pytest
 
 from dppa import __version__
 from dppa.pipeline.dvc_process import stage_environment
-from dppa.pipeline.stage_server import (
+from dppa.pipeline.stage_client import (
     DECLINED,
     SERVER_ENV,
     WARM_ENV,
-    _receive_request,
+    receive_request,
+    run_dvc_through_server,
     run_through_server,
     socket_folder,
-    source_files,
     stage_command,
-    warm_stages,
 )
+from dppa.pipeline.stage_server import source_files, warm_stages
 from tests.helpers.pipeline import _cmdline
 
 
@@ -101,7 +101,7 @@ def wait_for(condition, what: str, timeout_s: float = 30) -> None:
 
 # What `dppa stage` does first, made visible: the status of a command run in a warm server, or None (cold).
 PROBE = """\
-from dppa.pipeline.stage_server import stage_command
+from dppa.pipeline.stage_client import stage_command
 print(stage_command(["--version"]), flush=True)
 """
 # Until the server that the first stage started listens (it imports torch and the stages first).
@@ -142,6 +142,30 @@ def dvc_project(folder: Path) -> Path:
     for name, text in {"probe.py": PROBE, "wait.py": WAIT, "dvc.yaml": STAGES}.items():
         (folder / name).write_text(text)
     return folder
+
+
+def test_a_run_hands_its_dvc_commands_to_the_server_and_their_stages_come_back_to_it(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    (project / "probe.py").write_text(PROBE)
+    (project / "dvc.yaml").write_text("stages:\n  probe:\n    cmd: python probe.py > out.txt\n    outs: [out.txt]\n")
+    with warm_stages(dvc=True):
+        path = os.environ[SERVER_ENV]
+        wait_listening(path)
+        env = {**stage_environment(), WARM_ENV: "0"}  # as tasks/dvc.py gives it
+        lines: list[str] = []
+        assert run_dvc_through_server(["repro"], path, project, env, lines.append) == 0
+        assert "Running stage 'probe'" in "".join(lines)
+        # DVC ran in the server's child (nothing else answers that call), and its stage reached the server too
+        assert (project / "out.txt").read_text() == f"dppa {__version__}\n0\n"
+        lines.clear()
+        cold = subprocess.run([sys.executable, "-m", "dvc", "repro", "no-such-stage"], cwd=project, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert run_dvc_through_server(["repro", "no-such-stage"], path, project, env, lines.append) == cold.returncode
+        assert cold.returncode != 0 and "".join(lines) == cold.stdout + cold.stderr  # DVC's error, through the pipe
+    assert run_dvc_through_server(["repro"], path, project, env, lines.append) is None  # no server: the caller's turn
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "DPPA_WARM_STAGES=0"])
@@ -230,7 +254,7 @@ def test_a_declined_request_makes_the_command_run_the_stage_itself(short_tmp):
     def decline() -> None:
         conn, _ = listener.accept()
         with conn:
-            _request, fds = _receive_request(conn)  # the whole request, as a server takes it
+            _request, fds = receive_request(conn)  # the whole request, as a server takes it
             for fd in fds:
                 os.close(fd)
             conn.sendall(struct.pack("!i", DECLINED))

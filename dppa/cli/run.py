@@ -133,7 +133,7 @@ def _run_flow(root: Path) -> dict[str, str]:
 
     params = load_params(root / "params.yaml")  # (checked already: this process's copy, for the flow)
     runner = task_runner(params.runtime)  # starts nothing
-    with warm_stages(), prefect_api(), recorded_run(root, "dppa run") as record:
+    with warm_stages(dvc=True), prefect_api(), recorded_run(root, "dppa run") as record:
         record.notify = notifier(params.runtime.notify)
         set_gpu_limit(params.runtime.gpu_concurrency)
         flow = pipeline_flow.with_options(task_runner=runner)

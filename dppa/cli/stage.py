@@ -50,7 +50,7 @@ def stage_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from dppa.pipeline.lifeline import die_with_parent
     from dppa.pipeline.run_lock import TOKEN_ENV
-    from dppa.pipeline.stage_server import stage_command
+    from dppa.pipeline.stage_client import stage_command
 
     if os.environ.get(TOKEN_ENV):
         die_with_parent()  # started by a run (through `dvc repro`): end with it, even when it is killed

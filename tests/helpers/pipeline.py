@@ -16,7 +16,7 @@ import yaml
 from filelock import FileLock
 
 from dppa.pipeline.dvc_process import stage_environment
-from dppa.pipeline.stage_server import SERVER_ENV
+from dppa.pipeline.stage_client import SERVER_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
