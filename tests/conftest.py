@@ -21,15 +21,17 @@ from tests.helpers.synthetic import make_base, make_finetune  # noqa: E402
 # worker running them alone at the end (21 min wall for 33 CPU-minutes on 2 cores).
 LONGEST_FIRST = (
     "test_pipeline.py",  # builds the tiny zoo and the shared project (tests/helpers/pipeline.py, built_once) ...
-    "test_real_llm.py",  # ... while the other worker starts on what needs neither
+    "test_real_llm.py",  # ... while the other workers start on what needs neither
+    "test_dask_resources.py",
+    "test_hub_pipeline.py",
     "test_adapter_pipeline.py",
     "test_dvc_team.py",  # these copy the shared project
     "test_pipeline_runs.py",
     "test_pipeline_kills.py",
     "test_unattended.py",
     "test_init.py",
-    "test_hub_pipeline.py",
-    "test_dask_resources.py",
+    "test_hub_fetch.py",
+    "test_publish.py",
 )
 
 
