@@ -208,7 +208,9 @@ def main() -> None:
             print(f"probe: {name}: {seconds:.2f} s")
     if args.mode in ("run", "both"):
         project = make_project(work / "project-run", src, zoo)
-        env = environment(src, work / "prefect-home-run")  # its own database: only this run's task runs
+        home = work / "prefect-home-run"
+        shutil.rmtree(home, ignore_errors=True)  # a database of its own: only this run's task runs
+        env = environment(src, home)
         api_start, wall, stages, own = run_mode(project, env, work)
         print(f"\n`dppa run`, {len(stages)} stages (API start-up {api_start:.1f} s, not included): {wall:.1f} s")
         print_stages(stages, own)
