@@ -31,11 +31,12 @@ lint: $(STAMP)
 
 # Three workers on two cores: the pipeline tests spend about a quarter of their time waiting on the processes they
 # start (DVC, stage servers, Prefect), which a third worker fills (pytest alone, idle: 760 s with -n 2, 631 s with -n 3).
+# test-fast's tests keep both cores busy: two workers (67 s; 83 s with three).
 test: lint
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # The demo pipeline on params.yaml: builds the demo zoo if missing, runs every stale stage of dvc.yaml through
 # Prefect, prints the results table. The stages call `dppa`, so the virtualenv's bin folder goes first on PATH.

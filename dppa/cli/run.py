@@ -16,7 +16,8 @@ dependency order, the per-fine-tune branches side by side; then print the result
 the report stage's scores.md and .csv, with plots). A hub model given at a branch or tag is asked about first
 (one API call): if the branch moved upstream, its fetch reruns, and with it what depends on that model. When no
 model follows a branch and `dvc status` finds nothing stale, nothing is started (no Prefect API, no task runner):
-the table is printed at once.
+the table is printed at once. Otherwise a stage that is up to date, and downstream of no stage that runs, is
+reported so without starting DVC for it.
 
 Hub models live outside DVC, in the models store: $DPPA_MODELS_DIR, else ~/.cache/dppa/models (one folder per
 commit, shared by every project on the machine; delete what you no longer need). DVC tracks only each model's
