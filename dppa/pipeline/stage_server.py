@@ -76,14 +76,15 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    if request["program"] == "dppa":
+    dvc = request["program"] == "dvc"
+    if not dvc:
         os.environ.pop(SERVER_ENV, None)  # the child runs the stage itself
         os.environ[WARM_ENV] = "0"  # (and starts no server of its own)
     # (a DVC child keeps SERVER_ENV: the stage commands it starts come back to this server)
     _end_when_the_command_goes(conn)
     code = 1
     try:
-        if request["program"] == "dvc":
+        if dvc:
             from dvc.cli import main
         else:
             from dppa.cli import main
