@@ -21,8 +21,7 @@ from prefect.futures import wait
 
 from dppa.errors import DppaError
 from dppa.pipeline.run_record import StageFailed
-
-FETCH_COMMAND = "dppa stage fetch "  # the command of dvc.yaml's fetch stages
+from dppa.pipeline.stage_graph import StageGraph, read_stage_graph, will_change
 
 # dvc.yaml stages (per fine-tune ones without their @NAME) whose work is models on a device: the zoo trains them,
 # amplify searches factors by evaluating candidates, score and evaluate evaluate, merge searches its scale
@@ -71,33 +70,6 @@ def submit_stage(root: Path, stage: str, wait_for: list, gpu_resource: bool, for
         return task.submit(root, stage, force=force, wait_for=wait_for)
 
 
-def stage_graph(root: Path) -> tuple[dict[str, list[str]], dict[str, Path], set[str]]:
-    """{stage name: names of the stages it depends on}, in a topological order (dependencies first);
-    {fetch stage name: its output folder}; the stages DVC finds stale now (as `dvc status` does)."""
-    import networkx as nx
-    from dvc.repo import Repo, lock_repo
-
-    def address(stage) -> str:
-        # DVC's own `addressing` is relative to the working folder, which need not be the project.
-        dvcfile = Path(stage.dvcfile.path).resolve()
-        return stage.name if dvcfile == root / "dvc.yaml" else f"{dvcfile.relative_to(root)}:{stage.name}"
-
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        # The pipeline is the project's dvc.yaml (and whatever it depends on), not every dvc.yaml in the
-        # repository: experiments may keep their own stage files in subfolders.
-        mine = {s for s in graph if Path(s.dvcfile.path).resolve() == root / "dvc.yaml"}
-        wanted = mine.union(*(nx.descendants(graph, s) for s in mine))
-        graph = graph.subgraph(wanted)
-        order = list(reversed(list(nx.topological_sort(graph))))
-        fetches = {
-            address(s): root / s.outs[0].def_path for s in order if (s.cmd or "").startswith(FETCH_COMMAND) and s.outs
-        }
-        with lock_repo(repo):  # as `dvc status` holds it
-            stale = {address(s) for s in order if s.status(check_updates=True)}
-        return {address(stage): [address(up) for up in graph.successors(stage)] for stage in order}, fetches, stale
-
-
 def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     """The fetch stages whose hub model names a branch or tag that now points at another commit than the one
     fetched. DVC cannot see that (params.yaml still says `revision: main`), so these stages are forced to rerun;
@@ -124,38 +96,28 @@ def moved_branches(root: Path, fetches: dict[str, Path]) -> set[str]:
     return moved
 
 
-def will_change(graph: dict[str, list[str]], changed: set[str]) -> set[str]:
-    """The stages of `graph` ({stage: its upstream stages}, dependencies first) that are in `changed` or depend on
-    one, directly or not: the stages whose inputs may differ once the stages before them ran. The others are up to
-    date now and stay so through the run, since nothing they depend on runs."""
-    to_run: set[str] = set()
-    for stage, upstream in graph.items():
-        if stage in changed or to_run.intersection(upstream):
-            to_run.add(stage)
-    return to_run
-
-
 NOT_RUN = "not run"  # an upstream stage failed
 
 
 @flow(name="dppa-pipeline")
-def pipeline_flow(root: str = ".", gpu_resource: bool = False) -> dict[str, str]:
+def pipeline_flow(root: str = ".", gpu_resource: bool = False, stages: StageGraph | None = None) -> dict[str, str]:
     """Run every stale stage of dvc.yaml in dependency order, and the fetch of every hub model whose branch moved
     upstream; returns {stage: "ran" | "restored" | "up to date"}. When stages fail, the stages independent of them
     still run, and then StageFailed names the first (in the graph's order) with the last lines of its log.
-    `gpu_resource`: the model-heavy stages require a Dask worker with the resource GPU. A stage that DVC finds up
-    to date and that depends on no stage that runs is reported so without a DVC process of its own."""
+    `gpu_resource`: the model-heavy stages require a Dask worker with the resource GPU. `stages`: DVC's reading of
+    them when the caller has one (`dppa run` reads it before it starts anything); else it is read here. A stage that
+    DVC finds up to date and that depends on no stage that runs is reported so without a DVC process of its own."""
     hide_run_tracebacks()
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    graph, fetches, stale = stage_graph(root_path)
+    stages = stages or read_stage_graph(root_path)
     if gpu_resource:
         check_gpu_workers()
-    forced = moved_branches(root_path, fetches)
-    to_run = will_change(graph, stale | forced)
+    forced = moved_branches(root_path, stages.fetches)
+    to_run = will_change(stages.upstream, stages.stale | forced)
     started = time.perf_counter()
     futures = {}
-    for stage, upstream in graph.items():
+    for stage, upstream in stages.upstream.items():
         wait_for = [futures[u] for u in upstream]
         if stage in to_run:
             futures[stage] = submit_stage(root_path, stage, wait_for, gpu_resource, stage in forced)

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 from dppa.tasks import GPU_TAG
 
@@ -26,6 +25,9 @@ API_URL_ENV = "PREFECT_API_URL"
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # where Prefect's engines record a failed run
 CUDA_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 GPU_RESOURCE = "GPU"  # the Dask resource the model-heavy stages require (flows/pipeline.py)
+# How long a stage that found the GPU slots taken waits before it asks again, on the servers started here. Prefect's
+# default, up to 10 s, left 4-12 s gaps between the demo's model-heavy stages: 40 s of its 155 s after the zoo.
+SLOT_WAIT_ENV = {"PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
 
 
 @contextlib.contextmanager
@@ -40,7 +42,8 @@ def prefect_api():
     server = SubprocessASGIServer()
     # Prefect's settings may have been read before flows/__init__ set the longer start-up time: set it here too.
     # The server process must not outlive this one, even when this one is killed (dppa/pipeline/lifeline.py).
-    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}), children_die_with_us():
+    settings = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120, **SLOT_WAIT_ENV}
+    with temporary_settings(updates=settings), children_die_with_us():
         server.start()
     os.environ[API_URL_ENV] = server.api_url
     try:
@@ -98,7 +101,8 @@ def prefect_server(timeout_s: float = 180):
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
     server = lifeline.popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **SLOT_WAIT_ENV},
     )
     try:
         deadline = time.monotonic() + timeout_s
@@ -157,13 +161,10 @@ def notifier(target: str | None) -> Callable[[str, str], None] | None:
 def configured_notify(root: str | os.PathLike) -> str | None:
     """runtime.notify read from params.yaml without checking the rest, so that a params.yaml that fails its check
     can still be reported to people."""
-    import yaml
+    from dppa.pipeline.params_check import unchecked_runtime
 
-    try:
-        runtime = (yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}).get("runtime") or {}
-        return runtime.get("notify") if isinstance(runtime.get("notify"), str) else None
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
+    notify = unchecked_runtime(root).get("notify")
+    return notify if isinstance(notify, str) else None
 
 
 def set_gpu_limit(limit: int) -> None:

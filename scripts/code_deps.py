@@ -12,7 +12,8 @@ reading the code, not by running it:
   function (with the same-file helpers it names); anything else imported brings the module's top level; imports
   inside functions count (a lazy import still runs when its function does); package `__init__.py` files on the way.
 Left out, as they compute nothing a stage writes: the command wrapper (dppa/cli/, dppa/stages/__init__.py's table)
-and dppa/__init__.py (the version string). dppa/io/_codec.c counts wherever dppa/io/codec.py does. A folder is
+and dppa/__init__.py (the version string). Data a module reads counts wherever the module does (COMPANIONS: the
+compiled codec's source, the shipped zoo bases). A folder is
 listed when every module under it is reached, else its files. Imports of names built at run time (importlib) are not
 seen, with one exception: the task sources that dppa/evaluation/task_sources.py loads through the entry points of
 pyproject.toml (the zoo's tasks) count wherever that module does.
@@ -32,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "dppa"
 LEFT_OUT = {"dppa/__init__.py", "dppa/stages/__init__.py"}
 STAGE_MODULES = ("models", "deltas", "merge", "evaluation")
+# {module: what it reads that changes what it computes}: the compiled codec's source, the pre-trained zoo bases
+COMPANIONS = {"dppa/io/codec.py": "dppa/io/_codec.c", "dppa/zoo/shipped.py": "dppa/zoo/bases"}
 
 
 def module_file(name: str) -> Path | None:
@@ -156,8 +159,7 @@ def stage_files(stage: str) -> set[Path]:
         name = f"{PACKAGE}.stages.{module}"
         if stage in MODULES(name).functions:
             files = closure({(name, stage)}) - {ROOT / p for p in LEFT_OUT}
-            # the compiled codec's source: a change to it changes what codec.py computes
-            return files | ({ROOT / "dppa/io/_codec.c"} if ROOT / "dppa/io/codec.py" in files else set())
+            return files | {ROOT / data for module, data in COMPANIONS.items() if ROOT / module in files}
     raise KeyError(f"stage function {stage!r} not found in dppa/stages/")
 
 
@@ -171,7 +173,7 @@ def as_deps(files: set[Path]) -> list[str]:
     deps = set(rel)
     for folder in folders:
         members = {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*.py")} - LEFT_OUT
-        members |= {"dppa/io/_codec.c"} if folder == "dppa/io" else set()
+        members |= {data for data in COMPANIONS.values() if data.startswith(folder + "/")}
         if members and members <= rel and not any(folder.startswith(d + "/") for d in deps if "." not in d):
             deps = {d for d in deps if not d.startswith(folder + "/")} | {folder}
     return sorted(deps)

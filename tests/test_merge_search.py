@@ -8,7 +8,7 @@ import pytest
 
 from dppa.cli import main
 from dppa.evaluation.scores import primary_scores, score_folder
-from dppa.pipeline.merge_search import search_merge
+from dppa.search.merge_search import search_merge
 from tests.helpers.merge import expected_merge
 
 FINETUNES = ("facts", "strings")  # both learned their tasks in the tiny zoo

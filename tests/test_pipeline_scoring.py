@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dppa.evaluation.scoring import BaseInMemory
 from dppa.extract import extract_delta
 from dppa.merging.merge import merge_deltas
-from dppa.pipeline.scoring import BaseInMemory
 
 
 def state(folder):

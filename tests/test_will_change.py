@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dppa.flows.pipeline import will_change
+from dppa.pipeline.stage_graph import will_change
 
 # fetch@a -> extract@a -> prune@a \
 #                                  merge -> evaluate -> report

@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dppa.cli import main
@@ -196,3 +198,33 @@ def test_zoo_cache_builds_once_and_links_the_same_files(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "off")
     assert cached_zoo(tmp_path / "d" / "zoo", "tiny", "heavy", 0, build, log=lambda _m: None) is False
     assert len(builds) == 3
+
+
+@pytest.mark.slow
+def test_a_shipped_base_is_fine_tuned_as_it_is_and_pretrain_trains_one_anyway(tiny_zoo, tmp_path, monkeypatch):
+    import dppa.zoo.shipped as shipped
+
+    monkeypatch.setattr(shipped, "BASES", tmp_path / "bases")
+    # ship a base that pre-training cannot give: the tiny zoo's base with one weight changed
+    made = tmp_path / "made"
+    shutil.copytree(tiny_zoo, made, copy_function=shutil.copyfile)  # writable: the fixture is read-only
+    weights = made / "base" / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert shipped.ship_base(made) == tmp_path / "bases" / "tiny-s0"
+    quiet = {"size": "tiny", "regime": "heavy", "seed": 0, "workers": 1, "log": lambda _msg: None}
+    used = build_zoo(tmp_path / "shipped", **quiet)
+    assert used["base"]["shipped"] == "dppa/zoo/bases/tiny-s0"
+    assert "pretrain_threads" not in used["timing"]
+    assert (tmp_path / "shipped" / "base" / "model.safetensors").read_bytes() == weights.read_bytes()
+    assert load_file(tmp_path / "shipped" / "arith" / "model.safetensors").keys() == tensors.keys()
+    # seed 1 has no shipped base; --pretrain ignores the shipped one and gives the pre-trained bits again
+    trained = build_zoo(tmp_path / "trained", pretrain=True, **quiet)
+    assert "shipped" not in trained["base"]
+    assert _file_hashes(tmp_path / "trained") == _file_hashes(tiny_zoo)
+    assert shipped.shipped_base("tiny", 1) is None
+    with pytest.raises(ValueError, match="build the zoo with --pretrain"):
+        shipped.ship_base(tmp_path / "shipped")

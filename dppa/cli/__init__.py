@@ -28,6 +28,15 @@ Run `dppa COMMAND --help` for the options of each command.
 """
 
 
+def add_command(subparsers, name: str, help: str, description: str, run, **options) -> argparse.ArgumentParser:
+    """A command's parser (its description printed as written) that calls `run(args)`."""
+    parser = subparsers.add_parser(
+        name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **options
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
 def command_names() -> list[str]:
     import dppa.cli as commands_pkg
 

@@ -1,7 +1,6 @@
 """`dppa amplify`: Dynamic Partition Amplification of a delta."""
 
-import argparse
-
+from dppa.cli import add_command
 from dppa.cli.options import add_band_options, add_common, add_dp_options, add_storage, common_kwargs, float_list
 from dppa.sparsify.bands import amplify_delta
 from dppa.sparsify.registry import PRUNERS
@@ -20,19 +19,13 @@ example (the paper's setting, factors found by a search):
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "amplify",
-        help="DPA: amplify DP bands of a delta by per-band factors",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "amplify", "DPA: amplify DP bands of a delta by per-band factors", DESCRIPTION, run)
     p.add_argument("delta", metavar="DELTA", help="delta folder written by `dppa extract` (unpruned)")
     add_common(p)
     add_band_options(p)
     p.add_argument("--factors", type=float_list, required=True, metavar="A1,A2,..", help="one factor per band")
     add_dp_options(p)
     add_storage(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

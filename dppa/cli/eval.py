@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dppa.cli import add_command
+
 ORDER = 90
 
 DESCRIPTION = """\
@@ -58,12 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="evaluate a model folder with lm-evaluation-harness",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "eval", "evaluate a model folder with lm-evaluation-harness", DESCRIPTION, run)
     parser.add_argument("model", help="model folder (HF format) or hub model name")
     parser.add_argument("--tasks", required=True, help="comma-separated task names, e.g. zoo_arith,zoo_facts")
     parser.add_argument(
@@ -75,4 +72,3 @@ def register(subparsers) -> None:
     parser.add_argument("--output", default=None, help="metrics JSON file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--verbose", action="store_true", help="show the harness's log")
-    parser.set_defaults(func=run)

@@ -1,7 +1,6 @@
 """`dppa extract`: delta parameters of a fine-tune."""
 
-import argparse
-
+from dppa.cli import add_command
 from dppa.cli.options import add_common, common_kwargs
 from dppa.extract import extract_delta
 
@@ -28,12 +27,7 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "extract",
-        help="delta = finetuned - base, as a safetensors folder",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "extract", "delta = finetuned - base, as a safetensors folder", DESCRIPTION, run)
     p.add_argument("base", metavar="BASE", help="base model folder")
     p.add_argument(
         "finetuned",
@@ -48,7 +42,6 @@ def register(subparsers) -> None:
         help="storage dtype of the delta (default: the fine-tune's)",
     )
     p.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle checkpoints (can run code!)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from dppa.cli import add_command
+
 ORDER = 8
+HELP = "download a model from the Hugging Face hub at a revision (safetensors only; commit recorded)"
 
 DESCRIPTION = """\
 Download REPO_ID (org/name) at REVISION from the Hugging Face hub into the model folder OUT, with
@@ -45,12 +47,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "fetch",
-        help="download a model from the Hugging Face hub at a revision (safetensors only; commit recorded)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "fetch", HELP, DESCRIPTION, run)
     p.add_argument("repo_id", metavar="REPO_ID", help="hub repository, org/name")
     p.add_argument("--revision", required=True, metavar="REV", help="branch, tag or commit sha")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="model folder to create")
@@ -58,7 +55,6 @@ def register(subparsers) -> None:
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept a repository with only pickled weights (can run code!)"
     )
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

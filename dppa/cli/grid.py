@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dppa.cli import add_command
 from dppa.errors import DppaError
 
 ORDER = 75
+HELP = "run an experiment grid: each point one DVC experiment through the pipeline, tables over seeds"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,12 +43,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     from dppa.pipeline import grid
 
-    parser = subparsers.add_parser(
-        "grid",
-        help="run an experiment grid: each point one DVC experiment through the pipeline, tables over seeds",
-        description=grid.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "grid", HELP, grid.__doc__, run)
     parser.add_argument("grid", help="grid file, e.g. experiments/paper.yaml")
     parser.add_argument(
         "-C",
@@ -64,4 +61,3 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--results", default="experiments/results", help="tables folder (default experiments/results)")
     parser.add_argument("--tables-only", action="store_true", help="write the tables from what is recorded")
-    parser.set_defaults(func=run)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
+from dppa.cli import add_command
 
 ORDER = 2
+HELP = "start a pipeline project for your own models (params.yaml, dvc.yaml, git + DVC)"
 
 DESCRIPTION = """\
 Create DIR as a pipeline project for your own models: params.yaml (dppa's own, with the models given here and
@@ -28,12 +29,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "init",
-        help="start a pipeline project for your own models (params.yaml, dvc.yaml, git + DVC)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "init", HELP, DESCRIPTION, run)
     p.add_argument("folder", metavar="DIR", help="project folder to create (must not exist)")
     p.add_argument("--base", metavar="SOURCE", help="base model: a folder or ORG/NAME@REVISION")
     p.add_argument(
@@ -60,7 +56,6 @@ def register(subparsers) -> None:
         metavar="KEY=VALUE",
         help="a params.yaml setting, dotted key and a YAML value (e.g. prune.density=0.3); repeatable",
     )
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -1,9 +1,9 @@
 """`dppa merge` and `dppa apply`: deltas back into a model."""
 
-import argparse
 import shutil
 from pathlib import Path
 
+from dppa.cli import add_command
 from dppa.cli.options import add_common, add_method_options, common_kwargs, float_list
 from dppa.errors import DppaError
 from dppa.io.manifest import read_manifest
@@ -48,12 +48,8 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "merge",
-        help=f"merge deltas or fine-tuned models into the base ({', '.join(MERGERS.names())})",
-        description=MERGE_DESCRIPTION.format(methods=MERGERS.describe()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    help = f"merge deltas or fine-tuned models into the base ({', '.join(MERGERS.names())})"
+    p = add_command(subparsers, "merge", help, MERGE_DESCRIPTION.format(methods=MERGERS.describe()), run_merge)
     p.add_argument("base", metavar="BASE", nargs="?", help="base model folder")
     p.add_argument(
         "deltas",
@@ -80,14 +76,8 @@ def register(subparsers) -> None:
         "base; the output's manifest records it): refused otherwise",
     )
     add_method_options(p, MERGERS)
-    p.set_defaults(func=run_merge)
 
-    a = subparsers.add_parser(
-        "apply",
-        help="base + delta, as a model folder",
-        description=APPLY_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    a = add_command(subparsers, "apply", "base + delta, as a model folder", APPLY_DESCRIPTION, run_apply)
     a.add_argument("base", metavar="BASE", help="base model folder")
     a.add_argument("delta", metavar="DELTA", help="delta folder")
     add_common(a)
@@ -99,7 +89,6 @@ def register(subparsers) -> None:
         help="accept a delta extracted from another base (a deliberate transfer of task vectors onto a related "
         "base; the output's manifest records it): refused otherwise",
     )
-    a.set_defaults(func=run_apply)
 
 
 def run_merge(args) -> int:

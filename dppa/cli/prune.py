@@ -1,12 +1,12 @@
 """`dppa prune`: prune a delta with one of the registered pruning methods (magnitude, DARE, Dynamic Pruning)."""
 
-import argparse
-
+from dppa.cli import add_command
 from dppa.cli.options import add_common, add_method_options, add_scope, add_storage, common_kwargs
 from dppa.sparsify.prune import prune_delta
 from dppa.sparsify.registry import PRUNERS
 
 ORDER = 20
+HELP = f"prune a delta ({', '.join(PRUNERS.names())})"
 
 DESCRIPTION = """\
 Prune a delta folder; pruned entries become exactly zero and the output has the same form as the input.
@@ -22,12 +22,7 @@ example:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prune",
-        help=f"prune a delta ({', '.join(PRUNERS.names())})",
-        description=DESCRIPTION.format(methods=PRUNERS.describe()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "prune", HELP, DESCRIPTION.format(methods=PRUNERS.describe()), run)
     p.add_argument("delta", metavar="DELTA", help="delta folder written by `dppa extract`")
     add_common(p)
     p.add_argument("--method", required=True, choices=PRUNERS.names(), help="pruning method")
@@ -35,7 +30,6 @@ def register(subparsers) -> None:
     add_scope(p)
     add_method_options(p, PRUNERS)
     add_storage(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from dppa.cli import add_command
+
 ORDER = 45
+HELP = "upload a merged model to the Hugging Face hub (gated by its score; one commit, nothing if unchanged)"
 
 DESCRIPTION = """\
 Upload the merged model folder FOLDER (written by `dppa merge` or the pipeline) to the hub repository REPO in one
@@ -31,12 +33,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "publish",
-        help="upload a merged model to the Hugging Face hub (gated by its score; one commit, nothing if unchanged)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "publish", HELP, DESCRIPTION, run)
     p.add_argument("folder", metavar="FOLDER", type=Path, help="merged model folder")
     p.add_argument("--repo", required=True, metavar="ORG/NAME", help="hub repository to publish to")
     p.add_argument("--revision", default="main", metavar="BRANCH", help="branch to commit to (default main)")
@@ -47,7 +44,6 @@ def register(subparsers) -> None:
     p.add_argument("--allow-worse", action="store_true", help="publish even below the score already published")
     p.add_argument("--fail-if-refused", action="store_true", help="exit status 3 when the gate refuses")
     p.add_argument("--record", type=Path, metavar="JSON", help="write the result (commit sha, gate) to this file")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -6,9 +6,11 @@ import argparse
 import time
 from pathlib import Path
 
+from dppa.cli import add_command
 from dppa.errors import DppaError
 
 ORDER = 5
+HELP = "run the whole pipeline (dvc.yaml + params.yaml) through Prefect and print the results"
 
 DESCRIPTION = """\
 Run the pipeline: every stage of dvc.yaml that is stale (DVC decides, as `dvc repro` would), as Prefect tasks in
@@ -67,28 +69,6 @@ def check_project(root: Path) -> None:
             raise DppaError(f"{root / required}: missing ({hint}); run from the project folder or pass -C PROJECT")
 
 
-SHOWN = ("report", "publish")  # the stages whose outputs `dppa run` prints at the end
-
-
-def read_pipeline(root: Path) -> tuple[list[str] | None, dict[str, Path]]:
-    """(the pipeline's stages, the project's dvc.yaml and what it depends on, when DVC finds none of them stale, as
-    `dvc status` does; else None), {name: first output} of the SHOWN stages. From one DVC index: DVC parses
-    dvc.yaml and dvc.lock once (a no-op run is mostly this)."""
-    from dvc.repo import Repo
-
-    dvcfile = root / "dvc.yaml"
-    with Repo(str(root)) as repo:
-        own = [s for s in repo.index.stages if Path(s.path).resolve() == dvcfile]
-        outputs = {s.name: root / s.outs[0].def_path for s in own if s.name in SHOWN and s.outs}
-        if repo.status(targets=[str(dvcfile)], with_deps=True):
-            return None, outputs
-        stages = repo.stage.collect(str(dvcfile), with_deps=True)
-        return [
-            s.name if Path(s.path).resolve() == dvcfile else f"{Path(s.path).resolve().relative_to(root)}:{s.name}"
-            for s in stages
-        ], outputs
-
-
 def check_params(root: Path) -> bool:
     """params.yaml checked as a run needs it (DppaError naming the problems); whether a model follows a hub branch."""
     from dppa.flows.runtime import gpus_for
@@ -101,31 +81,32 @@ def check_params(root: Path) -> bool:
 
 def run_pipeline(root: Path) -> tuple[dict[str, str], dict[str, Path]]:
     """Check params, then run the pipeline flow with the task runner they choose; returns ({stage: outcome}, the
-    outputs of the SHOWN stages).
+    outputs of the stages it prints: report, publish).
 
     When nothing is stale, no Prefect API, task runner or stage process is started: every stage is up to date,
     which is all the flow would find (in seconds instead of the tens of seconds those cost). The params check runs
     beside DVC's status (dppa/pipeline/params_check.py); no stage runs before it passes."""
     from dppa.pipeline.params_check import ParamsCheck, on_overlap
     from dppa.pipeline.run_lock import run_lock
+    from dppa.pipeline.stage_graph import read_stage_graph
 
     checking = ParamsCheck(root, check_params)
     try:
         with run_lock(root, on_overlap=on_overlap(root), command="dppa run"):
             try:
-                up_to_date, outputs = read_pipeline(root)
+                stages = read_stage_graph(root)
             except Exception:
                 checking.result()  # a params.yaml problem is what a user sees first (DVC's may follow from it)
                 raise
             # A model at a hub branch may have moved: only the flow asks the hub, so there is no quick answer then.
-            if not checking.result() and up_to_date is not None:
-                return dict.fromkeys(up_to_date, "up to date"), outputs
-            return _run_flow(root), outputs
+            if not checking.result() and not stages.stale:
+                return dict.fromkeys(stages.upstream, "up to date"), stages.shown
+            return _run_flow(root, stages), stages.shown
     finally:
         checking.cancel()
 
 
-def _run_flow(root: Path) -> dict[str, str]:
+def _run_flow(root: Path, stages) -> dict[str, str]:
     from dppa.flows.pipeline import pipeline_flow
     from dppa.flows.runtime import notifier, prefect_api, set_gpu_limit, task_runner
     from dppa.pipeline.config import load_params
@@ -138,7 +119,7 @@ def _run_flow(root: Path) -> dict[str, str]:
         record.notify = notifier(params.runtime.notify)
         set_gpu_limit(params.runtime.gpu_concurrency)
         flow = pipeline_flow.with_options(task_runner=runner)
-        record.stages = flow(str(root), gpu_resource=params.runtime.needs_gpu_resource())
+        record.stages = flow(str(root), gpu_resource=params.runtime.needs_gpu_resource(), stages=stages)
         return record.stages
 
 
@@ -173,11 +154,5 @@ def publish_line(record: Path) -> str:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "run",
-        help="run the whole pipeline (dvc.yaml + params.yaml) through Prefect and print the results",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "run", HELP, DESCRIPTION, run)
     parser.add_argument("-C", "--project", default=".", help="project folder with dvc.yaml and params.yaml (default .)")
-    parser.set_defaults(func=run)

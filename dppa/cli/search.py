@@ -3,12 +3,14 @@
 import argparse
 import sys
 
+from dppa.cli import add_command
 from dppa.cli.options import add_band_options, add_dp_options
 from dppa.errors import DppaError
 from dppa.registry import add_options, options_of
 from dppa.sparsify.registry import PRUNERS
 
 ORDER = 35
+HELP = "search DPPA's band factors on validation, write the amplified delta"
 
 DESCRIPTION = """\
 Search the per-band amplification factors of one fine-tune's delta (docs/method.md), then write the amplified delta
@@ -36,12 +38,7 @@ example (demo zoo):
 def register(subparsers) -> None:
     from dppa.search.registry import ALIASES, DEFAULT_STRATEGY, STRATEGIES
 
-    p = subparsers.add_parser(
-        "search",
-        help="search DPPA's band factors on validation, write the amplified delta",
-        description=DESCRIPTION.format(strategies=STRATEGIES.describe()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "search", HELP, DESCRIPTION.format(strategies=STRATEGIES.describe()), run)
     p.add_argument("base", metavar="BASE", help="base model folder (the delta's base)")
     p.add_argument("delta", metavar="DELTA", help="unpruned delta folder written by `dppa extract`")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="amplified delta folder to write (atomic)")
@@ -86,7 +83,6 @@ def register(subparsers) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-candidate lines or progress bar")
     add_options(p.add_argument_group("strategy options"), _strategy_options(STRATEGIES))
     add_dp_options(p)
-    p.set_defaults(func=run)
 
 
 def _strategy_options(strategies) -> list:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dppa.cli import add_command
+
 ORDER = 6
+HELP = "run the pipeline on a cron schedule (Prefect deployment)"
 
 DESCRIPTION = """\
 Serve the pipeline as a Prefect deployment that runs on a cron schedule, for as long as this command runs
@@ -52,13 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "serve",
-        help="run the pipeline on a cron schedule (Prefect deployment)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "serve", HELP, DESCRIPTION, run)
     parser.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *"')
     parser.add_argument("--name", default="dppa-scheduled", help="deployment name (default dppa-scheduled)")
     parser.add_argument("-C", "--project", default=".", help="project folder with dvc.yaml and params.yaml (default .)")
-    parser.set_defaults(func=run)

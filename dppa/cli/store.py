@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dppa.cli import add_command
 from dppa.errors import DppaError
 from dppa.io.manifest import read_manifest
 from dppa.pipeline.hub import COMMIT_SHA, RECORD
 from dppa.pipeline.models_store import STORE_HASHES, STORE_LOCK, models_store, shared_store, store_folder, store_lock
 
 ORDER = 9
+HELP = "list the models store (hub models, one folder per commit) and clean the commits no project uses"
 
 # Where a project's fetch stages write their records (dvc.yaml: `--out data/models/fetched/NAME`).
 FETCHED = "data/models/fetched"
@@ -271,19 +273,12 @@ def report(c: Commit, verb: str, *, remove: bool = False) -> int:
 
 
 def register(subparsers) -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser(
-        "store",
-        help="list the models store (hub models, one folder per commit) and clean the commits no project uses",
-        description=DESCRIPTION,
-        formatter_class=formatter,
-    )
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    p = add_command(subparsers, "store", HELP, DESCRIPTION, lambda args: p.print_help() or 2)
     actions = p.add_subparsers(dest="action", metavar="ACTION")
 
     def action(name: str, help: str, description: str, func) -> argparse.ArgumentParser:
         """A store action with the options every action takes (--store, -C)."""
-        parser = actions.add_parser(name, help=help, description=description, formatter_class=formatter)
+        parser = add_command(actions, name, help, description, func)
         parser.add_argument(
             "--store", metavar="DIR", help="the models store (default: $DPPA_MODELS_DIR, else ~/.cache/dppa/models)"
         )
@@ -295,7 +290,6 @@ def register(subparsers) -> None:
             metavar="PROJECT",
             help="a project using the store (its root folder); repeat for each project",
         )
-        parser.set_defaults(func=func)
         return parser
 
     action("list", "commits with size, last use, and whether the projects use them", LIST_DESCRIPTION, run_list)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from dppa.cli import add_command
+
 ORDER = 80
+HELP = "build the demo base model and domain fine-tunes (CPU, offline)"
 
 DESCRIPTION = """\
 Build a small LLaMA-architecture base model and one fine-tune per synthetic domain, deterministically and on CPU,
@@ -42,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     manifest = build_zoo(
-        args.out, size=args.size, regime=args.regime, seed=args.seed, overwrite=args.overwrite, workers=args.workers
+        args.out,
+        size=args.size,
+        regime=args.regime,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        pretrain=args.pretrain,
     )
     print(f"{'domain':<10} {'mean|delta|/mean|base|':>24} {'(linear layers)':>16}")
     for domain, stats in manifest["domains"].items():
@@ -51,12 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "zoo",
-        help="build the demo base model and domain fine-tunes (CPU, offline)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "zoo", HELP, DESCRIPTION, run)
     parser.add_argument("out", help="output folder (refused if it exists, unless --overwrite)")
     parser.add_argument(
         "--size",
@@ -72,4 +76,8 @@ def register(subparsers) -> None:
         "--workers", type=int, default=None, help="processes fine-tuning domains in parallel (default: one per core)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.set_defaults(func=run)
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pre-train the base here even when dppa ships one for this size and seed (default, seed 0)",
+    )

@@ -26,12 +26,19 @@ from dppa.errors import DppaError
 from dppa.pipeline.run_lock import ON_OVERLAP
 
 
+def unchecked_runtime(root: str | os.PathLike) -> dict:
+    """params.yaml's runtime section as written, unchecked ({} when unreadable): what a run needs before its check
+    (on_overlap), or to report a params.yaml that fails it (notify)."""
+    try:
+        runtime = (yaml.safe_load((Path(root) / "params.yaml").read_text()) or {}).get("runtime")
+    except (OSError, yaml.YAMLError, AttributeError):
+        runtime = None
+    return runtime if isinstance(runtime, dict) else {}
+
+
 def on_overlap(root: Path) -> str:
     """runtime.on_overlap as params.yaml writes it (unchecked), "fail" when unset or not a choice."""
-    try:
-        value = ((yaml.safe_load((root / "params.yaml").read_text()) or {}).get("runtime") or {}).get("on_overlap")
-    except (OSError, yaml.YAMLError, AttributeError):
-        value = None
+    value = unchecked_runtime(root).get("on_overlap")
     return value if value in ON_OVERLAP else "fail"
 
 

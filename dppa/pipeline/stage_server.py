@@ -70,8 +70,10 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
+    # Line-buffered, as the interpreter's own streams are under PYTHONUNBUFFERED: a long stage's log reaches DVC, the
+    # run's log and the Prefect UI as it goes, not in blocks of 8 KB.
     sys.stdin, sys.stdout, sys.stderr = (
-        open(0, closefd=False), open(1, "w", closefd=False), open(2, "w", closefd=False)
+        open(0, closefd=False), open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
     )  # fmt: skip
     os.chdir(request["cwd"])
     os.environ.clear()

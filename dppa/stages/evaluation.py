@@ -30,7 +30,7 @@ def score(
     from dppa.evaluation.cache import EvalCache
     from dppa.evaluation.objective import normalised_score
     from dppa.evaluation.scores import primary_scores, score_folder
-    from dppa.pipeline.scoring import BaseInMemory
+    from dppa.evaluation.scoring import BaseInMemory
 
     skipped = params.not_evaluated(model)
     if skipped:
@@ -105,8 +105,8 @@ def report(
 ) -> Path:
     """Tables and plots of every score, the summary metrics, and the merged model's card with its scores."""
     from dppa.evaluation.report import write_report
+    from dppa.evaluation.report_notes import pipeline_notes
     from dppa.merging.card import REPORT_CARD, scored_card
-    from dppa.pipeline.report_notes import pipeline_notes
 
     clear_leftovers(out)
     card = scored_card(merged, scores)

@@ -18,7 +18,7 @@ def merge(
     scale (and with `merge.weights: search` the weights) is chosen first, against the dense fine-tunes
     (fetched/NAME)."""
     from dppa.merging.merge import merge_deltas
-    from dppa.pipeline.merge_search import TRACE_HEADER, search_merge
+    from dppa.search.merge_search import TRACE_HEADER, search_merge
     from dppa.search.report import rows_to_csv
 
     m = params.merge

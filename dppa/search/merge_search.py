@@ -17,7 +17,7 @@ from pathlib import Path
 from dppa.evaluation.cache import EvalCache
 from dppa.evaluation.objective import objective, task_owners
 from dppa.evaluation.scores import content_hash, primary_scores, score_folder
-from dppa.pipeline.scoring import BaseInMemory
+from dppa.evaluation.scoring import BaseInMemory
 from dppa.search.core import SearchResult
 from dppa.search.merge_grid import merge_grid_search
 

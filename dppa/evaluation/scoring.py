@@ -2,7 +2,7 @@
 
 - a delta added to the base in memory (each pruned or amplified fine-tune scored alone: what pruning cost it);
 - a merge at scale 1 set in memory at another scale s, base + s * (merge_1 - base): the candidates of the
-  merge-scale search (dppa.pipeline.merge_search).
+  merge-scale search (dppa.search.merge_search).
 """
 
 from __future__ import annotations
