@@ -21,7 +21,7 @@ from prefect.futures import wait
 
 from dppa.errors import DppaError
 from dppa.pipeline.run_record import StageFailed
-from dppa.pipeline.stage_graph import StageGraph, read_stage_graph, will_change
+from dppa.pipeline.stage_graph import read_stage_graph, will_change
 
 # dvc.yaml stages (per fine-tune ones without their @NAME) whose work is models on a device: the zoo trains them,
 # amplify searches factors by evaluating candidates, score and evaluate evaluate, merge searches its scale
@@ -100,13 +100,15 @@ NOT_RUN = "not run"  # an upstream stage failed
 
 
 @flow(name="dppa-pipeline")
-def pipeline_flow(root: str = ".", gpu_resource: bool = False, stages: StageGraph | None = None) -> dict[str, str]:
+def pipeline_flow(root: str = ".", gpu_resource: bool = False, stages=None) -> dict[str, str]:
     """Run every stale stage of dvc.yaml in dependency order, and the fetch of every hub model whose branch moved
     upstream; returns {stage: "ran" | "restored" | "up to date"}. When stages fail, the stages independent of them
     still run, and then StageFailed names the first (in the graph's order) with the last lines of its log.
     `gpu_resource`: the model-heavy stages require a Dask worker with the resource GPU. `stages`: DVC's reading of
-    them when the caller has one (`dppa run` reads it before it starts anything); else it is read here. A stage that
-    DVC finds up to date and that depends on no stage that runs is reported so without a DVC process of its own."""
+    them (a StageGraph) when the caller has one (`dppa run` reads it before it starts anything); else it is read
+    here (not annotated: the parameter model Prefect builds for a served deployment's run could not resolve the
+    class). A stage that DVC finds up to date and that depends on no stage that runs is reported so without a DVC
+    process of its own."""
     hide_run_tracebacks()
     logger = get_run_logger()
     root_path = Path(root).resolve()

@@ -136,3 +136,13 @@ def test_local_gpu_cluster_runs_model_heavy_stages_each_on_one_gpu(tmp_path, pre
     heavy = {name: seen for name, seen in placed.items() if is_model_heavy(name.split("-")[0])}
     assert len(heavy) == 7 and set(heavy.values()) <= {"cuda:0", "cuda:1"}, heavy
     assert set(placed.values()) <= {"cuda:0", "cuda:1", "cuda:"}, placed  # "cuda:": a CPU-only worker
+
+
+@pytest.mark.slow
+def test_the_api_started_for_a_run_has_stages_ask_for_a_gpu_slot_again_within_a_second(prefect_api):
+    # Prefect's default (up to 10 s between asks) left 4-12 s gaps between the demo's model-heavy stages
+    import psutil
+
+    servers = [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
+    assert len(servers) == 1
+    assert float(servers[0].environ().get("PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", "nan")) == 1.0
