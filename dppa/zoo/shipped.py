@@ -17,8 +17,13 @@ BASES = Path(__file__).resolve().parent / "bases"
 RECORD = "base.json"  # beside the model files: the zoo.json entry of the base, and where it was pre-trained
 
 
+def base_folder(size: str, seed: int) -> Path:
+    """Where the shipped base of (size, seed) lives, shipped or not (one naming for the reader and the writer)."""
+    return BASES / f"{size}-s{seed}"
+
+
 def shipped_base(size: str, seed: int) -> Path | None:
-    folder = BASES / f"{size}-s{seed}"
+    folder = base_folder(size, seed)
     return folder if (folder / RECORD).is_file() else None
 
 
@@ -41,7 +46,7 @@ def ship_base(zoo: Path) -> Path:
     manifest = json.loads((zoo / "zoo.json").read_text())
     if "shipped" in manifest["base"]:
         raise ValueError(f"{zoo}: its base is a shipped one; build the zoo with --pretrain")
-    target = BASES / f"{manifest['size']}-s{manifest['seed']}"
+    target = base_folder(manifest["size"], manifest["seed"])
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(zoo / "base", target)
     machine = {"machine": platform.machine(), "processor": _cpu_name(), "torch": torch.__version__}
