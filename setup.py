@@ -8,8 +8,17 @@ with any other package that uses them.
 
 from setuptools import Extension, find_packages, setup
 
+# -ffp-contract=off: the merge kernels round each multiply and each add on its own, as torch does (see _codec.c)
+CODEC = Extension(
+    "dppa.io._codec",
+    ["dppa/io/_codec.c"],
+    extra_compile_args=["-O3", "-ffp-contract=off"],
+    libraries=["m"],
+    optional=True,
+)
+
 setup(
     packages=[*find_packages(include=["dppa", "dppa.*"]), "dppa.flows", "dppa.tasks"],
     package_dir={"dppa.flows": "flows", "dppa.tasks": "tasks"},
-    ext_modules=[Extension("dppa.io._codec", ["dppa/io/_codec.c"], extra_compile_args=["-O3"], optional=True)],
+    ext_modules=[CODEC],
 )

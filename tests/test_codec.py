@@ -110,3 +110,60 @@ def test_histogram15_counts_the_magnitude_bits_as_bincount_does():
 def test_histogram15_refuses_a_short_histogram():
     with pytest.raises(ValueError, match="at least 32768 int64 counts"):
         _codec.histogram15(np.zeros(4, np.int16), np.zeros(100, np.int64))
+
+
+def bf16_pair(seed: int, n: int):
+    """A bf16 base and fine-tune of n elements: small and large deltas, equal entries (zero deltas), sign flips,
+    runs of one delta value (ties at a threshold), infinities and a difference that overflows to infinity."""
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    step = torch.randn(n, generator=gen) * torch.where(torch.rand(n, generator=gen) < 0.5, 1e-3, 3e-2)
+    finetune = (base.float() + step).bfloat16()
+    finetune[:50], finetune[50:90] = base[:50], -base[50:90]
+    finetune[90:400] = (base[90:400].float() + 0.0078125).bfloat16()
+    finetune[400], base[401] = float("inf"), float("-inf")
+    finetune[402], base[402] = 3e38, -3e38
+    return finetune, base
+
+
+def plain_delta(finetune: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return (finetune.float() - base.float()).bfloat16()
+
+
+@pytest.mark.skipif(not codec.COMPILED, reason="dppa/io/_codec.c not built")
+@pytest.mark.parametrize("n", [1, 511, 512, 100_003])
+def test_delta_histogram15_counts_the_keys_of_the_float32_difference_rounded_to_bf16(n):
+    finetune, base = bf16_pair(n, max(n, 403))
+    finetune, base = finetune[:n].clone(), base[:n].clone()
+    hist = torch.full((1 << 16,), 2, dtype=torch.int64)
+    _codec.delta_histogram15(finetune.view(torch.int16).numpy(), base.view(torch.int16).numpy(), hist.numpy())
+    keys = plain_delta(finetune, base).view(torch.int16).to(torch.int32) & 0x7FFF
+    assert torch.equal(hist, torch.bincount(keys, minlength=1 << 16) + 2)
+
+
+@pytest.mark.skipif(not codec.COMPILED, reason="dppa/io/_codec.c not built")
+@pytest.mark.parametrize("with_base", [True, False])
+def test_trimmed_deltas_keep_keys_above_the_threshold_and_ties_before_the_cutoff(with_base):
+    finetune, base = bf16_pair(7, 20_001)
+    delta = plain_delta(finetune, base) if with_base else finetune
+    keys = delta.view(torch.int16).to(torch.int32) & 0x7FFF
+    tie_key = int(keys[300])  # the run of equal deltas: many ties
+    index = torch.arange(delta.numel())
+    for key, tie_end in [(tie_key, 0), (tie_key, 250), (tie_key, 20_001), (tie_key, 10**9), (-1, 0), (0x7FFFFFFF, 0)]:
+        out = torch.full((delta.numel(),), 9.0)
+        base_bits = base.view(torch.int16).numpy() if with_base else None
+        _codec.trimmed_deltas(finetune.view(torch.int16).numpy(), base_bits, key, tie_end, out.numpy())
+        keep = (keys > key) | ((keys == key) & (index < tie_end))
+        expected = torch.where(keep, delta.float(), torch.zeros(()))
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), (key, tie_end)  # -0.0 kept as -0.0
+
+
+@pytest.mark.skipif(not codec.COMPILED, reason="dppa/io/_codec.c not built")
+def test_the_bf16_kernels_refuse_buffers_of_other_lengths():
+    two, three = np.zeros(2, np.int16), np.zeros(3, np.int16)
+    with pytest.raises(ValueError, match="equal length"):
+        _codec.delta_histogram15(two, three, np.zeros(1 << 15, np.int64))
+    with pytest.raises(ValueError, match="32768 int64 counts"):
+        _codec.delta_histogram15(two, two, np.zeros(100, np.int64))
+    with pytest.raises(ValueError, match="4 per element"):
+        _codec.trimmed_deltas(two, None, 0, 0, np.zeros(3, np.float32))

@@ -51,8 +51,21 @@ def test_merged_model_logits_equal_plain_torch_merge(tmp_path, dtype, method, de
     assert (tmp_path / "merged_from_models" / "model.safetensors").read_bytes() == from_deltas
 
 
-def test_merge_from_model_folders_with_a_grown_vocabulary(tmp_path):
-    base = make_base(tmp_path / "base")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_from_model_folders_with_a_grown_vocabulary(tmp_path, threads, dtype):
+    """With one chunk worker the caller's thread hashes the inputs; with more, bf16 thresholds' passes do: the
+    manifest's hashes are extract's either way."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _merge_from_model_folders_with_a_grown_vocabulary(tmp_path, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _merge_from_model_folders_with_a_grown_vocabulary(tmp_path, dtype):
+    base = make_base(tmp_path / "base", dtype=dtype)
     fts = [make_finetune(base, tmp_path / "ft1", seed=1, grow_vocab=3), make_finetune(base, tmp_path / "ft2", seed=2)]
     deltas = [tmp_path / "d1", tmp_path / "d2"]
     for ft, delta in zip(fts, deltas):
@@ -69,6 +82,30 @@ def test_merge_from_model_folders_with_a_grown_vocabulary(tmp_path):
     extracted = [json.loads((d / "dppa_manifest.json").read_text())["finetuned"] for d in deltas]
     assert [r["content_hash"] for r in manifest["finetuned"]] == [r["content_hash"] for r in extracted]
     assert [r["path"] for r in manifest["finetuned"]] == [str(ft.resolve()) for ft in fts]
+    base_of_delta = json.loads((deltas[0] / "dppa_manifest.json").read_text())["base"]["content_hash"]
+    assert manifest["base"]["content_hash"] == base_of_delta
+
+
+@pytest.mark.parametrize("inputs", ["models", "deltas"])
+def test_the_compiled_bf16_kernels_write_the_bytes_of_the_torch_path(tmp_path, monkeypatch, inputs):
+    """On bf16, `dppa merge` takes each delta, its trim and TIES's combine with dppa/io/_codec.c's kernels where they
+    are built; the torch path (every other dtype, a GPU, an install without a C compiler) must give the same bytes."""
+    from dppa.merging import merge, ties
+
+    if merge.trimmed_deltas is None or ties.ties_bf16 is None:
+        pytest.skip("dppa/io/_codec.c not built")
+    base = make_base(tmp_path / "base", dtype=torch.bfloat16)
+    sources = [make_finetune(base, tmp_path / f"ft{i}", seed=i, grow_vocab=3 * (i == 1)) for i in (1, 2)]
+    if inputs == "deltas":
+        for i, ft in enumerate(list(sources)):
+            assert main(["extract", str(base), str(ft), "-o", str(tmp_path / f"d{i}"), "-q"]) == 0
+            sources[i] = tmp_path / f"d{i}"
+    assert main(merge_args(base, sources, tmp_path / "compiled", "ties", 0.2)) == 0
+    monkeypatch.setattr(merge, "trimmed_deltas", None)  # every input takes the torch path
+    monkeypatch.setattr(ties, "ties_bf16", None)  # and so does the combine
+    assert main(merge_args(base, sources, tmp_path / "torch", "ties", 0.2)) == 0
+    got = (tmp_path / "compiled" / "model.safetensors").read_bytes()
+    assert got == (tmp_path / "torch" / "model.safetensors").read_bytes()
 
 
 def test_plain_torch_ties_by_hand():

@@ -16,6 +16,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,28 +140,149 @@ static int64_t expand_range(const uint8_t *mask, int64_t first, int64_t count, c
  * values (common in bf16 deltas) does not serialise on one counter's increments. Returns -1 when out of memory. */
 #define MAGNITUDES 32768
 #define SUB_HISTOGRAMS 8
+static void count_keys(uint32_t *sub, const uint16_t *v, int64_t n) {
+    int64_t i = 0;
+    for (; i + SUB_HISTOGRAMS <= n; i += SUB_HISTOGRAMS)
+        for (int j = 0; j < SUB_HISTOGRAMS; j++) sub[j * MAGNITUDES + (v[i + j] & 0x7FFF)]++;
+    for (; i < n; i++) sub[v[i] & 0x7FFF]++;
+}
+
+/* hist += the sub-histograms' sums; the sub-histograms back to zero. */
+static void add_counts(uint32_t *sub, int64_t *hist) {
+    for (int b = 0; b < MAGNITUDES; b++) {
+        int64_t total = 0;
+        for (int j = 0; j < SUB_HISTOGRAMS; j++) {
+            total += sub[j * MAGNITUDES + b];
+            sub[j * MAGNITUDES + b] = 0;
+        }
+        hist[b] += total;
+    }
+}
+
+#define MAX_UNFLUSHED ((int64_t)1 << 31)  /* elements counted before add_counts: uint32 counters cannot overflow */
+
+/* The sub-histograms of the calling thread: 1 MiB, allocated on its first count and freed when it ends. add_counts
+ * leaves them zeroed, so they are reused as they are; a fresh calloc for every chunk cost a page fault per 4 KiB. */
+static pthread_key_t counts_key;
+
+static uint32_t *thread_counts(void) {
+    uint32_t *sub = pthread_getspecific(counts_key);
+    if (!sub) {
+        sub = calloc((size_t)SUB_HISTOGRAMS * MAGNITUDES, sizeof(uint32_t));
+        if (sub && pthread_setspecific(counts_key, sub) != 0) {
+            free(sub);
+            sub = NULL;
+        }
+    }
+    return sub;
+}
+
 static int histogram15(const uint16_t *v, int64_t n, int64_t *hist) {
-    uint32_t *sub = calloc((size_t)SUB_HISTOGRAMS * MAGNITUDES, sizeof *sub);
+    uint32_t *sub = thread_counts();
     if (!sub) return -1;
     while (n > 0) {
-        int64_t block = n < ((int64_t)1 << 31) ? n : ((int64_t)1 << 31);  /* uint32 counters cannot overflow */
-        int64_t i = 0;
-        for (; i + SUB_HISTOGRAMS <= block; i += SUB_HISTOGRAMS)
-            for (int j = 0; j < SUB_HISTOGRAMS; j++) sub[j * MAGNITUDES + (v[i + j] & 0x7FFF)]++;
-        for (; i < block; i++) sub[v[i] & 0x7FFF]++;
-        for (int b = 0; b < MAGNITUDES; b++) {
-            int64_t total = 0;
-            for (int j = 0; j < SUB_HISTOGRAMS; j++) {
-                total += sub[j * MAGNITUDES + b];
-                sub[j * MAGNITUDES + b] = 0;
-            }
-            hist[b] += total;
-        }
+        int64_t block = n < MAX_UNFLUSHED ? n : MAX_UNFLUSHED;
+        count_keys(sub, v, block);
+        add_counts(sub, hist);
         v += block;
         n -= block;
     }
-    free(sub);
     return 0;
+}
+
+/* bf16 arithmetic as torch does it on the CPU: widen to float32 (the bf16 bits are the float's high half), compute,
+ * round to nearest even. A delta stored by `dppa extract`, and the
+ * one `dppa merge` takes on the fly from a model folder, is bf16(float(finetune) - float(base)): these loops give the
+ * same bits as torch's `finetune.sub(base)` without the intermediate tensors. */
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0xFFFF;  /* NaN: as torch's vectorised conversion (its scalar one gives 0x7FC0) */
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+#define DELTA_BLOCK 512
+
+/* The bf16 deltas of elements [i, i + n) into out (n <= DELTA_BLOCK); base NULL: the finetune values are the delta. */
+static inline void bf16_deltas(const uint16_t *finetune, const uint16_t *base, int64_t n, uint16_t *out) {
+    if (!base) {
+        memcpy(out, finetune, (size_t)n * 2);
+        return;
+    }
+    for (int64_t j = 0; j < n; j++) out[j] = float_to_bf16(bf16_to_float(finetune[j]) - bf16_to_float(base[j]));
+}
+
+/* histogram15 of the bf16 deltas finetune - base, without storing them. */
+static int delta_histogram15(const uint16_t *finetune, const uint16_t *base, int64_t n, int64_t *hist) {
+    uint32_t *sub = thread_counts();
+    if (!sub) return -1;
+    uint16_t block[DELTA_BLOCK];
+    int64_t unflushed = 0;
+    for (int64_t i = 0; i < n; i += DELTA_BLOCK) {
+        int64_t m = n - i < DELTA_BLOCK ? n - i : DELTA_BLOCK;
+        bf16_deltas(finetune + i, base + i, m, block);
+        count_keys(sub, block, m);
+        if ((unflushed += m) > MAX_UNFLUSHED - DELTA_BLOCK) {
+            add_counts(sub, hist);
+            unflushed = 0;
+        }
+    }
+    add_counts(sub, hist);
+    return 0;
+}
+
+/* Where the nth (from 1) of the bf16 deltas whose key equals `key` is: *end = the index just past it, or -1 when
+ * there are fewer; returns how many were counted (nth at most). The cutoff among ties of a TIES trim threshold. */
+static int64_t delta_ties(const uint16_t *finetune, const uint16_t *base, int64_t n, int32_t key, int64_t nth,
+                          int64_t *end) {
+    uint16_t block[DELTA_BLOCK];
+    int64_t seen = 0;
+    *end = -1;
+    for (int64_t i = 0; i < n; i += DELTA_BLOCK) {
+        int64_t m = n - i < DELTA_BLOCK ? n - i : DELTA_BLOCK, in_block = 0;
+        bf16_deltas(finetune + i, base ? base + i : NULL, m, block);
+        for (int64_t j = 0; j < m; j++) in_block += (block[j] & 0x7FFF) == key;
+        if (seen + in_block >= nth) {
+            for (int64_t j = 0;; j++)
+                if ((block[j] & 0x7FFF) == key && ++seen == nth) {
+                    *end = i + j + 1;
+                    return seen;
+                }
+        }
+        seen += in_block;
+    }
+    return seen;
+}
+
+/* out[j] = float(delta[j]) where the delta's key (its low 15 bits) is above `key`, or equals it at j < tie_end, else
+ * +0.0: TIES's trim (dppa/sparsify/threshold.py's Threshold.keep_in_) fused with taking the delta. Branch free, as
+ * keep_in_: out holds float32 bits, a kept one the bf16 bits shifted up, a dropped one those and-ed with 0. */
+static inline void trim_block(const uint16_t *delta, int64_t n, int32_t above, uint32_t *out) {
+    for (int64_t j = 0; j < n; j++) {
+        int32_t k = delta[j] & 0x7FFF;
+        out[j] = ((uint32_t)delta[j] << 16) & (uint32_t)-(int32_t)(k > above);
+    }
+}
+
+static void trimmed_deltas(const uint16_t *finetune, const uint16_t *base, int64_t n, int64_t key, int64_t tie_end,
+                           uint32_t *out) {
+    uint16_t block[DELTA_BLOCK];
+    /* keys are in [0, 0x7FFF]: clamping `key` to [-1, 0x7FFF] keeps every comparison in int32 */
+    int32_t strict = (int32_t)(key < -1 ? -1 : key > 0x7FFF ? 0x7FFF : key);
+    for (int64_t i = 0; i < n; i += DELTA_BLOCK) {
+        int64_t m = n - i < DELTA_BLOCK ? n - i : DELTA_BLOCK;
+        bf16_deltas(finetune + i, base ? base + i : NULL, m, block);
+        int64_t ties = tie_end - i < 0 ? 0 : tie_end - i > m ? m : tie_end - i;  /* entries of the block before tie_end */
+        trim_block(block, ties, strict - 1, out + i);
+        trim_block(block + ties, m - ties, strict, out + i + ties);
+    }
 }
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what) {
@@ -250,6 +373,239 @@ static PyObject *py_histogram15(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* TIES's combine of K float32 deltas onto a bf16 base chunk, written as bf16: dppa/merging/ties.py's ties_merge and
+ * the driver's casts around it (merge.py), fused. Every float operation is the one torch performs there, in the same
+ * order, so the bits are the same: weighted = delta * w (delta itself when w is 1); elected = sign(((w0 + 0) + w1)
+ * + ...); agreeing = max(weighted * elected, 0) (std::max: -0.0 and NaN pass); agrees = sign(agreeing); total =
+ * (a0 + 0) + a1 + ...; weight sum = a0' * w0 + a1' * w1 + ... (the agrees); mean = total * elected / divisor; merged
+ * = fma(mean, scale, base), as torch's vectorised add with alpha; the module is compiled with -ffp-contract=off so
+ * that no other multiply and add is fused. Returns whether every merged entry is finite. */
+#define COMBINE_BLOCK 256
+#define MAX_DELTAS 64
+
+typedef float (*fma_fn)(float, float, float);
+
+#define TIES_BODY(FMA)                                                                                                \
+    float elected[COMBINE_BLOCK], total[COMBINE_BLOCK], weight_sum[COMBINE_BLOCK], tiny = 1.17549435e-38f;            \
+    int finite = 1;                                                                                                   \
+    for (int64_t i = 0; i < n; i += COMBINE_BLOCK) {                                                                  \
+        int64_t m = n - i < COMBINE_BLOCK ? n - i : COMBINE_BLOCK;                                                    \
+        for (int64_t j = 0; j < m; j++) {                                                                             \
+            float x = weights[0] == 1.0f ? deltas[0][i + j] : deltas[0][i + j] * weights[0];                          \
+            elected[j] = x + 0.0f;                                                                                    \
+        }                                                                                                             \
+        for (int d = 1; d < k; d++)                                                                                   \
+            for (int64_t j = 0; j < m; j++)                                                                           \
+                elected[j] = elected[j] + (weights[d] == 1.0f ? deltas[d][i + j] : deltas[d][i + j] * weights[d]);    \
+        for (int64_t j = 0; j < m; j++) elected[j] = (float)(elected[j] > 0.0f) - (float)(elected[j] < 0.0f);         \
+        for (int d = 0; d < k; d++) {                                                                                 \
+            float w = weights[d];                                                                                     \
+            for (int64_t j = 0; j < m; j++) {                                                                         \
+                float x = w == 1.0f ? deltas[d][i + j] : deltas[d][i + j] * w;                                        \
+                float a = x * elected[j];                                                                             \
+                a = a < 0.0f ? 0.0f : a;                                                                              \
+                float agrees = (float)(a > 0.0f) - (float)(a < 0.0f);                                                 \
+                if (d == 0) {                                                                                         \
+                    total[j] = a + 0.0f;                                                                              \
+                    weight_sum[j] = agrees * w;                                                                       \
+                } else {                                                                                              \
+                    total[j] = total[j] + a;                                                                          \
+                    weight_sum[j] = weight_sum[j] + agrees * w;                                                       \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+        for (int64_t j = 0; j < m; j++) {                                                                             \
+            float ws = weight_sum[j];                                                                                 \
+            float divisor = clamp_to_tiny ? (ws < tiny ? tiny : ws) : (ws == 0.0f ? 1.0f : ws);                       \
+            float merged = FMA((total[j] * elected[j]) / divisor, scale, bf16_to_float(base[i + j]));                  \
+            finite &= (merged - merged) == 0.0f; /* NaN for NaN and the infinities */                                 \
+            out[i + j] = float_to_bf16(merged);                                                                       \
+        }                                                                                                             \
+    }                                                                                                                 \
+    return finite;
+
+static int ties_bf16_portable(const uint16_t *base, const float *const *deltas, const float *weights, int k,
+                              float scale, int clamp_to_tiny, int64_t n, uint16_t *out) {
+    TIES_BODY(fmaf)
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_FMA_CLONE 1
+static int have_avx2_fma;
+
+__attribute__((target("avx2,fma"))) static float fma_hw(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+
+__attribute__((target("avx2,fma"))) static int ties_bf16_avx2(const uint16_t *base, const float *const *deltas,
+                                                              const float *weights, int k, float scale,
+                                                              int clamp_to_tiny, int64_t n, uint16_t *out) {
+    TIES_BODY(fma_hw)
+}
+#endif
+
+static int ties_bf16(const uint16_t *base, const float *const *deltas, const float *weights, int k, float scale,
+                     int clamp_to_tiny, int64_t n, uint16_t *out) {
+#ifdef HAVE_FMA_CLONE
+    if (have_avx2_fma) return ties_bf16_avx2(base, deltas, weights, k, scale, clamp_to_tiny, n, out);
+#endif
+    return ties_bf16_portable(base, deltas, weights, k, scale, clamp_to_tiny, n, out);
+}
+
+/* Two C-contiguous buffers of 16-bit elements, `second` NULL-able: whether they hold `n` elements each. */
+static int same_16bit_length(const char *fn, Py_buffer *first, Py_buffer *second) {
+    if (first->len % 2 || (second && second->len != first->len)) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd and %zd bytes; two buffers of equal length, 2 bytes per element", fn,
+                     first->len, second ? second->len : first->len);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_delta_histogram15(PyObject *self, PyObject *args) {
+    PyObject *ft_obj, *base_obj, *hist_obj;
+    Py_buffer ft, base, hist;
+    if (!PyArg_ParseTuple(args, "OOO:delta_histogram15", &ft_obj, &base_obj, &hist_obj)) return NULL;
+    if (get_buffer(ft_obj, &ft, 0, "finetune") < 0) return NULL;
+    if (get_buffer(base_obj, &base, 0, "base") < 0) {
+        PyBuffer_Release(&ft);
+        return NULL;
+    }
+    if (get_buffer(hist_obj, &hist, 1, "hist") < 0) {
+        PyBuffer_Release(&base);
+        PyBuffer_Release(&ft);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (!same_16bit_length("delta_histogram15", &ft, &base)) {
+    } else if (hist.len < MAGNITUDES * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_Format(PyExc_ValueError, "delta_histogram15: hist has %zd bytes, not %d int64 counts", hist.len,
+                     MAGNITUDES);
+    } else {
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = delta_histogram15(ft.buf, base.buf, ft.len / 2, hist.buf);
+        Py_END_ALLOW_THREADS
+        result = status == 0 ? Py_NewRef(Py_None) : PyErr_NoMemory();
+    }
+    PyBuffer_Release(&hist);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&ft);
+    return result;
+}
+
+static PyObject *py_trimmed_deltas(PyObject *self, PyObject *args) {
+    PyObject *ft_obj, *base_obj, *out_obj;
+    long long key, tie_end;
+    Py_buffer ft, base, out;
+    int has_base;
+    if (!PyArg_ParseTuple(args, "OOLLO:trimmed_deltas", &ft_obj, &base_obj, &key, &tie_end, &out_obj)) return NULL;
+    if (get_buffer(ft_obj, &ft, 0, "finetune") < 0) return NULL;
+    has_base = base_obj != Py_None;
+    if (has_base && get_buffer(base_obj, &base, 0, "base") < 0) {
+        PyBuffer_Release(&ft);
+        return NULL;
+    }
+    if (get_buffer(out_obj, &out, 1, "out") < 0) {
+        if (has_base) PyBuffer_Release(&base);
+        PyBuffer_Release(&ft);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (!same_16bit_length("trimmed_deltas", &ft, has_base ? &base : NULL)) {
+    } else if (out.len != ft.len * 2) {
+        PyErr_Format(PyExc_ValueError, "trimmed_deltas: out has %zd bytes, not 4 per element (%zd)", out.len,
+                     ft.len * 2);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        trimmed_deltas(ft.buf, has_base ? base.buf : NULL, ft.len / 2, key, tie_end, out.buf);
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&out);
+    if (has_base) PyBuffer_Release(&base);
+    PyBuffer_Release(&ft);
+    return result;
+}
+
+static PyObject *py_delta_ties(PyObject *self, PyObject *args) {
+    PyObject *ft_obj, *base_obj;
+    long long key, nth;
+    Py_buffer ft, base;
+    if (!PyArg_ParseTuple(args, "OOLL:delta_ties", &ft_obj, &base_obj, &key, &nth)) return NULL;
+    if (key < 0 || key > 0x7FFF || nth < 1) return PyErr_Format(PyExc_ValueError, "delta_ties: key %lld outside "
+                                                                 "[0, 32767] or nth %lld below 1", key, nth);
+    if (get_buffer(ft_obj, &ft, 0, "finetune") < 0) return NULL;
+    int has_base = base_obj != Py_None;
+    if (has_base && get_buffer(base_obj, &base, 0, "base") < 0) {
+        PyBuffer_Release(&ft);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (same_16bit_length("delta_ties", &ft, has_base ? &base : NULL)) {
+        int64_t end, seen;
+        Py_BEGIN_ALLOW_THREADS
+        seen = delta_ties(ft.buf, has_base ? base.buf : NULL, ft.len / 2, (int32_t)key, nth, &end);
+        Py_END_ALLOW_THREADS
+        result = Py_BuildValue("LL", (long long)end, (long long)seen);
+    }
+    if (has_base) PyBuffer_Release(&base);
+    PyBuffer_Release(&ft);
+    return result;
+}
+
+static PyObject *py_ties_bf16(PyObject *self, PyObject *args) {
+    PyObject *base_obj, *deltas_obj, *weights_obj, *out_obj;
+    double scale;
+    int clamp_to_tiny;
+    if (!PyArg_ParseTuple(args, "OOOdpO:ties_bf16", &base_obj, &deltas_obj, &weights_obj, &scale, &clamp_to_tiny,
+                          &out_obj))
+        return NULL;
+    PyObject *deltas_seq = PySequence_Fast(deltas_obj, "ties_bf16: deltas must be a sequence of buffers");
+    if (!deltas_seq) return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(deltas_seq);
+    if (k < 1 || k > MAX_DELTAS || PySequence_Size(weights_obj) != k) {
+        Py_DECREF(deltas_seq);
+        return PyErr_Format(PyExc_ValueError, "ties_bf16: %zd deltas (1 to %d) and as many weights", k, MAX_DELTAS);
+    }
+    Py_buffer base, out, views[MAX_DELTAS];
+    const float *delta_ptrs[MAX_DELTAS];
+    float weights[MAX_DELTAS];
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    int have_base = 0, have_out = 0;
+    for (Py_ssize_t d = 0; d < k; d++) {
+        PyObject *w = PySequence_GetItem(weights_obj, d);
+        weights[d] = w ? (float)PyFloat_AsDouble(w) : 0.0f;
+        Py_XDECREF(w);
+        if (PyErr_Occurred()) goto done;
+    }
+    if (get_buffer(base_obj, &base, 0, "base") < 0) goto done;
+    have_base = 1;
+    if (get_buffer(out_obj, &out, 1, "out") < 0) goto done;
+    have_out = 1;
+    for (; got < k; got++) {
+        if (get_buffer(PySequence_Fast_GET_ITEM(deltas_seq, got), &views[got], 0, "delta") < 0) goto done;
+        delta_ptrs[got] = views[got].buf;
+    }
+    int lengths_agree = base.len % 2 == 0 && out.len == base.len;
+    for (Py_ssize_t d = 0; d < k; d++) lengths_agree &= views[d].len == base.len * 2;
+    if (!lengths_agree) {
+        PyErr_Format(PyExc_ValueError, "ties_bf16: base and out need 2 bytes per element, each delta 4 (base %zd "
+                     "bytes, out %zd)", base.len, out.len);
+        goto done;
+    }
+    int finite;
+    Py_BEGIN_ALLOW_THREADS
+    finite = ties_bf16(base.buf, delta_ptrs, weights, (int)k, (float)scale, clamp_to_tiny, base.len / 2, out.buf);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(finite);
+done:
+    for (Py_ssize_t d = 0; d < got; d++) PyBuffer_Release(&views[d]);
+    if (have_out) PyBuffer_Release(&out);
+    if (have_base) PyBuffer_Release(&base);
+    Py_DECREF(deltas_seq);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"count_kept", py_count_kept, METH_VARARGS,
      "count_kept(mask, first, count) -> int: how many of mask bits [first, first+count) are set."},
@@ -260,16 +616,37 @@ static PyMethodDef methods[] = {
     {"histogram15", py_histogram15, METH_VARARGS,
      "histogram15(values, hist): add to the int64 counts hist[0:32768] how many of the 16-bit elements of `values` "
      "have each low-15-bit pattern (a bf16 / fp16 magnitude's key)."},
+    {"delta_histogram15", py_delta_histogram15, METH_VARARGS,
+     "delta_histogram15(finetune, base, hist): histogram15 of the bf16 deltas finetune - base (bf16 bits, computed "
+     "as torch does: in float32, rounded to nearest even), without storing them."},
+    {"delta_ties", py_delta_ties, METH_VARARGS,
+     "delta_ties(finetune, base, key, nth) -> (end, seen): of the bf16 deltas finetune - base (base None: finetune "
+     "itself) whose 15-bit key equals `key`, `seen` counted up to the nth, and the index just past the nth (-1 when "
+     "there are fewer)."},
+    {"ties_bf16", py_ties_bf16, METH_VARARGS,
+     "ties_bf16(base, deltas, weights, scale, clamp_to_tiny, out) -> bool: out (bf16 bits) = base (bf16 bits) + "
+     "scale * TIES(weighted float32 deltas), with the bits of dppa/merging/ties.py's ties_merge and the casts around "
+     "it; clamp_to_tiny: divide by max(weight sum, float32 tiny), else by the weight sum with 0 replaced by 1. "
+     "Returns whether every merged entry is finite."},
+    {"trimmed_deltas", py_trimmed_deltas, METH_VARARGS,
+     "trimmed_deltas(finetune, base, key, tie_end, out): out (float32) = the bf16 deltas finetune - base (base None: "
+     "finetune itself) where their 15-bit key is above `key` or equals it at an index below `tie_end`, else +0.0."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_codec", "Compiled delta decoding and 16-bit magnitude histograms.", -1, methods};
 
 PyMODINIT_FUNC PyInit__codec(void) {
-#ifdef HAVE_SHUFFLE
+    if (pthread_key_create(&counts_key, free) != 0) return PyErr_NoMemory();
+#if defined(HAVE_SHUFFLE) || defined(HAVE_FMA_CLONE)
     __builtin_cpu_init();
+#endif
+#ifdef HAVE_SHUFFLE
     have_ssse3 = __builtin_cpu_supports("ssse3");
     build_shuffles();
+#endif
+#ifdef HAVE_FMA_CLONE
+    have_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     return PyModule_Create(&module);
 }

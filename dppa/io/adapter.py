@@ -203,6 +203,11 @@ class AdapterModel(CheckpointReader):
         count = numel - start if count is None else count
         return self._tensor(name)[start : start + count].clone()
 
+    def bits_view(self, name: str, start: int, count: int):
+        if name not in self.lora and name not in self.replaced:
+            return self.base.bits_view(name, start, count)
+        return None  # computed here, not stored
+
     def _tensor(self, name: str) -> torch.Tensor:
         """The fine-tuned tensor `name`, flat, computed once while chunk workers read it."""
         with self._compute_lock:

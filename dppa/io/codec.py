@@ -3,7 +3,11 @@ range into dense values. The compiled module also counts the 16-bit magnitudes b
 (dppa/sparsify/threshold.py; without it, torch.bincount does).
 
 The compiled module dppa/io/_codec.c does each in one pass (about 0.1 ns per element); the numpy functions here are
-the same functions for an install that could not build it (no C compiler), about ten times slower.
+the same functions for an install that could not build it (no C compiler), about ten times slower. It also has two
+kernels of `dppa merge` on bf16 checkpoints, with no fallback here (merge.py takes torch's path without them): the
+histogram of a fine-tune's delta keys, the place of its cutoff among ties, and its trimmed delta in float32, each
+computed from the fine-tune and the base in one pass, with the bits torch's `finetune.sub(base)` gives; and TIES's
+combine onto a bf16 base, with the bits of dppa/merging/ties.py's torch code.
 `COMPILED` says which ones this process uses; `DPPA_CODEC=python` forces the ones here.
 """
 
@@ -52,10 +56,11 @@ def expand_numpy(mask: np.ndarray, first: int, values: np.ndarray, out: np.ndarr
 try:
     if os.environ.get("DPPA_CODEC") == "python":
         raise ImportError("DPPA_CODEC=python")
-    from dppa.io._codec import count_kept, expand, histogram15
+    from dppa.io._codec import count_kept, delta_histogram15, delta_ties, expand, histogram15, ties_bf16, trimmed_deltas
 
     COMPILED = True
 except ImportError:
     count_kept, expand = count_kept_numpy, expand_numpy
     histogram15 = None  # the thresholds count with torch.bincount instead (numpy's is slower on int16)
+    delta_histogram15 = delta_ties = ties_bf16 = trimmed_deltas = None  # merges take torch's path instead
     COMPILED = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 
@@ -21,7 +22,12 @@ class ContentHasher:
 
     def start(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         self._finish()
-        self._name, self._current = name, hashlib.sha256(f"{name}|{dtype}|{tuple(shape)}".encode())
+        self._name, self._current = name, tensor_digest(name, dtype, shape)
+
+    def record(self, name: str, hexdigest: str) -> None:
+        """Tensor `name`'s digest, taken elsewhere with `tensor_digest` (by a chunk worker that read it anyway)."""
+        self._finish()
+        self._digests[name] = hexdigest
 
     def update(self, raw) -> None:
         self._current.update(raw)
@@ -39,7 +45,15 @@ class ContentHasher:
         return total.hexdigest()
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """Zero-copy view of a CPU tensor's bytes (any dtype, bfloat16 included)."""
+def tensor_digest(name: str, dtype: torch.dtype, shape: tuple[int, ...]):
+    """The sha256 of one tensor, before its bytes are added: what `ContentHasher` combines for each name."""
+    return hashlib.sha256(f"{name}|{dtype}|{tuple(shape)}".encode())
+
+
+def tensor_bytes(tensor) -> memoryview:
+    """Zero-copy view of a CPU tensor's bytes (any dtype, bfloat16 included), or of a numpy array's (the bits of
+    a bf16 chunk the merge reads in place, dppa/merging/merge.py)."""
+    if isinstance(tensor, np.ndarray):
+        return memoryview(np.ascontiguousarray(tensor)).cast("B")
     flat = tensor.detach().reshape(-1).contiguous()
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")

@@ -29,21 +29,32 @@ class StreamInput:
     def __init__(self, reader: CheckpointReader, hashed: bool = True):
         self.reader = reader
         self.hasher = ContentHasher() if hashed else None
+        self._recorded: set[str] = set()  # tensors whose digest a worker took (`record`)
+        self._hashing = False  # whether the tensor being streamed is hashed here
+
+    def record(self, name: str, hexdigest: str) -> None:
+        """Take tensor `name`'s digest as given (computed by a worker as it read the tensor, see `finish`), and
+        skip that tensor when it is streamed."""
+        self.hasher.record(name, hexdigest)
+        self._recorded.add(name)
 
     def start(self, name: str) -> None:
-        if self.hasher is not None:
+        self._hashing = self.hasher is not None and name not in self._recorded
+        if self._hashing:
             self.hasher.start(name, self.reader.dtype(name), self.reader.shape(name))
 
     def update(self, raw: torch.Tensor) -> None:
-        if self.hasher is not None:
+        if self._hashing:
             self.hasher.update(tensor_bytes(raw))
 
-    def finish(self, name: str, covered: int, chunk_elems: int) -> None:
+    def finish(self, name: str, covered: int, chunk_elems: int, digest=None) -> None:
         """Hash the entries of `name` beyond the first `covered` ones, which the output does not use: the rows a
-        fine-tune added to its vocabulary belong to its content hash, not to its delta (dppa/extract.py)."""
-        if self.hasher is not None and self.reader.numel(name) > covered:
+        fine-tune added to its vocabulary belong to its content hash, not to its delta (dppa/extract.py). Into
+        `digest` (a `tensor_digest`) when given, else into this input's hash of the tensor being streamed."""
+        if (digest is not None or self._hashing) and self.reader.numel(name) > covered:
+            target = self.hasher if digest is None else digest
             for _, rest in self.reader.iter_chunks(name, chunk_elems, start=covered):
-                self.hasher.update(tensor_bytes(rest))
+                target.update(tensor_bytes(rest))
 
     def hexdigest(self) -> str:
         return self.hasher.hexdigest()
@@ -86,11 +97,19 @@ class Stream:
         return self._stack.__exit__(*exc)
 
     def chunks(
-        self, name: str, spans: list[tuple[int, int]], fn: ChunkFn, inputs: list[StreamInput], chunk_elems: int
+        self,
+        name: str,
+        spans: list[tuple[int, int]],
+        fn: ChunkFn,
+        inputs: list[StreamInput],
+        chunk_elems: int,
+        on_first: Callable[[], None] | None = None,
     ) -> list:
         """Compute tensor `name` chunk by chunk in the pool (in order, a few chunks in flight), hash each input's raw
         chunk, write the output chunks; returns what `fn` returned third for each chunk. `chunk_elems` is the chunk
-        size used to hash an input's entries beyond the output's (a grown vocabulary)."""
+        size used to hash an input's entries beyond the output's (a grown vocabulary). `on_first()` is called once
+        the first chunk is in: work the caller submits then is queued behind this tensor's first chunks, not
+        before them."""
         for source in inputs:
             source.start(name)
         collected = []
@@ -100,6 +119,9 @@ class Stream:
             self.writer.write(name, result)
             self.bar.advance(sum(raw.nbytes for raw in raws))
             collected.append(extra)
+            if on_first is not None:
+                on_first()
+                on_first = None
         covered = sum(count for _, count in spans)
         for source in inputs:
             source.finish(name, covered, chunk_elems)

@@ -1,7 +1,8 @@
 """The model card (`README.md`) and the recipe (`dppa_recipe.yaml`) written beside every merged model.
 
-The card's front matter is made by huggingface_hub's `ModelCardData` (the hub reads `base_model`, `tags` and
-`library_name` from it); its body states the merge method and every setting, each input's lineage (hub id and
+The card's front matter holds what the hub reads (`base_model`, `tags`, `library_name`), in the layout of
+huggingface_hub's `ModelCardData.to_yaml` (sorted keys, block lists; importing huggingface_hub here cost 0.2 s of
+every merge); its body states the merge method and every setting, each input's lineage (hub id and
 resolved commit, or local path, and content hash; for a pruned or amplified delta its method, densities and factors)
 and, when the pipeline evaluated the model, the scores table. Nothing in either file depends on the time or the
 machine beyond the paths given, so the same merge writes the same bytes.
@@ -127,16 +128,12 @@ def _input_rows(manifest: dict) -> tuple[list[str], list[str]]:
 
 def card_text(manifest: dict, options: dict, scores: dict | None = None, name: str = "merged model") -> str:
     """The model card of a merged model's manifest; `scores`: {model: {task: score}} when it was evaluated."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     base_origin, base_hub = _origin(manifest["base"])
     rows, hub_ids = _input_rows(manifest)
     method = manifest["method"]
-    data = ModelCardData(
-        base_model=[h for h in [base_hub, *hub_ids] if h] or None,
-        tags=["merge", "dppa", method.replace("_", "-")],
-        library_name="transformers",
-    )
+    data = {"tags": ["merge", "dppa", method.replace("_", "-")], "library_name": "transformers"}
+    if base_models := [h for h in [base_hub, *hub_ids] if h]:
+        data["base_model"] = base_models
     settings = [f"| method | `{method}` |", f"| scale (lambda) | {manifest['scale']:g} |"]
     settings += [f"| weights | {', '.join(f'{w:g}' for w in manifest['weights'])} |"]
     settings += [f"| {key} | {value} |" for key, value in options.items()]
@@ -169,7 +166,8 @@ def card_text(manifest: dict, options: dict, scores: dict | None = None, name: s
         for model, model_scores in scores.items():
             cells = [f"{model_scores[t]:.3f}" if t in model_scores else "" for t in tasks]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+    front_matter = yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+    return f"---\n{front_matter}---\n\n" + "\n".join(lines) + "\n"
 
 
 def scored_card(merged: Path, scores_json: Path) -> str | None:

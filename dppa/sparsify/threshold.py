@@ -110,39 +110,48 @@ def find_threshold(
     k: int,
     bits: int,
     chunk_at: Callable[[int], torch.Tensor] | None = None,
+    counted: CountedChunks | None = None,
 ) -> Threshold:
     """Exact threshold keeping the k largest keys; `key_chunks()` yields the keys in order, and may be called up to
     three times (histogram passes, then a scan to place the cutoff among ties).
 
     `chunk_at(i)`, when given, returns the i-th chunk that `key_chunks()` yields: the last histogram pass then
     keeps a histogram per group of chunks (about TIE_GROUP_ELEMS entries), and the cutoff among ties is placed by
-    reading the chunks of the one group it falls in, not by scanning every chunk before it."""
+    reading the chunks of the one group it falls in, not by scanning every chunk before it.
+
+    `counted`, for 16-bit keys: the histograms and the ties of those chunks, counted without making the keys (by
+    a fused kernel); `key_chunks` and `chunk_at` are then not called."""
     if k >= numel:
         return KEEP_ALL
     if k <= 0:
         return KEEP_NONE
-    groups: list[tuple[int, int, torch.Tensor]] | None = [] if chunk_at is not None else None  # (chunks, numel, hist)
+    grouped = chunk_at is not None or counted is not None
+    groups: list[tuple[int, int, torch.Tensor]] | None = [] if grouped else None  # (chunks, numel, hist)
+    sizes = []  # of each chunk
 
     def histogram(chunks) -> torch.Tensor:
+        """The sum of (size, histogram) of each chunk; with `groups`, one sum per group of chunks too."""
         total, group = None, None
-        for c, bins in chunks:
-            hist = _histogram(bins, 1 << LOW_BITS)
+        for size, hist in chunks:
+            sizes.append(size)
             if groups is not None:
                 if group is None or group[1] >= TIE_GROUP_ELEMS:
                     group = [0, 0, torch.zeros_like(hist)]
                     groups.append(group)
-                group[0], group[1] = group[0] + 1, group[1] + c.numel()
+                group[0], group[1] = group[0] + 1, group[1] + size
                 group[2].add_(hist)
-            total = hist if total is None else total.add_(hist)
+            total = torch.zeros_like(hist) if total is None else total
+            total.add_(hist)  # not kept: a `counted` kernel may reuse the chunk's histogram
         return total
 
     if bits <= LOW_BITS:
-        hist = histogram((c, c) for c in key_chunks())
-        key, above, equal = _bin_of_kth(hist, k)
+        counts = counted.histograms if counted else lambda: ((c.numel(), _histogram(c, 1 << 16)) for c in key_chunks())
+        key, above, equal = _bin_of_kth(histogram(counts()), k)
     else:
         high = sum(torch.bincount(c >> LOW_BITS, minlength=1 << (bits - LOW_BITS)) for c in key_chunks())
         high_bin, above, _ = _bin_of_kth(high, k)
-        low = histogram((c, c[(c >> LOW_BITS) == high_bin] & LOW_MASK) for c in key_chunks())
+        in_bin = ((c.numel(), c[(c >> LOW_BITS) == high_bin] & LOW_MASK) for c in key_chunks())
+        low = histogram((size, _histogram(low_keys, 1 << LOW_BITS)) for size, low_keys in in_bin)
         low_bin, above_low, equal = _bin_of_kth(low, k - above)
         key, above = (high_bin << LOW_BITS) | low_bin, above + above_low
     if k - above == equal:  # every tie is kept: no need to find where the cutoff falls
@@ -155,8 +164,31 @@ def find_threshold(
         ties = int(hist[bin_of_key])
         if ties >= ties_kept:
             chunks = range(first_chunk, first_chunk + n_chunks)
+            if counted is not None:
+                return Threshold(key, start + _counted_tie_cutoff(counted, chunks, sizes, key, ties_kept))
             return Threshold(key, start + _tie_cutoff(lambda c=chunks: map(chunk_at, c), key, ties_kept))
         ties_kept, first_chunk, start = ties_kept - ties, first_chunk + n_chunks, start + size
+    raise AssertionError("fewer ties than counted")  # unreachable: the histogram counted them
+
+
+@dataclass(frozen=True)
+class CountedChunks:
+    """What a fused kernel counts of a tensor's 16-bit keys, chunk by chunk, without making them: `histograms()`
+    gives each chunk's (size, histogram over 1 << 16 bins) in order; `ties(i, key, nth)` gives (the index in chunk
+    i just past its nth key equal to `key`, or -1 when it has fewer; how many it counted, nth at most)."""
+
+    histograms: Callable[[], Iterable[tuple[int, torch.Tensor]]]
+    ties: Callable[[int, int, int], tuple[int, int]]
+
+
+def _counted_tie_cutoff(counted: CountedChunks, chunks: range, sizes: list[int], key: int, ties_kept: int) -> int:
+    """Index, from the first of `chunks`, just past the `ties_kept`-th entry equal to `key` in them."""
+    start = 0
+    for i in chunks:
+        end, seen = counted.ties(i, key, ties_kept)
+        if end >= 0:
+            return start + end
+        ties_kept, start = ties_kept - seen, start + sizes[i]
     raise AssertionError("fewer ties than counted")  # unreachable: the histogram counted them
 
 

@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from dppa.io.atomic import atomic_dir
+
 BASES = Path(__file__).resolve().parent / "bases"
 RECORD = "base.json"  # beside the model files: the zoo.json entry of the base, and where it was pre-trained
 
@@ -47,13 +49,13 @@ def ship_base(zoo: Path) -> Path:
     if "shipped" in manifest["base"]:
         raise ValueError(f"{zoo}: its base is a shipped one; build the zoo with --pretrain")
     target = base_folder(manifest["size"], manifest["seed"])
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(zoo / "base", target)
     machine = {"machine": platform.machine(), "processor": _cpu_name(), "torch": torch.__version__}
     base = {k: v for k, v in manifest["base"].items() if k != "exact_match"}  # scored again by each build
     timing = {k: manifest["timing"][k] for k in ("pretrain_threads", "base_seconds")}
     record = {"base": base, "pretrained_on": machine, "timing": timing}
-    (target / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    with atomic_dir(target, overwrite=True) as tmp:  # the shipped base is the old one or the new one, never half
+        shutil.copytree(zoo / "base", tmp, dirs_exist_ok=True)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return target
 
 
