@@ -201,7 +201,8 @@ class CheckpointReader:
         Only the MAPPED_TENSORS tensors viewed last stay mapped, so the file pages a merge holds, which count in its
         resident memory, are a few tensors' (mapping whole files took a merge of SmolLM2-135M from 0.3 to 1 GB)."""
         info = self.info(name)
-        if info.zero or info.sparse is not None or info.scale != 1.0 or itemsize(info.dtype) != 2 or info.offset % 2:
+        stored_dense = not info.zero and info.sparse is None and info.scale == 1.0 and info.numel > 0
+        if not stored_dense or itemsize(info.dtype) != 2 or info.offset % 2:
             return None
         if start < 0 or count < 0 or start + count > info.numel:
             raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
