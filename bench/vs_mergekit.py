@@ -2,6 +2,7 @@
 
     python bench/vs_mergekit.py --params 220M --dtype bf16 --runs 3
     python bench/vs_mergekit.py --params 220M --dtype fp32 --runs 3      # also checks element agreement
+    python bench/vs_mergekit.py --checkpoint CKPT --dtype bf16 --runs 3   # CKPT/base, ft1, ft2: a real checkpoint
 
 What is timed (each under /usr/bin/time -v, runs interleaved, median reported):
   mergekit      mergekit-yaml with merge_method ties, base + two fine-tunes, density 0.2, weight 1.0,
@@ -20,7 +21,9 @@ It is never a dependency of the project.
 Agreement: the two merged models are read tensor by tensor; an element differs when
 |dppa - mergekit| > 1e-5 * max(|dppa|, |mergekit|). On float32 the target is < 0.1% of elements (only magnitude
 ties at the trim threshold may fall differently). bf16 outputs may differ by rounding: mergekit computes in bf16
-there, dppa in float32.
+there, dppa in float32; the share more than 2 bf16 ulps apart is reported for them. Ties at the trim threshold are
+kept in a different order (dppa: lowest index first; mergekit: torch's CPU argsort, which is not stable);
+--stable-ties also compares a mergekit run whose argsort is made stable, to separate that from the arithmetic.
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ from runner import (
 from safetensors import safe_open
 
 MERGEKIT_VERSION = "0.1.5"
+# mergekit-yaml with torch.argsort stable: mergekit's magnitude trim keeps argsort(|delta|, descending)[:k], and
+# torch's CPU sort is not stable, so which of the entries equal to the k-th largest it keeps is arbitrary
+STABLE_TIES = (
+    "import sys, torch; argsort = torch.argsort; "
+    "torch.argsort = lambda *a, **k: argsort(*a, **{**k, 'stable': True}); "
+    "from mergekit.scripts.run_yaml import main; sys.argv[0] = 'mergekit-yaml'; sys.exit(main())"
+)
 TORCH_PIN = "torch==2.13.0"
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -105,13 +115,24 @@ def tensor_files(folder: Path) -> dict[str, Path]:
     return names
 
 
+def bf16_ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 values lie between a and b (elementwise): the distance of their bit patterns mapped to a
+    monotonic integer line (negative values mirrored), so -0.0 and 0.0 are 0 apart."""
+
+    def line(x: torch.Tensor) -> torch.Tensor:
+        bits = x.view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return (line(a) - line(b)).abs()
+
+
 def compare(ours: Path, theirs: Path, rtol: float) -> dict:
     """Stream both models tensor by tensor and count elements whose relative difference exceeds rtol."""
     a_files, b_files = tensor_files(ours), tensor_files(theirs)
     if set(a_files) != set(b_files):
         missing = sorted(set(a_files) ^ set(b_files))[:5]
         raise SystemExit(f"outputs hold different tensors, e.g. {missing}")
-    total = differing = exact = 0
+    total = differing = exact = beyond_ulps = 0
     worst = {"name": None, "share": 0.0}
     max_abs = 0.0
     for name in sorted(a_files):
@@ -120,6 +141,8 @@ def compare(ours: Path, theirs: Path, rtol: float) -> dict:
         if a.shape != b.shape:
             raise SystemExit(f"{name}: shape {tuple(a.shape)} (dppa) vs {tuple(b.shape)} (mergekit)")
         exact += int((a == b).sum())
+        if a.dtype == b.dtype == torch.bfloat16:
+            beyond_ulps += int((bf16_ulps_apart(a, b) > 2).sum())
         a, b = a.float(), b.float()
         diff = (a - b).abs()
         bad = int((diff > rtol * torch.maximum(a.abs(), b.abs())).sum())
@@ -133,6 +156,7 @@ def compare(ours: Path, theirs: Path, rtol: float) -> dict:
         "differing": differing,
         "share_differing": differing / total,
         "not_bit_identical": total - exact,
+        "share_beyond_2_bf16_ulps": beyond_ulps / total,  # 0 unless bf16: "equal within bf16 rounding" where small
         "max_abs_diff": max_abs,
         "worst_tensor": worst,
     }
@@ -155,6 +179,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-deltas", action="store_true", help="time mergekit and dppa from model folders only (no extract at all)"
     )
     p.add_argument("--mergekit-only", action="store_true", help="time mergekit alone (no dppa, no comparison)")
+    p.add_argument(
+        "--stable-ties",
+        action="store_true",
+        help="also run mergekit once (untimed) with torch.argsort made stable, so that the ties at its trim threshold "
+        "are kept lowest index first as dppa keeps them, and compare that output too",
+    )
     p.add_argument("--work", type=Path, default=BENCH / "out", help="where checkpoints and outputs go")
     p.add_argument("--venv", type=Path, default=BENCH / ".venv-mergekit")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -297,6 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     agreement = None if args.mergekit_only else compare(dppa_out, mk_out, args.rtol)
     if agreement:
         report_agreement(agreement, args)
+    stable = None
+    if args.stable_ties and agreement:
+        stable_out = run_dir / "merged-mergekit-stable-ties"
+        shutil.rmtree(stable_out, ignore_errors=True)
+        measure(
+            [str(mergekit_yaml.parent / "python"), "-c", STABLE_TIES, str(config), str(stable_out)]
+            + ["--no-write-model-card", "--quiet"],
+            run_dir / "mergekit-stable-ties.log",
+            env,
+        )
+        stable = compare(dppa_out, stable_out, args.rtol)
+        print("with mergekit's ties at the trim threshold kept in index order, as dppa keeps them (untimed run):")
+        report_agreement(stable, args)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -310,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     "median": {k: vars(v) for k, v in summary.items()},
                     "all": {k: [vars(r) for r in v] for k, v in results.items()},
                     "agreement": agreement,
+                    "agreement_with_stable_ties": stable,
                 },
                 indent=2,
             )
@@ -326,6 +370,8 @@ def report_agreement(agreement: dict, args: argparse.Namespace) -> None:
         f"max |diff| {agreement['max_abs_diff']:.3g}; worst tensor {agreement['worst_tensor']['name']} "
         f"({agreement['worst_tensor']['share']:.4%})"
     )
+    if args.dtype == "bf16":
+        print(f"more than 2 bf16 ulps apart: {agreement['share_beyond_2_bf16_ulps']:.4%} of elements")
     if args.dtype == "fp32":
         print(f"float32 target < 0.1% differing: {'met' if agreement['share_differing'] < 1e-3 else 'MISSED'}")
 
