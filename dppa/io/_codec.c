@@ -383,8 +383,6 @@ static PyObject *py_histogram15(PyObject *self, PyObject *args) {
 #define COMBINE_BLOCK 256
 #define MAX_DELTAS 64
 
-typedef float (*fma_fn)(float, float, float);
-
 #define TIES_BODY(FMA)                                                                                                \
     float elected[COMBINE_BLOCK], total[COMBINE_BLOCK], weight_sum[COMBINE_BLOCK], tiny = 1.17549435e-38f;            \
     int finite = 1;                                                                                                   \

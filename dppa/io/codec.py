@@ -3,7 +3,7 @@ range into dense values. The compiled module also counts the 16-bit magnitudes b
 (dppa/sparsify/threshold.py; without it, torch.bincount does).
 
 The compiled module dppa/io/_codec.c does each in one pass (about 0.1 ns per element); the numpy functions here are
-the same functions for an install that could not build it (no C compiler), about ten times slower. It also has two
+the same functions for an install that could not build it (no C compiler), about ten times slower. It also has four
 kernels of `dppa merge` on bf16 checkpoints, with no fallback here (merge.py takes torch's path without them): the
 histogram of a fine-tune's delta keys, the place of its cutoff among ties, and its trimmed delta in float32, each
 computed from the fine-tune and the base in one pass, with the bits torch's `finetune.sub(base)` gives; and TIES's

@@ -184,8 +184,7 @@ class CheckpointReader:
         """Elements [start, start+count) of the flattened tensor, in its stored dtype, in fresh CPU memory."""
         info = self.info(name)
         count = info.numel - start if count is None else count
-        if start < 0 or count < 0 or start + count > info.numel:
-            raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
+        _check_range(info, name, start, count)
         if info.zero:
             return torch.zeros(count, dtype=info.dtype)
         if info.sparse is not None:
@@ -204,8 +203,7 @@ class CheckpointReader:
         stored_dense = not info.zero and info.sparse is None and info.scale == 1.0 and info.numel > 0
         if not stored_dense or itemsize(info.dtype) != 2 or info.offset % 2:
             return None
-        if start < 0 or count < 0 or start + count > info.numel:
-            raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
+        _check_range(info, name, start, count)
         with self._lock:
             mapped = self._maps.pop(name, None) or self._map_tensor(info, name)
             self._maps[name] = mapped  # the most recent last
@@ -354,6 +352,11 @@ class PickleCheckpointReader(CheckpointReader):
         flat = self._load(info.file)[name].reshape(-1)
         count = info.numel - start if count is None else count
         return flat[start : start + count].clone()
+
+
+def _check_range(info: TensorInfo, name: str, start: int, count: int) -> None:
+    if start < 0 or count < 0 or start + count > info.numel:
+        raise ValueError(f"range [{start}, {start + count}) outside tensor {name!r} of {info.numel} elements")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -296,9 +296,8 @@ class _TrimThresholds:
     def __init__(self, stream: Stream, inputs, trim: list[bool], names: list[str], density, base_input: StreamInput):
         self._stream, self._inputs, self._trim, self._names, self._density = stream, inputs, trim, names, density
         self._hashed = stream.workers > 1
-        trimmed_models = [i for i, s in enumerate(inputs) if trim[i] and s.is_model]
-        self._base_with = trimmed_models[0] if trimmed_models and self._hashed else None
-        self._base_input = base_input
+        first = next((j for j, s in enumerate(inputs) if trim[j] and s.is_model), None) if self._hashed else None
+        self._base_inputs = [base_input if j == first else None for j in range(len(inputs))]  # who hashes the base
         self._pending: dict[int, list] = {}
 
     def submit(self, i: int) -> None:
@@ -306,12 +305,9 @@ class _TrimThresholds:
             return
         pool, name = self._stream.pool, self._names[i]
         self._pending[i] = [
-            pool.submit(_trim_threshold, s, name, self._density, self._hashed, self._base_with_input(j)) if t else None
-            for j, (s, t) in enumerate(zip(self._inputs, self._trim))
+            pool.submit(_trim_threshold, s, name, self._density, self._hashed, base) if t else None
+            for s, t, base in zip(self._inputs, self._trim, self._base_inputs)
         ]
-
-    def _base_with_input(self, j: int) -> StreamInput | None:
-        return self._base_input if j == self._base_with else None
 
     def take(self, i: int) -> list:
         """Tensor i's thresholds (submitted now if they were not), its digests recorded."""

@@ -145,8 +145,11 @@ def find_threshold(
         return total
 
     if bits <= LOW_BITS:
-        counts = counted.histograms if counted else lambda: ((c.numel(), _histogram(c, 1 << 16)) for c in key_chunks())
-        key, above, equal = _bin_of_kth(histogram(counts()), k)
+        if counted is not None:
+            counts = counted.histograms()
+        else:
+            counts = ((c.numel(), _histogram(c, 1 << LOW_BITS)) for c in key_chunks())
+        key, above, equal = _bin_of_kth(histogram(counts), k)
     else:
         high = sum(torch.bincount(c >> LOW_BITS, minlength=1 << (bits - LOW_BITS)) for c in key_chunks())
         high_bin, above, _ = _bin_of_kth(high, k)
