@@ -119,3 +119,29 @@ def test_points_log_ignores_only_a_torn_last_line(tmp_path):
     with pytest.raises(DppaError, match=r"points.jsonl:1: not a recorded point"):
         logged(tmp_path)
     assert logged(tmp_path / "nothing-yet") == {}
+
+
+def test_tables_sum_the_points_wall_time_over_sittings(tmp_path):
+    from dppa.pipeline.grid import POINTS_LOG, write_tables
+
+    spec = {
+        "seeds": [{"zoo.seed": 0}, {"zoo.seed": 1}, {"zoo.seed": 2}],
+        "grids": {"g": {"table": "finetunes", "axes": {"prune.method": ["dp"], "prune.density": [0.2]}}},
+    }
+    record = {
+        "method": "dp",
+        "density": 0.2,
+        "scores": {"dense": {"t": 0.8}, "base": {"t": 0.0}, "pruned": {"t": 0.4}, "amplified": {"t": 0.6}},
+    }
+    metrics = {"data/metrics/finetunes/a.json": record, "params.yaml": {}}
+    # seed 0 in one sitting (its zoo build included), seed 1 in another, seed 2 logged before points were timed
+    lines = [
+        {"name": p["name"], "commit": "0" * 40, "metrics": metrics, **({"seconds": s} if s is not None else {})}
+        for p, s in zip(points(spec, "g"), [1800.0, 5400.0, None])
+    ]
+    (tmp_path / POINTS_LOG).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    text = write_tables(spec, ["g"], [], tmp_path).read_text()
+    assert "Wall time of the 2 timed points, summed over sittings: 2.00 h" in text  # (1800 + 5400) s / 3600
+    assert "## g (3 of 3 points; 2 timed, 2.00 h of wall)" in text
+    # the ratio to the dense fine-tune, the same on every seed: pruned 0.4 / 0.8, amplified 0.6 / 0.8
+    assert "| a | 0.500 ± 0.000 | 0.750 ± 0.000 |" in text

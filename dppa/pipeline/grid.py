@@ -16,9 +16,9 @@ The grid file (see experiments/paper.yaml):
             to those stages and what they depend on (e.g. [score] for per-fine-tune tables: no merge is run)
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
 resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Each finished
-point is also appended to RESULTS/points.jsonl (its name, the commit it ran at, its metrics and params): commit that
-file and a later sitting, another clone or another commit skips those points too and tables them with the new
-ones. Delete a point's line (or the file) to run it again, e.g. after a change that should alter its result. Afterwards
+point is also appended to RESULTS/points.jsonl (its name, the commit it ran at, its wall seconds, its metrics and
+params): commit that file and a later sitting, another clone or another commit skips those points too and tables them
+with the new ones, and results.md sums their wall time across sittings. Delete a point's line (or the file) to run it again, e.g. after a change that should alter its result. Afterwards
 params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
 The stages are plain commands, so a grid needs no Prefect API. `--where zoo.regime=heavy` runs a slice, e.g. one
 slice per clone of the project on machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the
@@ -138,6 +138,11 @@ def finished_experiments(shown) -> dict[str, dict]:
 
 def logged(results: Path, log=print) -> dict[str, dict]:
     """{name: metrics} of the points appended to results/points.jsonl, by any sitting, clone or commit."""
+    return {name: entry["metrics"] for name, entry in logged_entries(results, log).items()}
+
+
+def logged_entries(results: Path, log=print) -> dict[str, dict]:
+    """{name: its whole points.jsonl entry (metrics, commit, recorded, seconds where timed)}."""
     path = results / POINTS_LOG
     lines = path.read_text().splitlines() if path.exists() else []
     found = {}
@@ -146,17 +151,20 @@ def logged(results: Path, log=print) -> dict[str, dict]:
             continue
         try:
             entry = json.loads(line)
-            found[entry["name"]] = entry["metrics"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if number == len(lines):  # a write cut short by a crash: that point was not recorded, and runs again
-                log(f"{path}:{number}: an incomplete last line, ignored (its point runs again)")
-                continue
-            raise DppaError(f"{path}:{number}: not a recorded point; delete the line (its point runs again)") from None
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict) and {"name", "metrics"} <= set(entry):
+            found[entry["name"]] = entry
+        elif number == len(lines):  # a write cut short by a crash: that point was not recorded, and runs again
+            log(f"{path}:{number}: an incomplete last line, ignored (its point runs again)")
+        else:
+            raise DppaError(f"{path}:{number}: not a recorded point; delete the line (its point runs again)")
     return found
 
 
-def log_point(results: Path, project: Path, name: str, metrics: dict) -> None:
-    """Append one finished point to results/points.jsonl, with the commit it ran at."""
+def log_point(results: Path, project: Path, name: str, metrics: dict, seconds: float | None = None) -> None:
+    """Append one finished point to results/points.jsonl, with the commit it ran at and, `seconds`, its wall
+    time (so a grid run over several sittings can still be summed)."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     entry = {
         "name": name,
@@ -164,13 +172,16 @@ def log_point(results: Path, project: Path, name: str, metrics: dict) -> None:
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "metrics": metrics,
     }
+    if seconds is not None:
+        entry["seconds"] = round(seconds, 1)
     results.mkdir(parents=True, exist_ok=True)
     with (results / POINTS_LOG).open("a") as out:
         out.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
-def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> None:
-    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards."""
+def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> float:
+    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards. Returns its wall
+    seconds."""
     params = project / "params.yaml"
     saved = params.read_text()
     sets = [f"{key}={json.dumps(value)}" for key, value in point["overrides"].items()]
@@ -180,7 +191,9 @@ def run_point(project: Path, point: dict, targets: list[str] = (), log=print) ->
         dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)), *targets)
     finally:
         params.write_text(saved)
-    log(f"{point['name']}: done in {time.monotonic() - started:.0f} s")
+    seconds = time.monotonic() - started
+    log(f"{point['name']}: done in {seconds:.0f} s")
+    return seconds
 
 
 def matches(point: dict, where: dict[str, object]) -> bool:
@@ -280,11 +293,21 @@ def table(rows: list[dict], index: list[str], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timed_seconds(entries: dict[str, dict], among: list[dict]) -> list[float]:
+    """The wall seconds points.jsonl holds for these points (points logged before timing have none)."""
+    return [entries[p["name"]]["seconds"] for p in among if "seconds" in entries.get(p["name"], {})]
+
+
+def wall_time(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def write_tables(spec: dict, grids: list[str], projects: list[Path], results: Path) -> Path:
     """results/<grid>.md and .csv from the experiments recorded in the projects; returns results/results.md."""
     import pandas as pd
 
-    metrics = logged(results)
+    entries = logged_entries(results)
+    metrics = {name: entry["metrics"] for name, entry in entries.items()}
     metrics.update({name: m for project in projects for name, m in recorded(project).items()})
     gain = spec.get("metric") == "gain"
     value = (
@@ -309,7 +332,16 @@ def write_tables(spec: dict, grids: list[str], projects: list[Path], results: Pa
         results.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_csv(results / f"{grid}.csv", index=False)
         (results / f"{grid}.md").write_text(text)
-        sections.append(f"## {grid} ({len(done)} of {len(points(spec, grid))} points)\n\n{text}")
+        timed = timed_seconds(entries, [p for p, _ in done])
+        took = f"; {len(timed)} timed, {wall_time(sum(timed))} of wall" if timed else ""
+        sections.append(f"## {grid} ({len(done)} of {len(points(spec, grid))} points{took})\n\n{text}")
+    everything = timed_seconds(entries, [p for g in grids for p in points(spec, g)])
+    if everything:
+        sections[0] += (
+            f"\nWall time of the {len(everything)} timed points, summed over sittings: {wall_time(sum(everything))} "
+            "(a point that builds a zoo counts its build; DVC's run cache and the evaluation cache make later points "
+            "of a slice cheaper).\n"
+        )
     (results / "results.md").write_text("\n".join(sections))
     return results / "results.md"
 
@@ -332,6 +364,6 @@ def run_grid(
             if point["name"] in done:
                 log(f"{point['name']}: recorded, skipped")
                 continue
-            run_point(project, point, spec["grids"][grid].get("targets") or [], log)
-            log_point(results, project, point["name"], recorded(project)[point["name"]])
+            seconds = run_point(project, point, spec["grids"][grid].get("targets") or [], log)
+            log_point(results, project, point["name"], recorded(project)[point["name"]], seconds)
     return write_tables(spec, grids, [project], results)
