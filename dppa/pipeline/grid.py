@@ -18,8 +18,9 @@ A point whose experiment already exists (same name, same baseline commit) is not
 resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Each finished
 point is also appended to RESULTS/points.jsonl (its name, the commit it ran at, its wall seconds, its metrics and
 params): commit that file and a later sitting, another clone or another commit skips those points too and tables them
-with the new ones, and results.md sums their wall time across sittings. Delete a point's line (or the file) to run it again, e.g. after a change that should alter its result. Afterwards
-params.yaml is as it was and data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
+with the new ones, and results.md sums their wall time across sittings. Delete a point's line (or the file) to run
+it again, e.g. after a change that should alter its result. Afterwards params.yaml is as it was and data/ holds the
+last point's outputs: `dvc repro` restores the workspace's own.
 The stages are plain commands, so a grid needs no Prefect API. `--where zoo.regime=heavy` runs a slice, e.g. one
 slice per clone of the project on machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the
 tables from all.
@@ -179,9 +180,8 @@ def log_point(results: Path, project: Path, name: str, metrics: dict, seconds: f
         out.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
-def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> float:
-    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards. Returns its wall
-    seconds."""
+def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> None:
+    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards."""
     params = project / "params.yaml"
     saved = params.read_text()
     sets = [f"{key}={json.dumps(value)}" for key, value in point["overrides"].items()]
@@ -191,9 +191,7 @@ def run_point(project: Path, point: dict, targets: list[str] = (), log=print) ->
         dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)), *targets)
     finally:
         params.write_text(saved)
-    seconds = time.monotonic() - started
-    log(f"{point['name']}: done in {seconds:.0f} s")
-    return seconds
+    log(f"{point['name']}: done in {time.monotonic() - started:.0f} s")
 
 
 def matches(point: dict, where: dict[str, object]) -> bool:
@@ -364,6 +362,8 @@ def run_grid(
             if point["name"] in done:
                 log(f"{point['name']}: recorded, skipped")
                 continue
-            seconds = run_point(project, point, spec["grids"][grid].get("targets") or [], log)
-            log_point(results, project, point["name"], recorded(project)[point["name"]], seconds)
+            started = time.monotonic()
+            run_point(project, point, spec["grids"][grid].get("targets") or [], log)
+            metrics = recorded(project)[point["name"]]  # `dvc exp show`: seconds per point, counted in its time
+            log_point(results, project, point["name"], metrics, time.monotonic() - started)
     return write_tables(spec, grids, [project], results)
