@@ -145,3 +145,44 @@ def test_tables_sum_the_points_wall_time_over_sittings(tmp_path):
     assert "## g (3 of 3 points; 2 timed, 2.00 h of wall)" in text
     # the ratio to the dense fine-tune, the same on every seed: pruned 0.4 / 0.8, amplified 0.6 / 0.8
     assert "| a | 0.500 ± 0.000 | 0.750 ± 0.000 |" in text
+
+
+@pytest.mark.slow
+def test_one_experiment_is_read_as_dvc_exp_show_lists_it(tmp_path):
+    """After each point the grid reads that experiment alone (its cost must not grow with the experiments held);
+    the record must be the one `dvc exp show` lists for it, lists dropped from metrics and kept in params."""
+    import subprocess
+    import sys
+
+    from dppa.pipeline.grid import dvc, experiment_record, recorded
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    dvc(tmp_path, "init", "-q")
+    (tmp_path / "params.yaml").write_text("a: 1\nb: {c: [1, 2], d: x}\n")
+    (tmp_path / "make.py").write_text(
+        "import json, yaml\n"
+        "a = yaml.safe_load(open('params.yaml'))['a']\n"
+        "json.dump({'score': a / 4, 'per': [a, a], 'nested': {'x': a}}, open('m.json', 'w'))\n"
+    )
+    stage = {"cmd": f"{sys.executable} make.py", "deps": ["make.py"], "params": ["a"]}
+    stage["metrics"] = [{"m.json": {"cache": False}}]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))
+    git("add", "-A")
+    git("commit", "-qm", "baseline")
+    for name, a in (("first", 3), ("second", 5)):
+        dvc(tmp_path, "exp", "run", "-q", "-n", name, "-S", f"a={a}")
+        git("checkout", "-q", "params.yaml")
+    listed = recorded(tmp_path)
+    assert {"first", "second"} <= set(listed)  # with the baseline branch
+    for name, a in (("first", 3), ("second", 5)):
+        record = experiment_record(tmp_path, name)
+        assert record == listed[name]
+        assert record["m.json"] == {"score": a / 4, "nested": {"x": a}}
+        assert record["params.yaml"] == {"a": a, "b": {"c": [1, 2], "d": "x"}}
+    with pytest.raises(DppaError, match="no experiment 'third'"):
+        experiment_record(tmp_path, "third")
