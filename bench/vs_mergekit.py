@@ -24,6 +24,8 @@ ties at the trim threshold may fall differently). bf16 outputs may differ by rou
 there, dppa in float32; the share more than 2 bf16 ulps apart is reported for them. Ties at the trim threshold are
 kept in a different order (dppa: lowest index first; mergekit: torch's CPU argsort, which is not stable);
 --stable-ties also compares a mergekit run whose argsort is made stable, to separate that from the arithmetic.
+--reference (16-bit checkpoints) measures each output against the exact merge, correctly rounded, and mergekit's
+against its own bf16 steps replayed in plain torch (bench/ties_reference.py): where the differences come from.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ties_reference
 import torch
 from runner import (
     BENCH,
@@ -51,6 +54,7 @@ from runner import (
     source_label,
 )
 from safetensors import safe_open
+from ties_reference import tensor_files, ulps_apart
 
 MERGEKIT_VERSION = "0.1.5"
 # mergekit-yaml with torch.argsort stable: mergekit's magnitude trim keeps argsort(|delta|, descending)[:k], and
@@ -103,29 +107,6 @@ def mergekit_config(ckpt: Path, density: float, dtype: str) -> str:
     )
 
 
-def tensor_files(folder: Path) -> dict[str, Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
-    files = sorted(folder.glob("*.safetensors"))
-    names: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as handle:
-            names.update({k: f for k in handle.keys()})
-    return names
-
-
-def bf16_ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many bf16 values lie between a and b (elementwise): the distance of their bit patterns mapped to a
-    monotonic integer line (negative values mirrored), so -0.0 and 0.0 are 0 apart."""
-
-    def line(x: torch.Tensor) -> torch.Tensor:
-        bits = x.view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return (line(a) - line(b)).abs()
-
-
 def compare(ours: Path, theirs: Path, rtol: float) -> dict:
     """Stream both models tensor by tensor and count elements whose relative difference exceeds rtol."""
     a_files, b_files = tensor_files(ours), tensor_files(theirs)
@@ -142,7 +123,7 @@ def compare(ours: Path, theirs: Path, rtol: float) -> dict:
             raise SystemExit(f"{name}: shape {tuple(a.shape)} (dppa) vs {tuple(b.shape)} (mergekit)")
         exact += int((a == b).sum())
         if a.dtype == b.dtype == torch.bfloat16:
-            beyond_ulps += int((bf16_ulps_apart(a, b) > 2).sum())
+            beyond_ulps += int((ulps_apart(a, b) > 2).sum())
         a, b = a.float(), b.float()
         diff = (a - b).abs()
         bad = int((diff > rtol * torch.maximum(a.abs(), b.abs())).sum())
@@ -184,6 +165,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run mergekit once (untimed) with torch.argsort made stable, so that the ties at its trim threshold "
         "are kept lowest index first as dppa keeps them, and compare that output too",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="16-bit checkpoints: also measure each output's distance from the exact merge, and mergekit's from its "
+        "own bf16 steps replayed in plain torch (bench/ties_reference.py; implies --stable-ties)",
     )
     p.add_argument("--work", type=Path, default=BENCH / "out", help="where checkpoints and outputs go")
     p.add_argument("--venv", type=Path, default=BENCH / ".venv-mergekit")
@@ -328,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if agreement:
         report_agreement(agreement, args)
     stable = None
-    if args.stable_ties and agreement:
+    if (args.stable_ties or args.reference) and agreement:
         stable_out = run_dir / "merged-mergekit-stable-ties"
         shutil.rmtree(stable_out, ignore_errors=True)
         measure(
@@ -340,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         stable = compare(dppa_out, stable_out, args.rtol)
         print("with mergekit's ties at the trim threshold kept in index order, as dppa keeps them (untimed run):")
         report_agreement(stable, args)
+    reference = None
+    if args.reference and agreement:
+        outputs = {"dppa": dppa_out, "mergekit": mk_out, "mergekit stable ties": stable_out}
+        reference = ties_reference.compare(ckpt, outputs, args.density)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -354,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     "all": {k: [vars(r) for r in v] for k, v in results.items()},
                     "agreement": agreement,
                     "agreement_with_stable_ties": stable,
+                    "reference": reference,
                 },
                 indent=2,
             )
