@@ -180,3 +180,40 @@ def test_amplify_after_other_candidates_starts_from_the_base(tmp_path):
         builder.amplify((1.5, 0.5))
         for name, param in model.named_parameters():
             assert torch.equal(param, expected[name]), name
+
+
+def test_a_bf16_model_computing_in_float32_holds_the_saved_candidates_upcast(tmp_path):
+    """On CPU a bf16 model is evaluated in float32 (dppa.evaluation.harness.to_compute_dtype); every candidate must
+    still be what a bf16 folder holds: the folder route's tensors for an amplified delta, and for the other kinds
+    what the same calls give on a model kept in bf16 (whose rounding the tests above check), upcast exactly."""
+    from dppa.evaluation.harness import to_compute_dtype
+
+    base_dir, delta_dir = _save_pair(tmp_path, torch.bfloat16)
+    upcast = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    saved = to_compute_dtype(upcast)
+    assert set(saved.values()) == {torch.bfloat16}
+    assert {p.dtype for p in upcast.parameters()} == {torch.float32}
+    kept = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    original = {name: p.detach().clone() for name, p in kept.named_parameters()}
+    builder = candidates_for_delta(upcast, delta_dir, DENSITIES, saved_dtypes=saved)
+    for factors in [(1.8, 1.0), (0.9, 1.4)]:
+        expected = _folder_candidate(tmp_path, base_dir, delta_dir, factors)
+        builder.amplify(factors)
+        params = dict(upcast.named_parameters())
+        for name, value in expected.items():
+            assert value.dtype == torch.bfloat16 and params[name].dtype == torch.float32
+            assert torch.equal(params[name], value.float()), name
+    plain = CandidateWeights(kept)
+    for call in [
+        lambda w: w.add_delta(delta_dir, scale=0.7),
+        lambda w: w.towards(tmp_path / "ft", 1.3),
+        lambda w: w.load_weights(tmp_path / "ft"),
+    ]:
+        call(builder)
+        call(plain)
+        in_bf16 = dict(kept.named_parameters())
+        for name, param in upcast.named_parameters():
+            assert torch.equal(param, in_bf16[name].float()), name
+    builder.restore()
+    for name, param in upcast.named_parameters():
+        assert torch.equal(param, original[name].float()), name

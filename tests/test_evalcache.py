@@ -21,6 +21,7 @@ KEY = partial(
     split="validation",
     limit=20,
     recipe={"densities": [0.1, 0.2], "lamda": 0.08},
+    compute="float32",
 )
 
 
@@ -33,7 +34,12 @@ def test_harness_version_names_the_installed_lm_eval():
 
 def test_zoo_task_keys_record_the_task_data_version():
     assert KEY().to_dict()["task_data"] == {"zoo_data": data_fingerprint()}
-    assert eval_key(model="m", tasks=["hellaswag"], split="test", limit=None, recipe={}).to_dict()["task_data"] == {}
+    assert (
+        eval_key(model="m", tasks=["hellaswag"], split="test", limit=None, recipe={}, compute="saved").to_dict()[
+            "task_data"
+        ]
+        == {}
+    )
 
 
 def test_key_ignores_float_noise_and_task_order():
@@ -54,6 +60,7 @@ def test_key_ignores_float_noise_and_task_order():
         {"split": "test"},
         {"limit": None},
         {"harness": "lm-eval 0.4.14"},
+        {"compute": "saved"},
         {"recipe": {"densities": [0.1, 0.3], "lamda": 0.08}},
     ],
     ids=lambda change: next(iter(change)),

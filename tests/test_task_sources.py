@@ -50,10 +50,10 @@ def test_a_user_folder_is_fingerprinted_by_its_files(tmp_path, monkeypatch):
     assert source.fingerprint() == by_hand.hexdigest()[:16]
 
     monkeypatch.setenv(TASK_PATH_ENV, str(folder))
-    key = eval_key(model="m", tasks=["team_echo"], split="test", limit=None, recipe={})
+    key = eval_key(model="m", tasks=["team_echo"], split="test", limit=None, recipe={}, compute="float32")
     (folder / "echo.jsonl").write_text('{"prompt": "a", "answer": "changed"}\n')
     os.utime(folder / "echo.jsonl", ns=(1, 1))  # a new size and mtime: hashed again
-    assert eval_key(model="m", tasks=["team_echo"], split="test", limit=None, recipe={}) != key
+    assert eval_key(model="m", tasks=["team_echo"], split="test", limit=None, recipe={}, compute="float32") != key
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 A score is keyed by everything that determines it: the content hashes of the model or deltas the candidate is built
 from, the base model's hash, the factors (rounded), the tasks, the version of the tasks' data, the split, the example
-limit, the harness version, and a ``recipe`` of any other input that changes the candidate or the score (band
-densities, DP parameters, dtype, ...). Things that do not change a score (batch size, device, worker count) stay out
+limit, the harness version, the dtype the forward passes compute in (dppa.evaluation.harness.compute_dtype: float32
+on CPU, the checkpoint's own elsewhere), and a ``recipe`` of any other input that changes the candidate or the score
+(band densities, DP parameters, dtype, ...). Things that do not change a score (batch size, worker count) stay out
 of it. ``eval_key`` is the one place such a key is built, so no caller can leave a part out.
 
 Storage is one JSON-lines file: one record per line, appended under an exclusive ``flock`` and fsynced, so several
@@ -59,6 +60,7 @@ class EvalKey:
     split: str
     limit: int | None
     harness: str
+    compute: str  # what the forward passes compute in: "float32", or "saved" (the checkpoint's dtype)
     recipe: str = "{}"  # canonical JSON of the remaining score-determining inputs
 
     def to_dict(self) -> dict:
@@ -71,6 +73,7 @@ class EvalKey:
             "split": self.split,
             "limit": self.limit,
             "harness": self.harness,
+            "compute": self.compute,
             "recipe": json.loads(self.recipe),
         }
 
@@ -85,6 +88,7 @@ def eval_key(
     split: str,
     limit: int | None,
     recipe: Mapping[str, Any],
+    compute: str,
     base: str = "",
     factors: Sequence[float] = (),
     harness: str | None = None,
@@ -92,8 +96,9 @@ def eval_key(
 ) -> EvalKey:
     """The cache key of one evaluation. ``model``: the content hash of a model folder, or the hashes of the deltas a
     candidate is built from (with ``base`` and ``factors``); ``recipe``: how the candidate is made and loaded
-    (e.g. {"candidate": "model-folder", "dtype": "float32"}). ``harness`` and ``task_data`` default to the installed
-    harness's version and the tasks' data versions; they are parameters only so that a test can vary them."""
+    (e.g. {"candidate": "model-folder", "dtype": "float32"}); ``compute``: ``compute_dtype`` of the device the model
+    is evaluated on. ``harness`` and ``task_data`` default to the installed harness's version and the tasks' data
+    versions; they are parameters only so that a test can vary them."""
     return EvalKey(
         model=(model,) if isinstance(model, str) else tuple(model),
         base=base,
@@ -103,6 +108,7 @@ def eval_key(
         split=split,
         limit=limit,
         harness=harness_version() if harness is None else harness,
+        compute=compute,
         recipe=_canonical(dict(recipe)),
     )
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from dppa.evaluation.cache import EvalCache, EvalKey, eval_key
 
 Scores = dict[str, dict[str, float]]  # {task: {metric: value}}, as dppa.evaluation.harness returns them
-# Models are evaluated in the dtype they were saved in (dppa.evaluation.harness.load_model), candidates included.
+# Models are evaluated with their weights as saved (dppa.evaluation.harness.load_model), candidates included; what
+# they compute in is the key's `compute`.
 FOLDER_RECIPE = {"candidate": "model-folder", "dtype": "saved"}
 
 
@@ -66,9 +67,9 @@ def content_hash(folder: str | os.PathLike, base: str | os.PathLike | None = Non
     return recorded or checkpoint_hash(folder, base)
 
 
-def folder_key(digest: str, tasks: Sequence[str], *, split: str, limit: int | None) -> EvalKey:
-    """The cache key of a whole model folder's scores, given its content hash."""
-    return eval_key(model=digest, tasks=tasks, split=split, limit=limit, recipe=FOLDER_RECIPE)
+def folder_key(digest: str, tasks: Sequence[str], *, split: str, limit: int | None, compute: str) -> EvalKey:
+    """The cache key of a whole model folder's scores, given its content hash and `compute_dtype`."""
+    return eval_key(model=digest, tasks=tasks, split=split, limit=limit, recipe=FOLDER_RECIPE, compute=compute)
 
 
 def score_folder(
@@ -85,12 +86,13 @@ def score_folder(
 ) -> tuple[Scores, bool]:
     """(scores {task: {metric: value}}, whether they came from the cache); ``digest``: the folder's content hash
     when the caller knows it; ``base``: the base model folder, for a LoRA adapter folder (scored as base + adapter)."""
-    from dppa.evaluation.harness import evaluate_folder
+    from dppa.evaluation.harness import compute_dtype, evaluate_folder
 
     evals = EvalCache(cache) if cache is not None else None
     key = None
     if evals is not None:
-        key = folder_key(digest or content_hash(folder, base), tasks, split=split, limit=limit)
+        compute = compute_dtype(device)
+        key = folder_key(digest or content_hash(folder, base), tasks, split=split, limit=limit, compute=compute)
         hit = evals.get(key)
         if hit is not None:
             return hit, True

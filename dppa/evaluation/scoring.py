@@ -21,12 +21,13 @@ class BaseInMemory:
     through the evaluation cache, by one `Evaluator` per task list and settings (its requests built once)."""
 
     def __init__(self, base: Path, device: str | None):
-        from dppa.evaluation.harness import load_model
+        from dppa.evaluation.harness import compute_dtype, load_model, to_compute_dtype
         from dppa.evaluation.weights import CandidateWeights
 
         self.hash = content_hash(base)
-        self.model, self.tokenizer = load_model(base, device)
-        self.weights = CandidateWeights(self.model)
+        self.compute = compute_dtype(device)
+        self.model, self.tokenizer = load_model(base, device, upcast=False)
+        self.weights = CandidateWeights(self.model, saved_dtypes=to_compute_dtype(self.model))
         self._evaluators: dict[tuple, object] = {}
 
     def _evaluator(self, tasks: Sequence[str], split: str, limit: int | None, batch_size: int):
@@ -65,7 +66,13 @@ class BaseInMemory:
     ) -> dict[str, float]:
         """{task: score} of base + the delta folder."""
         key = eval_key(
-            model=content_hash(delta), base=self.hash, tasks=tasks, split=split, limit=limit, recipe=DELTA_RECIPE
+            model=content_hash(delta),
+            base=self.hash,
+            tasks=tasks,
+            split=split,
+            limit=limit,
+            recipe=DELTA_RECIPE,
+            compute=self.compute,
         )
         return self._score(key, tasks, split, limit, batch_size, cache, lambda: self.weights.add_delta(delta))
 
@@ -92,5 +99,6 @@ class BaseInMemory:
             split=split,
             limit=limit,
             recipe={"candidate": "merge", **recipe, "dtype": "float32"},
+            compute=self.compute,
         )
         return self._score(key, tasks, split, limit, batch_size, cache, lambda: self.weights.towards(merged, scale))

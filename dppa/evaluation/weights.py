@@ -33,7 +33,10 @@ class CandidateWeights:
     - ``add_delta(folder, scale)``: base + scale x a delta folder's tensors;
     - ``load_weights(folder)``: a model folder's weights (a fine-tune of the same architecture).
 
-    Each call starts from the base, so candidates never accumulate. ``model`` must hold the base weights when this
+    Each call starts from the base, so candidates never accumulate. Candidates are rounded to each parameter's
+    dtype as saved (``saved_dtypes``, by parameter name; default: the dtype it has now), as a folder written with
+    them would be, also where the model computes in float32 (dppa.evaluation.harness.to_compute_dtype, which gives
+    that mapping). ``model`` must hold the base weights when this
     is made; a parameter's base is copied aside the first time it is touched (memory: one extra copy of the touched
     parameters). The band deltas are moved into flat buffers (``_FlatBands``): a ``bands`` dict is emptied as they
     are, so that the deltas are not held twice.
@@ -46,6 +49,7 @@ class CandidateWeights:
         n_bands: int = 0,
         combine: str = "max",
         delta_dtypes: Mapping[str, torch.dtype] | None = None,
+        saved_dtypes: Mapping[str, torch.dtype] | None = None,
     ):
         band_factors([1.0], combine)  # validates `combine`
         self.model = model
@@ -53,17 +57,20 @@ class CandidateWeights:
         self.combine = combine
         self.factors: tuple[float, ...] | None = None  # the amplified candidate the model holds now, if any
         self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._saved = {name: (saved_dtypes or {}).get(name, param.dtype) for name, param in self._params.items()}
         self._base: dict[str, torch.Tensor] = {}
         self._bands = set(bands or {})
         for name in self._bands:
             self._param(name, bands[name][0].shape, "the delta")  # every name checked before any is taken
-        groups: dict[tuple, dict[int, tuple]] = {}  # (device, dtype) -> {parameter: entry}; tied names: the last
+        # (device, dtype, saved dtype) -> {parameter: entry}; tied names: the last
+        groups: dict[tuple, dict[int, tuple]] = {}
         for name in list(bands or {}):
             delta, index = bands.pop(name) if isinstance(bands, dict) else bands[name]
             param = self._params[name]
             stored = (delta_dtypes or {}).get(name, torch.float32)
-            groups.setdefault((param.device, param.dtype), {})[id(param)] = (name, param, delta, index, stored)
-        self._flat = [_FlatBands(list(group.values())) for group in groups.values()]
+            key = (param.device, param.dtype, self._saved[name])
+            groups.setdefault(key, {})[id(param)] = (name, param, delta, index, stored)
+        self._flat = [_FlatBands(list(group.values()), saved) for (_, _, saved), group in groups.items()]
         for flat in self._flat:
             self._base.update(flat.base_views())
         self._pruned_hold_base = True  # band parameters hold the base wherever their band index is 0
@@ -87,7 +94,8 @@ class CandidateWeights:
         self._pruned_hold_base = self._pruned_hold_base and name not in self._bands
         base = self._base.setdefault(name, param.detach().clone())
         value = value.to(param.device, torch.float32)
-        param.copy_(value.add_(base) if add_base else value)
+        value = value.add_(base) if add_base else value
+        param.copy_(value if self._saved[name] == param.dtype else value.to(self._saved[name]))
 
     @torch.no_grad()
     def amplify(self, factors: Sequence[float]) -> None:
@@ -155,23 +163,24 @@ class CandidateWeights:
 
 
 class _FlatBands:
-    """The band parameters of one device and dtype, moved into one flat buffer (each parameter then views its
-    part of it), with their deltas laid out so that a candidate is a few operations over all of them: a small model
-    has many small tensors, and per-tensor operations cost more than their arithmetic.
+    """The band parameters of one device, dtype and saved dtype, moved into one flat buffer (each parameter then
+    views its part of it), with their deltas laid out so that a candidate is a few operations over all of them: a
+    small model has many small tensors, and per-tensor operations cost more than their arithmetic.
 
     Per element, ``build`` computes what ``amplify_tensor`` then the folder route compute: factor[band index] x
     delta in float32, rounded through the delta folder's stored dtype where it is not float32, plus the base in
-    float32, rounded to the parameter's dtype. Out-of-scope tensors (one factor for all) come first, as one dense
-    range. In-scope elements of band 0 (pruned) are base + 0 x delta = the base, which the parameters hold between
-    candidates, so they are left alone; the others are kept in compact arrays grouped by band and stored dtype (one
-    multiplication per group) with their positions, and written with one indexed copy. A base of zero (whose sign
-    0 x delta could flip) or a non-finite delta (0 x inf is NaN) is kept with them, so every element still equals
-    the full computation.
+    float32, rounded to the parameters' saved dtype (``saved``; they may hold it upcast to float32). Out-of-scope
+    tensors (one factor for all) come first, as one dense range. In-scope elements of band 0 (pruned) are base + 0 x
+    delta = the base, which the parameters hold between candidates, so they are left alone; the others are kept in
+    compact arrays grouped by band and stored dtype (one multiplication per group) with their positions, and
+    written with one indexed copy. A base of zero (whose sign 0 x delta could flip) or a non-finite delta (0 x inf
+    is NaN) is kept with them, so every element still equals the full computation.
     """
 
-    def __init__(self, entries: list):
+    def __init__(self, entries: list, saved: torch.dtype):
         entries.sort(key=lambda entry: entry[3] is not None)  # out of scope first
         device, dtype = entries[0][1].device, entries[0][1].dtype
+        self.saved = saved
         total = sum(entry[1].numel() for entry in entries)
         self.device = device
         self.params = torch.empty(total, dtype=dtype, device=device)
@@ -215,8 +224,8 @@ class _FlatBands:
         self.kept_delta = torch.cat(deltas) if deltas else None
         self.kept_base = self.base[self.positions].float() if positions else None
         self._kept_values = torch.empty(start, dtype=torch.float32, device=device)
-        self._kept_cast = None if dtype == torch.float32 else torch.empty(start, dtype=dtype, device=device)
-        self._dense_values = None if dtype == torch.float32 else torch.empty(self.dense_end, device=device)
+        self._kept_cast = None if saved == torch.float32 else torch.empty(start, dtype=saved, device=device)
+        self._dense_values = None if saved == torch.float32 else torch.empty(self.dense_end, device=device)
 
     def base_views(self) -> dict[str, torch.Tensor]:
         """Each parameter's base, as views of the flat base."""
@@ -233,7 +242,8 @@ class _FlatBands:
                 values[a:b].copy_(values[a:b].to(stored))
             values.add_(self.base[: self.dense_end])
             if self._dense_values is not None:
-                self.params[: self.dense_end].copy_(values)
+                rounded = values if self.params.dtype == self.saved else values.to(self.saved)
+                self.params[: self.dense_end].copy_(rounded)
         if self.positions is not None:
             values = self._kept_values
             for a, b, band, stored in self.groups:
@@ -243,7 +253,7 @@ class _FlatBands:
             values.add_(self.kept_base)
             if self._kept_cast is not None:
                 values = self._kept_cast.copy_(values)
-            self.params.index_copy_(0, self.positions, values)
+            self.params.index_copy_(0, self.positions, values.to(self.params.dtype))
 
 
 def candidates_for_delta(
@@ -255,8 +265,11 @@ def candidates_for_delta(
     device: str = "cpu",
     options=None,
     scope: str = DEFAULT_SCOPE,
+    saved_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> CandidateWeights:
-    """CandidateWeights for the delta folder ``delta`` split into bands at ``densities`` (DP options as amplify)."""
+    """CandidateWeights for the delta folder ``delta`` split into bands at ``densities`` (DP options as amplify);
+    ``saved_dtypes`` as CandidateWeights takes them."""
     bands, _ = compute_bands(delta, list(densities), device=device, options=options, scope=scope)
     reader = open_checkpoint(delta)
-    return CandidateWeights(model, bands, len(densities), combine, {name: reader.dtype(name) for name in bands})
+    stored = {name: reader.dtype(name) for name in bands}
+    return CandidateWeights(model, bands, len(densities), combine, stored, saved_dtypes)

@@ -263,12 +263,14 @@ class _CandidateRun:
     then set in place, scored through the evaluation cache, and timed."""
 
     def __init__(self, settings: SearchSettings, base, delta, device, log: Callable[[str], None]):
-        from dppa.evaluation.harness import Evaluator, load_model
+        from dppa.evaluation.harness import Evaluator, compute_dtype, load_model, to_compute_dtype
         from dppa.evaluation.weights import candidates_for_delta
 
         started = time.perf_counter()
         self.settings, self.log = settings, log
-        model, tokenizer = load_model(base, device=device)
+        self.compute = compute_dtype(device)
+        model, tokenizer = load_model(base, device=device, upcast=False)
+        saved = to_compute_dtype(model)
         self.weights = candidates_for_delta(
             model,
             delta,
@@ -277,6 +279,7 @@ class _CandidateRun:
             device=str(device),
             options=settings.dp,
             scope=settings.scope,
+            saved_dtypes=saved,
         )
         self.evaluator = Evaluator(
             model, tokenizer, settings.tasks, split=settings.split, limit=settings.limit, batch_size=settings.batch_size
@@ -304,6 +307,7 @@ class _CandidateRun:
             split=self.settings.split,
             limit=self.settings.limit,
             recipe=self.settings.candidate_recipe(),
+            compute=self.compute,
         )
         self.cached = CachedEvaluator(self._evaluate, EvalCache(cache), key)
 

@@ -131,14 +131,6 @@ def _train(job: FinetuneJob, tokenizer, log: Callable[[str], None]) -> tuple[Pre
     return saved, loss
 
 
-def _scoring_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """float32 for scoring on CPU (the prototypes' evaluations ran in float32; bf16 there was not timed); the weights
-    are the saved bf16 values, so only the arithmetic's rounding differs from a bf16 evaluation."""
-    import torch
-
-    return model.to(torch.float32) if model.dtype == torch.bfloat16 else model
-
-
 def run_finetune(job: FinetuneJob, log: Callable[[str], None] = print) -> dict:
     """Fine-tune the saved base on one domain and save it; returns the domain's entry of zoo.json.
 
@@ -152,7 +144,7 @@ def run_finetune(job: FinetuneJob, log: Callable[[str], None] = print) -> dict:
     task = task_name(job.domain)
     stats = {
         "task": task,
-        "exact_match": own_scores(_scoring_copy(model), tokenizer, [task], _eval_limit(job.size))[task],
+        "exact_match": own_scores(model, tokenizer, [task], _eval_limit(job.size))[task],  # float32: load_model
         "description": DOMAINS[job.domain].description,
         "final_loss": round(loss, 4),
         "relative_delta": relative_delta(base, model),
@@ -172,7 +164,10 @@ def _eval_limit(size: str) -> int | None:
 
 def score_base(base_dir: Path, limit: int | None) -> dict[str, float]:
     """The saved base's exact match on every zoo task (test split)."""
-    model = _scoring_copy(AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    from dppa.evaluation.harness import to_compute_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    to_compute_dtype(model)  # float32 on CPU, as every evaluation
     return own_scores(model, AutoTokenizer.from_pretrained(base_dir), zoo_task_names(), limit)
 
 

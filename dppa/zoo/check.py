@@ -135,7 +135,7 @@ def check_zoo(
         return {t: metrics[t]["exact_match"] for t in names}
 
     started = time.perf_counter()
-    base, tok = load_model(zoo / "base", device="cpu")
+    base, tok = load_model(zoo / "base", device="cpu", upcast=False)
     saved_dtype = base.dtype
     base = base.float()
     base_state = {n: p.detach().clone().float() for n, p in base.state_dict().items()}
