@@ -186,3 +186,37 @@ def test_one_experiment_is_read_as_dvc_exp_show_lists_it(tmp_path):
         assert record["params.yaml"] == {"a": a, "b": {"c": [1, 2], "d": "x"}}
     with pytest.raises(DppaError, match="no experiment 'third'"):
         experiment_record(tmp_path, "third")
+
+
+def test_sigterm_inside_a_point_runs_its_cleanup(tmp_path):
+    """A grid stopped with SIGTERM must put params.yaml back as Ctrl-C does: the signal becomes KeyboardInterrupt
+    inside `terminated_as_interrupt`, so `finally` runs, and the handler before it is restored afterwards."""
+    import signal
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.yaml"
+    params.write_text("mine: 1\n")
+    script = f"""
+import os, signal, time
+from pathlib import Path
+from dppa.pipeline.grid import terminated_as_interrupt
+params = Path({str(params)!r})
+before = signal.getsignal(signal.SIGTERM)
+try:
+    with terminated_as_interrupt():
+        try:
+            params.write_text("a point's overrides\\n")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            params.write_text("mine: 1\\n")
+except KeyboardInterrupt as stopped:
+    print("interrupted:", stopped)
+print("handler restored:", signal.getsignal(signal.SIGTERM) == before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"interrupted: stopped by signal {signal.SIGTERM.value}" in done.stdout
+    assert "handler restored: True" in done.stdout
+    assert params.read_text() == "mine: 1\n"

@@ -32,9 +32,12 @@ import hashlib
 import itertools
 import json
 import re
+import signal
 import statistics
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -205,17 +208,38 @@ def log_point(results: Path, project: Path, name: str, metrics: dict, seconds: f
 
 
 def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> None:
-    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards."""
+    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards, also when the grid is
+    stopped (Ctrl-C, or SIGTERM: `terminated_as_interrupt`), which stops the `dvc exp run` too."""
     params = project / "params.yaml"
     saved = params.read_text()
     sets = [f"{key}={json.dumps(value)}" for key, value in point["overrides"].items()]
     log(f"{point['name']}: {' '.join(sets)}" + (f" (stages {' '.join(targets)})" if targets else ""))
     started = time.monotonic()
-    try:
-        dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)), *targets)
-    finally:
-        params.write_text(saved)
+    with terminated_as_interrupt():
+        try:
+            dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)), *targets)
+        finally:
+            params.write_text(saved)
     log(f"{point['name']}: done in {time.monotonic() - started:.0f} s")
+
+
+@contextmanager
+def terminated_as_interrupt():
+    """Within the block, SIGTERM (`kill`, a scheduler's stop) raises KeyboardInterrupt as Ctrl-C does, so the
+    block's `finally` clauses run (Python's default SIGTERM ends the process without them: a grid stopped that way
+    left the point's overrides in the user's params.yaml) and `subprocess.run` kills the child it waits for."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def matches(point: dict, where: dict[str, object]) -> bool:
