@@ -1,6 +1,7 @@
 """The experiment grid's expansion and tables (the DVC runs themselves are tested in test_pipeline.py)."""
 
 import json
+import time
 
 import pytest
 import yaml
@@ -220,3 +221,38 @@ print("handler restored:", signal.getsignal(signal.SIGTERM) == before)
     assert f"interrupted: stopped by signal {signal.SIGTERM.value}" in done.stdout
     assert "handler restored: True" in done.stdout
     assert params.read_text() == "mine: 1\n"
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_stopping_a_command_stops_its_whole_process_group(tmp_path, ignores_sigterm):
+    """What a stopped grid does to its `dvc exp run`: every process of the group goes (SIGTERM, then SIGKILL for
+    those that ignore it), not only the leader, whose stage and workers would otherwise run on."""
+    import subprocess
+    from pathlib import Path
+
+    from dppa.pipeline.grid import stop_group
+
+    def alive(pid: int) -> bool:
+        stat = Path(f"/proc/{pid}/stat")
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    pids = tmp_path / "pids"
+    trap = "trap '' TERM; " if ignores_sigterm else ""
+    script = f"{trap}sleep 300 & echo $! > {pids}.tmp; mv {pids}.tmp {pids}; sleep 300"
+    leader = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    for _ in range(100):
+        if pids.exists():
+            break
+        time.sleep(0.05)
+    child = int(pids.read_text())
+    assert alive(leader.pid) and alive(child)
+    stop_group(leader, grace=1.0)
+    assert leader.returncode is not None
+    for _ in range(50):  # the orphaned child is reaped by whoever adopted it
+        if not alive(child):
+            break
+        time.sleep(0.05)
+    assert not alive(child)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import signal
 import statistics
@@ -101,10 +102,43 @@ def points(spec: dict, grid: str) -> list[dict]:
 
 
 def dvc(project: Path, *args: str) -> str:
-    done = subprocess.run([*dvc_command(), *args], cwd=project, capture_output=True, text=True, env=stage_environment())
-    if done.returncode != 0:
-        raise DppaError(f"dvc {' '.join(args)} failed in {project}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return done.stdout
+    """`dvc ARGS` in `project`, its output; a failure is one DppaError with the end of what DVC printed.
+
+    DVC runs in a process group of its own, and a grid stopped meanwhile (Ctrl-C, SIGTERM) stops the whole group:
+    killing DVC alone left the stage it ran (a zoo build's training workers, say) going on for minutes."""
+    process = subprocess.Popen(
+        [*dvc_command(), *args],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=stage_environment(),
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        stop_group(process)
+        raise
+    if process.returncode != 0:
+        raise DppaError(f"dvc {' '.join(args)} failed in {project}:\n{stdout[-2000:]}{stderr[-2000:]}")
+    return stdout
+
+
+def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to every process of `process`'s group (it leads one: start_new_session), SIGKILL to those still
+    there after `grace` seconds; `process` is reaped."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            process.poll()  # reaped, the leader no longer counts as a member
+            os.killpg(process.pid, 0)  # raises once no process of the group is left
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def recorded(project: Path) -> dict[str, dict]:
