@@ -201,7 +201,7 @@ def test_sigterm_inside_a_point_runs_its_cleanup(tmp_path):
     script = f"""
 import os, signal, time
 from pathlib import Path
-from dppa.pipeline.grid import terminated_as_interrupt
+from dppa.pipeline.lifeline import terminated_as_interrupt
 params = Path({str(params)!r})
 before = signal.getsignal(signal.SIGTERM)
 try:

@@ -48,7 +48,7 @@ def stage_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dppa.pipeline.lifeline import die_with_parent
+    from dppa.pipeline.lifeline import die_with_parent, terminated_as_interrupt
     from dppa.pipeline.run_lock import TOKEN_ENV
     from dppa.pipeline.stage_client import stage_command
 
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {k: v if k == "model" else Path(v).resolve() for k, v in kwargs.items()}
     with run_lock(root, on_overlap=params.runtime.on_overlap or "fail", command=f"dppa stage {args.stage}"):
         started = time.perf_counter()
-        stage(params, root, **kwargs)
+        with terminated_as_interrupt():  # a stopped stage removes its temporary output, as on Ctrl-C
+            stage(params, root, **kwargs)
     # the stage's own time, apart from the interpreter, imports and DVC around it (bench/stage_overhead.py reads it)
     name = os.environ.get("DVC_STAGE", args.stage)
     # (on a line of its own: a progress bar on stderr may have left the terminal's line unfinished)

@@ -36,9 +36,7 @@ import re
 import signal
 import statistics
 import subprocess
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -46,6 +44,7 @@ import yaml
 from dppa.errors import DppaError
 from dppa.evaluation.objective import gain_kept, mean_gain_kept, normalised_score, ratio
 from dppa.pipeline.dvc_process import dvc_command, stage_environment
+from dppa.pipeline.lifeline import terminated_as_interrupt
 
 TABLES = ("finetunes", "merges")
 POINTS_LOG = "points.jsonl"
@@ -255,25 +254,6 @@ def run_point(project: Path, point: dict, targets: list[str] = (), log=print) ->
         finally:
             params.write_text(saved)
     log(f"{point['name']}: done in {time.monotonic() - started:.0f} s")
-
-
-@contextmanager
-def terminated_as_interrupt():
-    """Within the block, SIGTERM (`kill`, a scheduler's stop) raises KeyboardInterrupt as Ctrl-C does, so the
-    block's `finally` clauses run (Python's default SIGTERM ends the process without them: a grid stopped that way
-    left the point's overrides in the user's params.yaml) and `subprocess.run` kills the child it waits for."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def matches(point: dict, where: dict[str, object]) -> bool:

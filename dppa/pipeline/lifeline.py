@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 PR_SET_PDEATHSIG = 1
@@ -56,6 +57,26 @@ def children_die_with_us() -> Iterator[None]:
         yield
     finally:
         subprocess.Popen = original  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt():
+    """Within the block, SIGTERM (`kill`, a scheduler's stop, a stopped grid) raises KeyboardInterrupt as Ctrl-C
+    does, so the block's `finally` clauses and context managers run: Python's default SIGTERM ends the process
+    without them, which left a stopped grid's overrides in the user's params.yaml and a stopped stage's temporary
+    output folder behind."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
