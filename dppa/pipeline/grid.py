@@ -15,12 +15,13 @@ The grid file (see experiments/paper.yaml):
             each with a `label`; a grid's own `set` adds to the global one; `targets` limits each point's run
             to those stages and what they depend on (e.g. [score] for per-fine-tune tables: no merge is run)
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
-resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Each finished
-point is also appended to RESULTS/points.jsonl (its name, the commit it ran at, its wall seconds, its metrics and
-params): commit that file and a later sitting, another clone or another commit skips those points too and tables them
-with the new ones, and results.md sums their wall time across sittings. Delete a point's line (or the file) to run
-it again, e.g. after a change that should alter its result. Afterwards params.yaml is as it was and data/ holds the
-last point's outputs: `dvc repro` restores the workspace's own.
+resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Stopping a
+grid (Ctrl-C, or SIGTERM) stops the running point's DVC command and its stage with it and puts params.yaml back.
+Each finished point is also appended to RESULTS/points.jsonl (its name, the commit it ran at, its wall seconds, its
+metrics and params): commit that file and a later sitting, another clone or another commit skips those points too
+and tables them with the new ones, and results.md sums their wall time across sittings. Delete a point's line (or
+the file) to run it again, e.g. after a change that should alter its result. Afterwards params.yaml is as it was and
+data/ holds the last point's outputs: `dvc repro` restores the workspace's own.
 The stages are plain commands, so a grid needs no Prefect API. `--where zoo.regime=heavy` runs a slice, e.g. one
 slice per clone of the project on machines that share nothing; `--tables-only -C clone1 -C clone2` then writes the
 tables from all.
