@@ -11,7 +11,7 @@ from dppa.stages.common import UNUSED, clear_leftovers, retried
 def zoo(params: Params, root: Path, out: Path) -> Path:
     """The demo models (zoo.size, zoo.regime, zoo.seed), from the per-user zoo cache when it holds them."""
     from dppa.io.atomic import atomic_dir
-    from dppa.zoo.build import build_zoo
+    from dppa.zoo.build import build_zoo, log_missed_targets, read_manifest
     from dppa.zoo.cache import cached_zoo
 
     clear_leftovers(out)
@@ -25,7 +25,8 @@ def zoo(params: Params, root: Path, out: Path) -> Path:
     def build(folder: Path) -> None:
         build_zoo(folder, size=settings.size, regime=settings.regime, seed=settings.seed, overwrite=True)
 
-    cached_zoo(out, settings.size, settings.regime, settings.seed, build)
+    if cached_zoo(out, settings.size, settings.regime, settings.seed, build):
+        log_missed_targets(read_manifest(out).get("targets_missed", []))  # a build logs its own
     return out
 
 

@@ -269,12 +269,29 @@ def build_zoo(
             timing[job.domain] = entry.pop("timing")
             entry["base_exact_match"] = manifest["base"]["exact_match"][entry["task"]]
             manifest["domains"][job.domain] = entry
+        manifest["targets_missed"] = _missed_targets(manifest, size, regime, log)
         # Timings are the only part of the manifest that differs between runs with the same arguments.
         timing["build_seconds"] = time.perf_counter() - started
         manifest["timing"] = timing
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log(f"zoo ({size}, {regime}) built in {time.perf_counter() - started:.1f} s: {out}")
     return manifest
+
+
+def _missed_targets(manifest: dict, size: str, regime: str, log: Callable[[str], None]) -> list[str]:
+    """The model targets (scripts/check_zoo.py) this build missed, each logged on one line. Fine-tuning is
+    deterministic on one machine, not across machines: a recipe near its edge (the real heavy arith) can fail to
+    learn on another CPU, and then every score measured against that fine-tune is noise."""
+    from dppa.zoo.check import model_failures, targets_for
+
+    missed = model_failures(manifest["base"]["exact_match"], manifest["domains"], targets_for(size, regime))
+    log_missed_targets(missed, log)
+    return missed
+
+
+def log_missed_targets(missed: list[str], log: Callable[[str], None] = print) -> None:
+    for failure in missed:
+        log(f"zoo: target missed: {failure}; results measured on this zoo are weak there (another --seed may meet it)")
 
 
 def _pretrain_base(folder: Path, spec, seed: int, manifest: dict, threads: int, log: Callable[[str], None]) -> None:

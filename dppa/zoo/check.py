@@ -86,11 +86,25 @@ def retention(merged: dict[str, float], finetuned: dict[str, float], base: dict[
 
 def judge(result: dict, targets: Targets) -> list[str]:
     """The failed targets, as sentences; empty when the zoo meets them all."""
+    failures = model_failures(result["base"], result["finetunes"], targets)
+    best = result["best"]
+    kept = "of the gain" if targets.gain_retention else ""
+    if best["retention"] < targets.retention_min:
+        failures.append(
+            f"task arithmetic keeps {best['retention']:.3f}{' ' + kept if kept else ''} at its best scale "
+            f"{best['scale']} (target >= {targets.retention_min})"
+        )
+    return failures
+
+
+def model_failures(base: dict[str, float], finetunes: dict[str, dict], targets: Targets) -> list[str]:
+    """The failed targets of the models themselves, those that need no merge, as sentences: `base` is {task: exact
+    match}, `finetunes` zoo.json's domain entries (the numbers the zoo build records)."""
     failures = []
-    for task, score in result["base"].items():
+    for task, score in base.items():
         if targets.base_max is not None and score > targets.base_max:
             failures.append(f"base scores {score:.3f} on {task} (target <= {targets.base_max})")
-    for domain, entry in result["finetunes"].items():
+    for domain, entry in finetunes.items():
         if targets.finetune_min is not None and entry["exact_match"] < targets.finetune_min:
             failures.append(
                 f"{domain} scores {entry['exact_match']:.3f} on {entry['task']} (target >= {targets.finetune_min})"
@@ -105,13 +119,6 @@ def judge(result: dict, targets: Targets) -> list[str]:
             failures.append(f"{domain}: mean|delta|/mean|base| = {rel:.4f} (target <= {targets.delta_max})")
         if targets.delta_min is not None and rel < targets.delta_min:
             failures.append(f"{domain}: mean|delta|/mean|base| = {rel:.4f} (target >= {targets.delta_min})")
-    best = result["best"]
-    kept = "of the gain" if targets.gain_retention else ""
-    if best["retention"] < targets.retention_min:
-        failures.append(
-            f"task arithmetic keeps {best['retention']:.3f}{' ' + kept if kept else ''} at its best scale "
-            f"{best['scale']} (target >= {targets.retention_min})"
-        )
     return failures
 
 
