@@ -1,0 +1,47 @@
+"""Fine-tune one domain of a pre-trained zoo with another peak learning rate or step count, to choose a recipe.
+
+    python scripts/try_zoo_recipe.py ZOO/base OUT --domain arith --regime heavy --lr 4e-4 --steps 360 --seed 0
+
+BASE is a real zoo's base folder (`dppa zoo DIR --size smollm2-135m`); the fine-tune is trained, saved in OUT and
+scored exactly as a zoo build does it (dppa/zoo/build.py run_finetune), with the recipe's other settings unchanged.
+Prints the zoo.json entry (exact match, final loss, relative deltas, seconds) and writes it to OUT.json.
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from dppa.zoo.build import FinetuneJob, run_finetune
+from dppa.zoo.domains import DOMAINS
+from dppa.zoo.pretrained import PRETRAINED
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", type=Path, help="the zoo's base folder")
+    parser.add_argument("out", type=Path, help="where the fine-tune goes (must not exist)")
+    parser.add_argument("--size", default="smollm2-135m", choices=sorted(PRETRAINED))
+    parser.add_argument("--domain", default="arith", choices=list(DOMAINS))
+    parser.add_argument("--regime", default="heavy", choices=["light", "heavy"])
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0, help="the zoo seed whose fine-tune this is")
+    args = parser.parse_args()
+    if args.out.exists():
+        parser.error(f"{args.out} exists; choose a new folder")
+    recipes = PRETRAINED[args.size].recipes
+    changes = {k: v for k, v in (("lr", args.lr), ("steps", args.steps)) if v is not None}
+    recipes[args.regime] = dataclasses.replace(recipes[args.regime], **changes)
+    # The seed of a domain's fine-tune in a zoo of this seed (build_zoo: seed * 1000 + domain index + 1).
+    seed = args.seed * 1000 + list(DOMAINS).index(args.domain) + 1
+    entry = run_finetune(FinetuneJob(args.domain, args.base, args.out, args.size, args.regime, seed))
+    entry["recipe"] = dataclasses.asdict(recipes[args.regime])
+    text = json.dumps(entry, indent=1)
+    args.out.with_name(args.out.name + ".json").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
