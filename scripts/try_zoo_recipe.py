@@ -12,9 +12,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from dppa.zoo.build import FinetuneJob, run_finetune
+from dppa.zoo.build import FinetuneJob, finetune_seed, run_finetune
 from dppa.zoo.domains import DOMAINS
 from dppa.zoo.pretrained import PRETRAINED
+from dppa.zoo.training import REGIMES
 
 
 def main() -> int:
@@ -23,7 +24,7 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="where the fine-tune goes (must not exist)")
     parser.add_argument("--size", default="smollm2-135m", choices=sorted(PRETRAINED))
     parser.add_argument("--domain", default="arith", choices=list(DOMAINS))
-    parser.add_argument("--regime", default="heavy", choices=["light", "heavy"])
+    parser.add_argument("--regime", default="heavy", choices=sorted(REGIMES))
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="the zoo seed whose fine-tune this is")
@@ -33,8 +34,7 @@ def main() -> int:
     recipes = PRETRAINED[args.size].recipes
     changes = {k: v for k, v in (("lr", args.lr), ("steps", args.steps)) if v is not None}
     recipes[args.regime] = dataclasses.replace(recipes[args.regime], **changes)
-    # The seed of a domain's fine-tune in a zoo of this seed (build_zoo: seed * 1000 + domain index + 1).
-    seed = args.seed * 1000 + list(DOMAINS).index(args.domain) + 1
+    seed = finetune_seed(args.seed, args.domain)  # as in the zoo of this seed
     entry = run_finetune(FinetuneJob(args.domain, args.base, args.out, args.size, args.regime, seed))
     entry["recipe"] = dataclasses.asdict(recipes[args.regime])
     text = json.dumps(entry, indent=1)

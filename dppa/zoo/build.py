@@ -92,6 +92,11 @@ class FinetuneJob:
     seed: int
 
 
+def finetune_seed(zoo_seed: int, domain: str) -> int:
+    """The training seed of `domain`'s fine-tune in the zoo of `zoo_seed`: one per domain, none shared across zoos."""
+    return zoo_seed * 1000 + list(DOMAINS).index(domain) + 1
+
+
 def _train(job: FinetuneJob, tokenizer, log: Callable[[str], None]) -> tuple[PreTrainedModel, float]:
     """Fine-tune the saved base on the job's domain and save the result in job.out_dir; (saved model, last loss).
 
@@ -257,8 +262,8 @@ def build_zoo(
             }  # fmt: skip
         timing["base_seconds"] = time.perf_counter() - started
         jobs = [
-            FinetuneJob(domain, tmp / "base", tmp / domain, size, regime, seed * 1000 + index + 1)
-            for index, domain in enumerate(DOMAINS)
+            FinetuneJob(domain, tmp / "base", tmp / domain, size, regime, finetune_seed(seed, domain))
+            for domain in DOMAINS
         ]
         stats, manifest["base"]["exact_match"] = _run_jobs(
             jobs, tmp / "base", _eval_limit(size), workers or default_workers(), log
