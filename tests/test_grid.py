@@ -256,3 +256,56 @@ def test_stopping_a_command_stops_its_whole_process_group(tmp_path, ignores_sigt
             break
         time.sleep(0.05)
     assert not alive(child)
+
+
+@pytest.mark.slow
+def test_a_point_stopped_inside_a_stage_leaves_params_and_git_index_as_they_were(tmp_path):
+    """A `dvc exp run` stopped in its second stage leaves params.yaml and dvc.lock staged in git's index; the grid
+    must put the index back as it was before the point, the user's own staged change included, and params.yaml."""
+    import signal
+    import subprocess
+    import sys
+
+    from dppa.pipeline.grid import dvc
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    dvc(tmp_path, "init", "-q")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    started = tmp_path / "started"
+    (tmp_path / "make.py").write_text(
+        "import json, pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        "time.sleep(120)\n"
+        "json.dump({'score': 1}, open('m.json', 'w'))\n"
+    )
+    first = {"cmd": "echo first > first.txt", "params": ["a"], "outs": ["first.txt"]}
+    stage = {"cmd": f"{sys.executable} make.py", "deps": ["make.py", "first.txt"], "params": ["a"]}
+    stage["metrics"] = [{"m.json": {"cache": False}}]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"first": first, "s": stage}}))
+    git("add", "-A")
+    git("commit", "-qm", "baseline")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    git("add", "notes.txt")  # the user's own staged change must survive
+    staged_before = git("diff", "--cached", "--name-only")
+    point = {"name": "p", "overrides": {"a": 7}}
+    script = (
+        "from pathlib import Path\n"
+        "from dppa.pipeline.grid import run_point\n"
+        f"run_point(Path({str(tmp_path)!r}), {point!r})\n"
+    )
+    running = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(1200):
+        if started.exists() or running.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert started.exists(), running.communicate()
+    running.send_signal(signal.SIGTERM)
+    _, stderr = running.communicate(timeout=60)
+    assert running.returncode != 0 and b"KeyboardInterrupt" in stderr
+    assert (tmp_path / "params.yaml").read_text() == "a: 1\n"
+    assert git("diff", "--cached", "--name-only") == staged_before == "notes.txt\n"

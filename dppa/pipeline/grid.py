@@ -16,7 +16,8 @@ The grid file (see experiments/paper.yaml):
             to those stages and what they depend on (e.g. [score] for per-fine-tune tables: no merge is run)
 A point whose experiment already exists (same name, same baseline commit) is not run again, so an interrupted grid
 resumes where it stopped; DVC's run cache restores every stage that already ran with the same inputs. Stopping a
-grid (Ctrl-C, or SIGTERM) stops the running point's DVC command and its stage with it and puts params.yaml back.
+grid (Ctrl-C, or SIGTERM) stops the running point's DVC command and its stage with it and puts params.yaml and
+git's index back (a stopped `dvc exp run` leaves its files staged).
 Each finished point is also appended to RESULTS/points.jsonl (its name, the commit it ran at, its wall seconds, its
 metrics and params): commit that file and a later sitting, another clone or another commit skips those points too
 and tables them with the new ones, and results.md sums their wall time across sittings. Delete a point's line (or
@@ -241,11 +242,26 @@ def log_point(results: Path, project: Path, name: str, metrics: dict, seconds: f
         out.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
+def git_index_tree(project: Path) -> str | None:
+    """The git index of `project`'s repository as a tree id (`git write-tree`); None where it cannot be written
+    (no repository, or a merge in progress): then it is not restored either."""
+    done = subprocess.run(["git", "write-tree"], cwd=project, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def restore_git_index(project: Path, tree: str | None) -> None:
+    """Put the index back to `tree`; the files in the work tree are not touched."""
+    if tree is not None:
+        subprocess.run(["git", "read-tree", tree], cwd=project, capture_output=True, check=True)
+
+
 def run_point(project: Path, point: dict, targets: list[str] = (), log=print) -> None:
-    """One `dvc exp run` in the workspace; params.yaml is put back as it was afterwards, also when the grid is
-    stopped (Ctrl-C, or SIGTERM: `terminated_as_interrupt`), which stops the `dvc exp run` too."""
+    """One `dvc exp run` in the workspace; params.yaml and the git index are put back as they were afterwards,
+    also when the grid is stopped (Ctrl-C, or SIGTERM: `terminated_as_interrupt`), which stops the `dvc exp run`
+    too: a stopped `dvc exp run` leaves params.yaml, dvc.lock and the metrics staged in the index."""
     params = project / "params.yaml"
     saved = params.read_text()
+    index = git_index_tree(project)
     sets = [f"{key}={json.dumps(value)}" for key, value in point["overrides"].items()]
     log(f"{point['name']}: {' '.join(sets)}" + (f" (stages {' '.join(targets)})" if targets else ""))
     started = time.monotonic()
@@ -254,6 +270,7 @@ def run_point(project: Path, point: dict, targets: list[str] = (), log=print) ->
             dvc(project, "exp", "run", "-n", point["name"], *(arg for s in sets for arg in ("-S", s)), *targets)
         finally:
             params.write_text(saved)
+            restore_git_index(project, index)
     log(f"{point['name']}: done in {time.monotonic() - started:.0f} s")
 
 
