@@ -4,13 +4,18 @@
 
 BASE is a real zoo's base folder (`dppa zoo DIR --size smollm2-135m`); the fine-tune is trained, saved in OUT and
 scored exactly as a zoo build does it (dppa/zoo/build.py run_finetune), with the recipe's other settings unchanged.
-Prints the zoo.json entry (exact match, final loss, relative deltas, seconds) and writes it to OUT.json.
+Prints the zoo.json entry (exact match, final loss, relative deltas, seconds, the CPU kernels used) and writes it to
+OUT.json. The CPU kernels decide whether a recipe near its edge learns; to try AVX2's on an AVX-512 machine, prefix
+`ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 DNNL_MAX_CPU_ISA=AVX2` (measured on heavy arith, seed 0: the
+AVX2 machine's exact match and final loss, to the digit).
 """
 
 import argparse
 import dataclasses
 import json
 from pathlib import Path
+
+import torch
 
 from dppa.zoo.build import FinetuneJob, finetune_seed, run_finetune
 from dppa.zoo.domains import DOMAINS
@@ -37,6 +42,7 @@ def main() -> int:
     seed = finetune_seed(args.seed, args.domain)  # as in the zoo of this seed
     entry = run_finetune(FinetuneJob(args.domain, args.base, args.out, args.size, args.regime, seed))
     entry["recipe"] = dataclasses.asdict(recipes[args.regime])
+    entry["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
     text = json.dumps(entry, indent=1)
     args.out.with_name(args.out.name + ".json").write_text(text + "\n")
     print(text)

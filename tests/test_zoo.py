@@ -154,6 +154,8 @@ def test_manifest_is_json_with_regime(tiny_zoo):
 def test_manifest_records_scores_deltas_and_build_time(tiny_zoo):
     manifest = read_manifest(tiny_zoo)
     assert manifest["eval"] == {"split": "test", "limit": 40, "metric": "exact_match"}
+    # the CPU kernels that rounded its float32 (this machine's: the fixture built it here)
+    assert manifest["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     assert set(manifest["base"]["exact_match"]) == {f"zoo_{d}" for d in DOMAINS}
     for domain, entry in manifest["domains"].items():
         assert entry["task"] == f"zoo_{domain}"

@@ -235,6 +235,8 @@ def build_zoo(
     out = Path(out)
     check_output_free(out, overwrite)  # fail before minutes of training, not after
     check_free_space(out, _zoo_bytes(size, regime))
+    import torch
+
     started = time.perf_counter()
     manifest: dict = {
         "size": size,
@@ -242,6 +244,9 @@ def build_zoo(
         "data_seed": DATA_SEED,
         "task_data_fingerprint": data_fingerprint(),
         "eval": {"split": "test", "limit": _eval_limit(size), "metric": "exact_match"},
+        # The CPU kernels torch dispatched to (AVX512, AVX2, ...): float32 rounds differently under each, and the
+        # real heavy arith learns or not with it. ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine gives AVX2's.
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
     }
     timing: dict = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
