@@ -1,6 +1,7 @@
 """The experiment grid's expansion and tables (the DVC runs themselves are tested in test_pipeline.py)."""
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -8,6 +9,25 @@ import yaml
 
 from dppa.errors import DppaError
 from dppa.pipeline.grid import finished_experiments, load_grid, points, table
+
+
+def git(project, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=project, check=True, capture_output=True, text=True).stdout
+
+
+def committed_dvc_project(project, params: str, stages: dict) -> None:
+    """A git + DVC repository in `project` with this params.yaml and these dvc.yaml stages, committed as the
+    experiments' baseline."""
+    from dppa.pipeline.grid import dvc
+
+    git(project, "init", "-q")
+    git(project, "config", "user.email", "t@example.com")
+    git(project, "config", "user.name", "t")
+    dvc(project, "init", "-q")
+    (project / "params.yaml").write_text(params)
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "baseline")
 
 
 def test_points_are_the_product_of_the_axes_times_the_seeds():
@@ -152,19 +172,10 @@ def test_tables_sum_the_points_wall_time_over_sittings(tmp_path):
 def test_one_experiment_is_read_as_dvc_exp_show_lists_it(tmp_path):
     """After each point the grid reads that experiment alone (its cost must not grow with the experiments held);
     the record must be the one `dvc exp show` lists for it, lists dropped from metrics and kept in params."""
-    import subprocess
     import sys
 
     from dppa.pipeline.grid import dvc, experiment_record, recorded
 
-    def git(*args):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
-
-    git("init", "-q")
-    git("config", "user.email", "t@example.com")
-    git("config", "user.name", "t")
-    dvc(tmp_path, "init", "-q")
-    (tmp_path / "params.yaml").write_text("a: 1\nb: {c: [1, 2], d: x}\n")
     (tmp_path / "make.py").write_text(
         "import json, yaml\n"
         "a = yaml.safe_load(open('params.yaml'))['a']\n"
@@ -172,12 +183,10 @@ def test_one_experiment_is_read_as_dvc_exp_show_lists_it(tmp_path):
     )
     stage = {"cmd": f"{sys.executable} make.py", "deps": ["make.py"], "params": ["a"]}
     stage["metrics"] = [{"m.json": {"cache": False}}]
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": stage}}))
-    git("add", "-A")
-    git("commit", "-qm", "baseline")
+    committed_dvc_project(tmp_path, "a: 1\nb: {c: [1, 2], d: x}\n", {"s": stage})
     for name, a in (("first", 3), ("second", 5)):
         dvc(tmp_path, "exp", "run", "-q", "-n", name, "-S", f"a={a}")
-        git("checkout", "-q", "params.yaml")
+        git(tmp_path, "checkout", "-q", "params.yaml")
     listed = recorded(tmp_path)
     assert {"first", "second"} <= set(listed)  # with the baseline branch
     for name, a in (("first", 3), ("second", 5)):
@@ -193,7 +202,6 @@ def test_sigterm_inside_a_point_runs_its_cleanup(tmp_path):
     """A grid stopped with SIGTERM must put params.yaml back as Ctrl-C does: the signal becomes KeyboardInterrupt
     inside `terminated_as_interrupt`, so `finally` runs, and the handler before it is restored afterwards."""
     import signal
-    import subprocess
     import sys
 
     params = tmp_path / "params.yaml"
@@ -227,7 +235,6 @@ print("handler restored:", signal.getsignal(signal.SIGTERM) == before)
 def test_stopping_a_command_stops_its_whole_process_group(tmp_path, ignores_sigterm):
     """What a stopped grid does to its `dvc exp run`: every process of the group goes (SIGTERM, then SIGKILL for
     those that ignore it), not only the leader, whose stage and workers would otherwise run on."""
-    import subprocess
     from pathlib import Path
 
     from dppa.pipeline.grid import stop_group
@@ -263,19 +270,8 @@ def test_a_point_stopped_inside_a_stage_leaves_params_and_git_index_as_they_were
     """A `dvc exp run` stopped in its second stage leaves params.yaml and dvc.lock staged in git's index; the grid
     must put the index back as it was before the point, the user's own staged change included, and params.yaml."""
     import signal
-    import subprocess
     import sys
 
-    from dppa.pipeline.grid import dvc
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@example.com")
-    git("config", "user.name", "t")
-    dvc(tmp_path, "init", "-q")
-    (tmp_path / "params.yaml").write_text("a: 1\n")
     started = tmp_path / "started"
     (tmp_path / "make.py").write_text(
         "import json, pathlib, time\n"
@@ -286,12 +282,10 @@ def test_a_point_stopped_inside_a_stage_leaves_params_and_git_index_as_they_were
     first = {"cmd": "echo first > first.txt", "params": ["a"], "outs": ["first.txt"]}
     stage = {"cmd": f"{sys.executable} make.py", "deps": ["make.py", "first.txt"], "params": ["a"]}
     stage["metrics"] = [{"m.json": {"cache": False}}]
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"first": first, "s": stage}}))
-    git("add", "-A")
-    git("commit", "-qm", "baseline")
+    committed_dvc_project(tmp_path, "a: 1\n", {"first": first, "s": stage})
     (tmp_path / "notes.txt").write_text("mine\n")
-    git("add", "notes.txt")  # the user's own staged change must survive
-    staged_before = git("diff", "--cached", "--name-only")
+    git(tmp_path, "add", "notes.txt")  # the user's own staged change must survive
+    staged_before = git(tmp_path, "diff", "--cached", "--name-only")
     point = {"name": "p", "overrides": {"a": 7}}
     script = (
         "from pathlib import Path\n"
@@ -308,4 +302,4 @@ def test_a_point_stopped_inside_a_stage_leaves_params_and_git_index_as_they_were
     _, stderr = running.communicate(timeout=60)
     assert running.returncode != 0 and b"KeyboardInterrupt" in stderr
     assert (tmp_path / "params.yaml").read_text() == "a: 1\n"
-    assert git("diff", "--cached", "--name-only") == staged_before == "notes.txt\n"
+    assert git(tmp_path, "diff", "--cached", "--name-only") == staged_before == "notes.txt\n"
